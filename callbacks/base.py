@@ -1,0 +1,84 @@
+"""The callback protocol: small objects with optional hooks, fired by trainloop's functions.
+
+Every hook is optional. trainloop looks once, when a callback is attached, at which hooks a
+callback's class overrides, and only those are called afterwards: a run with no callbacks pays
+nothing on its hot path.
+
+| hook             | fired by        | when                                                     | returns                     |
+| ---------------- | --------------- | -------------------------------------------------------- | --------------------------- |
+| `on_prepare`     | `tl.prepare`    | after the objects are prepared and registered            | a new state, or None        |
+| `on_backward`    | `tl.backward`   | before `loss.backward()`, every micro-step               | the loss to backpropagate   |
+| `on_before_step` | `tl.step`       | at a window's end, after gradients are normalised        | a new state, or None        |
+| `on_step`        | `tl.step`       | after the optimizer and scheduler stepped                | a new state, or None        |
+| `on_log`         | `tl.log`        | every `log_every` steps, main process only, plain floats | None                        |
+| `on_finish`      | `tl.finish`     | once, at the end of the run                              | None                        |
+
+Hooks fire in the order the callbacks were given. A hook that changes the run returns a new
+state (`state.evolve(...)`); returning None means "unchanged". Hooks never move the counters
+(`step`, `micro_step`): only the core functions do.
+
+A callback with persistent state (a loss scale, a tracker's run id) implements `state_dict` and
+`load_state_dict`; checkpoints save and restore it under the callback's `key`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainloop.state import RunState
+
+HOOKS = ("on_prepare", "on_backward", "on_before_step", "on_step", "on_log", "on_finish")
+
+
+class Callback:
+    """Base class of trainloop callbacks. Override only the hooks you need."""
+
+    @property
+    def key(self) -> str:
+        """The name this callback's `state_dict` is saved under in checkpoints.
+
+        Defaults to the class name; two callbacks of one class with persistent state in one run
+        must override it to differ.
+        """
+        return type(self).__name__
+
+    def on_prepare(self, state: RunState) -> RunState | None:
+        """After `prepare` registered its objects (restore a checkpoint, read the loader length)."""
+
+    def on_backward(self, state: RunState, loss: torch.Tensor) -> torch.Tensor:
+        """Before `loss.backward()`; returns the loss to backpropagate (e.g. scaled)."""
+        return loss
+
+    def on_before_step(self, state: RunState) -> RunState | None:
+        """At a window's end, gradients synced and normalised, before `optimizer.step()`.
+
+        Set `skip_step=True` on the returned state to skip this optimizer and scheduler step.
+        """
+
+    def on_step(self, state: RunState) -> RunState | None:
+        """After an optimizer step really happened and `state.step` advanced."""
+
+    def on_log(self, state: RunState, metrics: dict[str, float]) -> None:
+        """Every `log_every` steps on the main process, with the cross-rank means as floats."""
+
+    def on_finish(self, state: RunState) -> None:
+        """Once at the end of the run (close files, final checkpoint)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Persistent state saved in checkpoints. Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def overridden_hooks(callback: Callback) -> tuple[str, ...]:
+    """The hook names whose implementation `callback`'s class overrides."""
+    cls = type(callback)
+    return tuple(name for name in HOOKS if getattr(cls, name, None) is not getattr(Callback, name))

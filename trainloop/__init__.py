@@ -1,0 +1,30 @@
+"""trainloop: a functional training-loop microframework for PyTorch.
+
+Keep your own loop; call pure functions that take and return an immutable `RunState`:
+
+    state = tl.init(precision="bf16", accumulate=4)
+    state, model, optimizer, loader = tl.prepare(state, model, optimizer, loader)
+    for batch in loader:
+        with tl.accumulate(state, model):
+            state = tl.backward(state, loss_fn(model, batch))
+        state = tl.step(state, optimizer)
+        state = tl.log(state, loss=loss)
+    tl.finish(state)
+"""
+
+from trainloop._version import __version__
+
+from trainloop.collectives import barrier, broadcast, gather, main_first, reduce, split
+from trainloop.config import Config
+from trainloop.data import PreparedLoader
+from trainloop.lifecycle import attach, finish, init
+from trainloop.prepare import prepare, unwrap
+from trainloop.state import RunState
+from trainloop.steps import accumulate, backward, log, step
+from trainloop.topology import Topology
+
+__all__ = [
+    "Config", "PreparedLoader", "RunState", "Topology", "__version__",
+    "accumulate", "attach", "backward", "barrier", "broadcast", "export", "finish", "gather",
+    "init", "load", "log", "main_first", "prepare", "reduce", "save", "split", "step", "unwrap",
+]

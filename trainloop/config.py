@@ -1,0 +1,188 @@
+"""The run's settings: one frozen record whose fields document themselves.
+
+Each setting is declared once, here, with its default, its allowed values and its help text.
+`init` validates keyword arguments against it, the `TRAINLOOP_*` environment variables that
+`python -m trainloop.spawn --precision bf16 ...` sets are parsed from it, and spawn's `--help`
+is generated from it.
+
+Precedence: a `TRAINLOOP_*` variable (a spawn flag) > an `init(...)` argument > the default.
+The command line wins so that a script can be run differently without editing it; when it
+overrides an explicit argument, `init` warns once, naming both values.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "fp8")
+STRATEGIES = ("auto", "ddp", "fsdp")
+ENV_PREFIX = "TRAINLOOP_"
+
+
+def _one_of(allowed: tuple[str, ...]):
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ValueError(f"{attribute.name} must be one of {choices} (got {value!r})")
+
+    return check
+
+
+def _at_least(minimum: float):
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            raise ValueError(f"{attribute.name} must be a number >= {minimum} (got {value!r})")
+
+    return check
+
+
+def _integer(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{attribute.name} must be an integer (got {value!r})")
+
+
+def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{attribute.name} must be True or False (got {value!r})")
+
+
+def _optional_device(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device must be a device string such as 'cpu', 'cuda' or 'cuda:1' (got {value!r})"
+        ) from error
+
+
+@attrs.frozen
+class Config:
+    """The settings of a run. Every field is a keyword of `tl.init` and a `--flag` of spawn."""
+
+    precision: str = attrs.field(
+        default="fp32",
+        validator=_one_of(PRECISIONS),
+        metadata={"help": "numerics: fp32, bf16 (autocast), fp16 (autocast + loss scaling), "
+                          "bf16-true (bf16 parameters), fp8 (torchao float8 training)"},
+    )
+    accumulate: int = attrs.field(
+        default=1,
+        validator=[_integer, _at_least(1)],
+        metadata={"help": "micro-batches per optimizer step (gradient accumulation window)"},
+    )
+    strategy: str = attrs.field(
+        default="auto",
+        validator=_one_of(STRATEGIES),
+        metadata={"help": "how models are wrapped over many processes: auto (DDP when "
+                          "world_size > 1), ddp, fsdp (FSDP2 fully_shard)"},
+    )
+    seed: int = attrs.field(
+        default=0,
+        validator=[_integer, _at_least(0)],
+        metadata={"help": "base seed: process RNGs get seed + rank, shuffling seed + epoch"},
+    )
+    log_every: int = attrs.field(
+        default=10,
+        validator=[_integer, _at_least(1)],
+        metadata={"help": "optimizer steps between metric flushes to the trackers"},
+    )
+    compile: bool = attrs.field(
+        default=False,
+        validator=_boolean,
+        metadata={"help": "apply torch.compile to the prepared models"},
+    )
+    timeout: float = attrs.field(
+        default=600.0,
+        converter=float,
+        validator=_at_least(1),
+        metadata={"help": "seconds a collective may wait for the other ranks before failing"},
+    )
+    device: str | None = attrs.field(
+        default=None,
+        validator=_optional_device,
+        metadata={"help": "device override (default: the accelerator torch finds, else cpu)"},
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+SETTINGS: tuple[attrs.Attribute, ...] = attrs.fields(Config)
+_SETTING_NAMES = frozenset(a.name for a in SETTINGS)
+
+
+def env_name(setting: str) -> str:
+    """The environment variable that carries `setting` from spawn to `init`."""
+    return ENV_PREFIX + setting.upper()
+
+
+def parse_setting(name: str, text: str) -> Any:
+    """Parse the text of a `TRAINLOOP_*` variable or a command-line flag into the setting's type."""
+    kind = attrs.fields_dict(Config)[name].default
+    if isinstance(kind, bool):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false (got {text!r})")
+    if isinstance(kind, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer (got {text!r})") from None
+    if isinstance(kind, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a number (got {text!r})") from None
+    return text
+
+
+def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings given as `TRAINLOOP_*` variables. Unknown names and bad values raise."""
+    found: dict[str, Any] = {}
+    for key, text in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in _SETTING_NAMES:
+            known = ", ".join(env_name(n) for n in sorted(_SETTING_NAMES))
+            raise ValueError(f"unknown environment variable {key}; trainloop reads {known}")
+        try:
+            found[name] = parse_setting(name, text)
+        except ValueError as error:
+            raise ValueError(f"{key}: {error}") from None
+    return found
+
+
+def resolve_config(arguments: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> Config:
+    """Build the `Config` from `init`'s keyword arguments and the environment (which wins)."""
+    unknown = set(arguments) - _SETTING_NAMES
+    if unknown:
+        raise TypeError(
+            f"init() got unknown setting(s) {sorted(unknown)}; settings are {sorted(_SETTING_NAMES)}"
+        )
+    from_env = settings_from_env(environ)
+    for name, value in from_env.items():
+        if name in arguments and arguments[name] != value:
+            warnings.warn(
+                f"{env_name(name)}={value!r} overrides init({name}={arguments[name]!r})",
+                stacklevel=3,
+            )
+    try:
+        return Config(**{**arguments, **from_env})
+    except ValueError as error:
+        name = str(error).split(" ", 1)[0]
+        if name in from_env:
+            raise ValueError(f"{env_name(name)}: {error}") from None
+        raise

@@ -1,0 +1,111 @@
+"""`prepare`: make the user's model, optimizer, loader and scheduler ready for this run.
+
+Objects come back in the order they were given. Models are prepared first, whatever the order,
+so that optimizers can be checked against (and, under FSDP, rebuilt for) the final parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainloop import precision
+from trainloop.data import PreparedLoader
+from trainloop.state import RunState
+
+_SUPPORTED = "nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, torch.optim.lr_scheduler.LRScheduler"
+
+
+def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
+    """Prepare models, optimizers, loaders and LR schedulers; register them in the state.
+
+    Returns `(new_state, *prepared)`, the prepared objects in the order given:
+
+    - `nn.Module`: moved to `state.device`; wrapped for the precision (autocast around its
+      forward) and, on many ranks, in DistributedDataParallel (rank 0's parameters and buffers
+      are broadcast, so every rank starts from the same model however it was built).
+    - `Optimizer`: the same object, still bound to the (moved) parameters.
+    - `DataLoader`: a `PreparedLoader`: sharded, batches on the device, seeded shuffling,
+      resumable position.
+    - LR scheduler: the same object; `tl.step` steps it once per optimizer step.
+
+    Then the `on_prepare` hooks fire (a `Checkpoint(resume=True)` restores the run there).
+    Raises TypeError for any other object, and ValueError for an object prepared twice.
+    """
+    if not objects:
+        raise TypeError(f"prepare needs at least one object to prepare ({_SUPPORTED})")
+    registered = (*state.models, *state.optimizers, *state.schedulers, *state.loaders)
+    for obj in objects:
+        _check_supported(obj)
+        if any(obj is seen for seen in registered) or sum(obj is other for other in objects) > 1:
+            raise ValueError(f"{type(obj).__name__} was already prepared; prepare each object once")
+
+    prepared: dict[int, Any] = {}
+    models, optimizers, schedulers, loaders = [], [], [], []
+    for index, obj in enumerate(objects):
+        if isinstance(obj, nn.Module):
+            prepared[index] = _prepare_model(state, obj)
+            models.append(prepared[index])
+    for index, obj in enumerate(objects):
+        if isinstance(obj, torch.optim.Optimizer):
+            prepared[index] = obj
+            optimizers.append(obj)
+        elif isinstance(obj, DataLoader):
+            prepared[index] = PreparedLoader(obj, device=state.device, rank=state.rank,
+                                             world_size=state.world_size, seed=state.config.seed)
+            loaders.append(prepared[index])
+    all_optimizers = (*state.optimizers, *optimizers)
+    for index, obj in enumerate(objects):
+        if _is_scheduler(obj):
+            if not any(obj.optimizer is opt for opt in all_optimizers):
+                raise ValueError(
+                    f"{type(obj).__name__} steps an optimizer that was not prepared: "
+                    "pass its optimizer to prepare too"
+                )
+            prepared[index] = obj
+            schedulers.append(obj)
+
+    state = state.evolve(
+        models=(*state.models, *models),
+        optimizers=all_optimizers,
+        schedulers=(*state.schedulers, *schedulers),
+        loaders=(*state.loaders, *loaders),
+    )
+    for hook in state.hooks.on_prepare:
+        state = hook(state) or state
+    return (state, *(prepared[i] for i in range(len(objects))))
+
+
+def _is_scheduler(obj: Any) -> bool:
+    return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler,
+                            torch.optim.lr_scheduler.ReduceLROnPlateau))
+
+
+def _check_supported(obj: Any) -> None:
+    if isinstance(obj, PreparedLoader):
+        raise ValueError("this loader was already prepared; prepare each object once")
+    if not isinstance(obj, (nn.Module, torch.optim.Optimizer, DataLoader)) and not _is_scheduler(obj):
+        raise TypeError(f"prepare cannot prepare a {type(obj).__name__}; it supports {_SUPPORTED}")
+
+
+def _prepare_model(state: RunState, model: nn.Module) -> nn.Module:
+    model = precision.cast_module(model.to(state.device), state.config.precision)
+    if state.world_size > 1 and state.config.strategy in ("auto", "ddp"):
+        device_ids = [state.device.index] if state.device.type != "cpu" else None
+        # DDP's constructor broadcasts rank 0's parameters and buffers to every rank.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return precision.wrap_forward(model, state.device, state.config.precision)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's own module inside what `prepare` returned (DDP, autocast, compile wrappers)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, precision.Autocast)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model

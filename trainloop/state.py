@@ -1,0 +1,163 @@
+"""`RunState`: the one immutable record of a run.
+
+It holds everything about the run that is not a tensor owned by torch: where this process sits
+(`topology`), the settings (`config`), the callbacks, the objects `prepare` registered, and the
+counters. It is never mutated: every trainloop function returns a new one. Two states can live
+in one process side by side.
+
+Be clear about what "immutable" covers: the record's fields cannot be reassigned, but the
+models, optimizers and loaders it refers to are ordinary torch objects whose parameters,
+buffers and positions do change as the run goes on. The record tracks *which* objects make up
+the run and *where* the run is; torch owns the tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+from trainloop.config import Config
+from trainloop.topology import Topology
+
+if TYPE_CHECKING:
+    from trainloop.callbacks import Callback
+    from trainloop.data import PreparedLoader
+
+
+@attrs.frozen
+class Hooks:
+    """The bound hook methods of the attached callbacks, by hook, in callback order.
+
+    Derived from the callbacks once when they are attached, so that firing the hooks of a run
+    with no callbacks is a loop over an empty tuple.
+    """
+
+    on_prepare: tuple[Callable, ...] = ()
+    on_backward: tuple[Callable, ...] = ()
+    on_before_step: tuple[Callable, ...] = ()
+    on_step: tuple[Callable, ...] = ()
+    on_log: tuple[Callable, ...] = ()
+    on_finish: tuple[Callable, ...] = ()
+
+    @classmethod
+    def of(cls, callbacks: tuple[Callback, ...]) -> Hooks:
+        from trainloop.callbacks.base import HOOKS, overridden_hooks
+
+        found: dict[str, list[Callable]] = {name: [] for name in HOOKS}
+        for callback in callbacks:
+            for name in overridden_hooks(callback):
+                found[name].append(getattr(callback, name))
+        return cls(**{name: tuple(methods) for name, methods in found.items()})
+
+
+@attrs.frozen(repr=False)
+class PendingLogs:
+    """Logged values not yet flushed: an immutable linked list, newest first (O(1) to extend)."""
+
+    values: dict[str, Any]
+    previous: PendingLogs | None
+
+
+@attrs.frozen(repr=False)
+class RunState:
+    """The state of a run. Build it with `tl.init`, then pass it through the trainloop functions.
+
+    Fields:
+        topology: rank, local rank, world size, node rank, device, backend.
+        config: the settings (precision, accumulate, strategy, seed, log_every, ...).
+        callbacks: the attached callbacks, in firing order.
+        models, optimizers, schedulers, loaders: what `prepare` registered.
+        step: optimizer steps done. micro_step: `backward` calls done.
+        window_micro_steps: `backward` calls in the open accumulation window.
+        window_items: the open window's summed `num_items` (None when not given).
+        skip_step: set by an `on_before_step` hook to skip this optimizer step.
+        pending_logs, logged_step: `log`'s buffer and the step it last flushed at.
+    """
+
+    topology: Topology
+    config: Config
+    callbacks: tuple[Callback, ...] = ()
+    hooks: Hooks = attrs.field(factory=Hooks, eq=False)
+    models: tuple[torch.nn.Module, ...] = ()
+    optimizers: tuple[torch.optim.Optimizer, ...] = ()
+    schedulers: tuple[Any, ...] = ()
+    loaders: tuple[PreparedLoader, ...] = ()
+    step: int = 0
+    micro_step: int = 0
+    window_micro_steps: int = 0
+    window_items: int | float | torch.Tensor | None = None
+    skip_step: bool = False
+    pending_logs: PendingLogs | None = attrs.field(default=None, eq=False)
+    logged_step: int = 0
+
+    # -- where this process sits ---------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def local_rank(self) -> int:
+        return self.topology.local_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.topology.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process of the job that writes files and talks to trackers."""
+        return self.topology.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """True on the first process of each machine (node-local downloads, caches)."""
+        return self.topology.local_rank == 0
+
+    # -- the accumulation window ---------------------------------------------------------------
+
+    @property
+    def at_epoch_end(self) -> bool:
+        """A prepared loader has just yielded the last batch of its epoch."""
+        return any(loader.at_last_batch for loader in self.loaders)
+
+    @property
+    def sync_now(self) -> bool:
+        """The next `backward` closes the accumulation window (gradients are synchronised)."""
+        return self.window_micro_steps + 1 >= self.config.accumulate or self.at_epoch_end
+
+    # -- records -------------------------------------------------------------------------------
+
+    def evolve(self, **changes: Any) -> RunState:
+        """A copy of this state with `changes` applied (the state itself never changes)."""
+        return attrs.evolve(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counters, the topology and the settings as JSON-ready plain values."""
+        settings = self.config.to_dict()
+        del settings["device"]  # the requested device; the topology has the actual one
+        topology = attrs.asdict(self.topology)
+        topology["device"] = str(topology["device"])
+        del topology["owns_process_group"]
+        return {"step": self.step, "micro_step": self.micro_step, **topology, **settings}
+
+    def __repr__(self) -> str:
+        def names(objects: tuple) -> str:
+            return "[" + ", ".join(type(o).__name__ for o in objects) + "]"
+
+        topology = self.topology
+        return (
+            f"RunState(step={self.step}, micro_step={self.micro_step}, "
+            f"rank={topology.rank}/{topology.world_size}, device='{topology.device}', "
+            f"precision='{self.config.precision}', accumulate={self.config.accumulate}, "
+            f"strategy='{self.config.strategy}', callbacks={names(self.callbacks)}, "
+            f"models={names(self.models)}, optimizers={names(self.optimizers)}, "
+            f"schedulers={names(self.schedulers)}, loaders={len(self.loaders)})"
+        )

@@ -1,0 +1,155 @@
+"""Where this process sits in the job: rank, world size, node, device, and the process group.
+
+The launcher tells each process its place through environment variables. We read torch's own
+names (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR`,
+`MASTER_PORT`: set by torchrun and by `trainloop.spawn`) and fall back to SLURM's when a script
+is started by `srun` directly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections.abc import Mapping
+
+import attrs
+import torch
+import torch.distributed as dist
+
+
+@attrs.frozen
+class Topology:
+    """The process's place in the job. `owns_process_group`: `init` joined it, `finish` leaves it."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+    owns_process_group: bool = False
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `node[03-05,9],gpu1` -> `node03`."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        raise ValueError(f"cannot read SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """torch's launcher variables, translated from SLURM's when only SLURM's are set.
+
+    Returns a dict with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK and, when
+    known, MASTER_ADDR and MASTER_PORT. An empty dict means a plain single process.
+    """
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "MASTER_ADDR", "MASTER_PORT")
+        found = {k: environ[k] for k in keys if k in environ}
+        found.setdefault("LOCAL_RANK", "0")
+        found.setdefault("LOCAL_WORLD_SIZE", found["WORLD_SIZE"] if found["LOCAL_RANK"] == found["RANK"] else "1")
+        found.setdefault("GROUP_RANK", environ.get("NODE_RANK", "0"))
+        return found
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        ntasks = int(environ["SLURM_NTASKS"])
+        nnodes = int(environ.get("SLURM_NNODES", environ.get("SLURM_JOB_NUM_NODES", "1")))
+        found = {
+            "RANK": environ["SLURM_PROCID"],
+            "WORLD_SIZE": str(ntasks),
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": str(ntasks // max(nnodes, 1)),
+            "GROUP_RANK": environ.get("SLURM_NODEID", "0"),
+            "MASTER_ADDR": environ.get("MASTER_ADDR")
+            or _first_slurm_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            # A port that differs between concurrent jobs on one cluster, the same on every task.
+            "MASTER_PORT": environ.get("MASTER_PORT")
+            or str(15000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000),
+        }
+        return found
+    return {}
+
+
+def pick_device(requested: str | None, local_rank: int) -> torch.device:
+    """`requested` if given; else this process's accelerator (by local rank), else the CPU."""
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, local_rank % _device_count(device.type))
+        return device
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None:
+        return torch.device("cpu")
+    return torch.device(accelerator.type, local_rank % _device_count(accelerator.type))
+
+
+def _device_count(device_type: str) -> int:
+    module = getattr(torch, device_type, None)
+    count = module.device_count() if module is not None and hasattr(module, "device_count") else 0
+    if count < 1:
+        raise ValueError(f"device {device_type!r} was requested but torch finds none available")
+    return count
+
+
+def join(requested_device: str | None, timeout_s: float, environ: Mapping[str, str] = os.environ) -> Topology:
+    """Read the topology from the environment; join the process group when there are many ranks.
+
+    A process group that is already initialised (the user's own, or a test's) is used as it is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        env = launcher_env(environ)
+        local_rank = int(env.get("LOCAL_RANK", rank))
+        device = pick_device(requested_device, local_rank)
+        return Topology(rank, local_rank, world_size, int(env.get("LOCAL_WORLD_SIZE", world_size)),
+                        int(env.get("GROUP_RANK", 0)), device, dist.get_backend(), False)
+
+    env = launcher_env(environ)
+    world_size = int(env.get("WORLD_SIZE", 1))
+    rank, local_rank = int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+    device = pick_device(requested_device, local_rank)
+    topology = Topology(rank, local_rank, world_size, int(env.get("LOCAL_WORLD_SIZE", 1)),
+                        int(env.get("GROUP_RANK", 0)), device)
+    if world_size == 1:
+        return topology
+    if device.type != "cpu" and hasattr(torch, device.type):
+        getattr(torch, device.type).set_device(device)
+    backend = dist.get_default_backend_for_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(
+        backend=backend,
+        store=_rendezvous_store(env, environ, rank, world_size, timeout),
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+        device_id=device if device.type != "cpu" else None,
+    )
+    return attrs.evolve(topology, backend=backend, owns_process_group=True)
+
+
+def _rendezvous_store(env: Mapping[str, str], environ: Mapping[str, str], rank: int,
+                      world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store the ranks meet in.
+
+    Under torch's elastic agent (`trainloop.spawn`, torchrun) the agent already serves a store at
+    MASTER_ADDR:MASTER_PORT and keeps it across restarts; workers of a restarted attempt would
+    read the previous attempt's keys and fail to connect (pytorch#135712), so each attempt gets
+    a key prefix of its own. Otherwise rank 0 serves the store.
+    """
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        raise RuntimeError(
+            "WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: start the script with "
+            "`python -m trainloop.spawn -n N script.py` (or torchrun, or srun)"
+        )
+    host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+        attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return dist.PrefixStore(f"trainloop/attempt_{attempt}", store)
+    return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
