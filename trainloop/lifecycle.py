@@ -7,12 +7,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from trainloop.config import resolve_config
 from trainloop.state import Hooks, RunState
 from trainloop.steps import flush_logs
-from trainloop.topology import join
+from trainloop.topology import join, leave_process_group
 
 
 def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
@@ -61,8 +60,8 @@ def finish(state: RunState) -> None:
         state = flush_logs(state)
     for hook in state.hooks.on_finish:
         hook(state)
-    if state.topology.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
+    if state.topology.owns_process_group:
+        leave_process_group()
 
 
 def _check_callbacks(callbacks: tuple) -> None:

@@ -8,9 +8,12 @@ is started by `srun` directly.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
+import sys
+import time
 from collections.abc import Mapping
 
 import attrs
@@ -32,7 +35,7 @@ class Topology:
     owns_process_group: bool = False
 
 
-def _first_slurm_host(nodelist: str) -> str:
+def first_slurm_host(nodelist: str) -> str:
     """The first host of a SLURM node list: `node[03-05,9],gpu1` -> `node03`."""
     match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
     if match is None:
@@ -67,7 +70,7 @@ def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
             "LOCAL_WORLD_SIZE": str(ntasks // max(nnodes, 1)),
             "GROUP_RANK": environ.get("SLURM_NODEID", "0"),
             "MASTER_ADDR": environ.get("MASTER_ADDR")
-            or _first_slurm_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            or first_slurm_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             # A port that differs between concurrent jobs on one cluster, the same on every task.
             "MASTER_PORT": environ.get("MASTER_PORT")
             or str(15000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000),
@@ -130,7 +133,37 @@ def join(requested_device: str | None, timeout_s: float, environ: Mapping[str, s
         timeout=timeout,
         device_id=device if device.type != "cpu" else None,
     )
+    # A worker that dies of an exception would otherwise abort (SIGABRT) in gloo's threads at
+    # interpreter exit, hiding its real exit code; leaving the group first exits cleanly.
+    atexit.register(leave_process_group)
+    if "TORCHELASTIC_RUN_ID" in environ:
+        sys.excepthook = _let_the_failed_peer_be_seen_first(sys.excepthook)
     return attrs.evolve(topology, backend=backend, owns_process_group=True)
+
+
+def _let_the_failed_peer_be_seen_first(excepthook):
+    """Under the launcher, a worker that fails only because a peer died waits before exiting.
+
+    When one rank crashes, the others fail a moment later in their next collective ("connection
+    closed by peer"). If they exit at once, the launcher cannot tell the cause from the victims
+    (its failure times are whole seconds) and often blames rank 0. Waiting lets the launcher see
+    the real failure first and stop this worker; its misleading traceback is then never printed.
+    """
+    def hook(kind, error, traceback):
+        if isinstance(error, dist.DistBackendError) or "by peer" in str(error):
+            time.sleep(_PEER_FAILURE_GRACE_S)
+        excepthook(kind, error, traceback)
+
+    return hook
+
+
+_PEER_FAILURE_GRACE_S = 5.0
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group if one is joined (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _rendezvous_store(env: Mapping[str, str], environ: Mapping[str, str], rank: int,

@@ -1,0 +1,42 @@
+"""A tiny DDP training run for the launcher tests: writes rank 0's final weights to argv[1].
+
+`--die-once DIR`: the first attempt's rank 1 kills itself (SIGKILL) mid-run; the marker file in
+DIR makes the restarted attempt run through.
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from reference import mse, regression_data, tiny_model  # noqa: E402
+
+import trainloop as tl  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+parser.add_argument("--die-once", default=None)
+args = parser.parse_args()
+
+state = tl.init(seed=3)
+model = tiny_model()
+state, model, optimizer, loader = tl.prepare(
+    state, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+    DataLoader(regression_data(40), batch_size=4, shuffle=True))
+for epoch in range(loader.epoch, 2):
+    for x, y in loader:
+        with tl.accumulate(state, model):
+            state = tl.backward(state, mse(model, x, y))
+        state = tl.step(state, optimizer)
+        marker = args.die_once and os.path.join(args.die_once, "died")
+        if marker and state.rank == 1 and state.step == 3 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+if state.is_main:
+    torch.save({"weights": tl.unwrap(model).state_dict(), "world_size": state.world_size,
+                "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))}, args.out)
+tl.finish(state)

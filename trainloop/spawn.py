@@ -1,0 +1,263 @@
+"""Start a job of many processes on PyTorch's own elastic launcher (what `torchrun` runs).
+
+    python -m trainloop.spawn -n 8 train.py --lr 3e-4
+    python -m trainloop.spawn -n 8 --nnodes 2 --node-rank 0 --master 10.0.0.1:29500 train.py
+    python -m trainloop.spawn -n 2 --precision bf16 --accumulate 4 train.py
+    python -m trainloop.spawn -n 8 --max-restarts 3 train.py
+    python -m trainloop.spawn --config run.toml train.py
+    python -m trainloop.spawn -n 2 -m package.module --flag
+
+    trainloop.spawn.run(fn, *args, n=2)      # from Python: returns rank 0's result
+
+This module only translates trainloop's flags into a `LaunchConfig` and hands it to
+`torch.distributed.launcher.api.elastic_launch`; process management, restarts, signal handling
+and error files are torch's. What it adds on top:
+
+- every `LaunchConfig` field set explicitly (its defaults differ from torchrun's: etcd
+  rendezvous, three restarts);
+- one machine: a c10d rendezvous on 127.0.0.1 with a port the OS picks;
+- run settings (`--precision bf16`) travel as `TRAINLOOP_*` variables and are validated before
+  any worker starts (a bad setting would otherwise use up the restarts);
+- `OMP_NUM_THREADS` shared out among the workers of a machine (torch's launcher API leaves it
+  unset: N workers of N threads each oversubscribe the cores);
+- SLURM: under `srun`, the node count, node rank and master host come from SLURM's variables;
+- a failure report that names the rank that failed first; its traceback is the one the
+  worker printed itself, just above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from trainloop.config import SETTINGS, Config, env_name, parse_setting
+from trainloop.topology import first_slurm_host
+
+_LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "master", "max_restarts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainloop.spawn",
+        description="Run a training script on many processes (and machines) with torch's elastic launcher.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    launch = parser.add_argument_group("processes")
+    launch.add_argument("-n", "--nproc", type=int, default=None,
+                        help="processes on this machine (default: one per accelerator, else 1)")
+    launch.add_argument("--nnodes", type=int, default=None,
+                        help="machines in the job (default: 1, or SLURM_NNODES under srun)")
+    launch.add_argument("--node-rank", type=int, default=None,
+                        help="this machine's rank (default: SLURM_NODEID under srun; "
+                             "when omitted on many machines, ranks are assigned on arrival)")
+    launch.add_argument("--master", default=None, metavar="HOST:PORT",
+                        help="where the machines meet (needed with --nnodes > 1; default under "
+                             "srun: the first host of SLURM_JOB_NODELIST)")
+    launch.add_argument("--max-restarts", type=int, default=None,
+                        help="restart all workers up to this many times after a failure (default: 0)")
+    launch.add_argument("--config", default=None, metavar="FILE.toml",
+                        help="read these flags from a TOML file (keys: nproc, nnodes, precision, ...); "
+                             "flags given on the command line win")
+    settings = parser.add_argument_group("run settings (arrive in tl.init as TRAINLOOP_* variables)")
+    for field in SETTINGS:
+        settings.add_argument(
+            "--" + field.name.replace("_", "-"), dest=field.name, default=None, metavar="VALUE",
+            help=f"{field.metadata['help']} (default: {field.default})",
+        )
+    parser.add_argument("-m", dest="module", action="store_true",
+                        help="run the target as a module (python -m target), not a script")
+    parser.add_argument("target", help="the training script (or module with -m)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    return parser
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise SystemExit("--config needs Python 3.11+ or `pip install tomli`") from None
+    with open(path, "rb") as file:
+        values = tomllib.load(file)
+    known = set(_LAUNCH_FLAGS) | {field.name for field in SETTINGS}
+    normalised = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(normalised) - known)
+    if unknown:
+        raise SystemExit(f"{path}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    return normalised
+
+
+def _slurm_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Node count, node rank and master host when spawn itself was started by srun."""
+    if "SLURM_JOB_ID" not in environ or "SLURM_NODEID" not in environ:
+        return {}
+    nnodes = int(environ.get("SLURM_NNODES", environ.get("SLURM_JOB_NUM_NODES", "1")))
+    if nnodes == 1:
+        return {}
+    host = first_slurm_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    port = environ.get("MASTER_PORT") or str(15000 + int(environ["SLURM_JOB_ID"]) % 20000)
+    return {"nnodes": nnodes, "node_rank": int(environ["SLURM_NODEID"]), "master": f"{host}:{port}"}
+
+
+def _default_nproc() -> int:
+    import torch
+
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    return torch.accelerator.device_count() if accelerator is not None else 1
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_config(nproc: int, *, nnodes: int = 1, node_rank: int | None = None,
+                  master: str | None = None, max_restarts: int = 0, log_dir: str | None = None):
+    """The `LaunchConfig` for a job, every field chosen on purpose."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if nproc < 1 or nnodes < 1 or max_restarts < 0:
+        raise ValueError(f"need nproc >= 1, nnodes >= 1, max_restarts >= 0 (got {nproc}, {nnodes}, {max_restarts})")
+    if nnodes == 1:
+        # One machine: meet on loopback at a port picked now; nothing listens beyond 127.0.0.1.
+        backend, endpoint, run_id, configs = "c10d", f"127.0.0.1:{free_port()}", uuid.uuid4().hex, {}
+    elif master is None:
+        raise ValueError("--nnodes > 1 needs --master HOST:PORT (the address of node 0)")
+    elif node_rank is not None:
+        # Fixed node ranks: node 0 serves the store at --master (torchrun's --node-rank mode).
+        backend, endpoint, run_id, configs = "static", master, "trainloop", {"rank": node_rank}
+    else:
+        backend, endpoint, run_id, configs = "c10d", master, "trainloop-" + master, {}
+    return LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
+        nproc_per_node=nproc,
+        run_id=run_id,
+        role="trainloop",
+        rdzv_endpoint=endpoint,
+        rdzv_backend=backend,
+        rdzv_configs={**configs, "timeout": 900},
+        max_restarts=max_restarts,
+        monitor_interval=0.1,  # notice a dead worker within a tenth of a second
+        start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        shutdown_timeout=30,  # SIGTERM, then SIGKILL after this grace period
+    )
+
+
+@contextlib.contextmanager
+def _launcher_scope(settings: Mapping[str, Any], nproc: int) -> Iterator[str]:
+    """Settings as TRAINLOOP_* variables and OMP_NUM_THREADS for the workers; all undone after.
+
+    torch's launcher also writes to os.environ and installs signal handlers, and leaves its log
+    directory behind: restore the first two and remove the last, so `run()` can be called many
+    times from one Python process (tests, notebooks).
+    """
+    saved_env = dict(os.environ)
+    saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    log_dir = tempfile.mkdtemp(prefix="trainloop-spawn-")
+    try:
+        for name, value in settings.items():
+            os.environ[env_name(name)] = str(value)
+        if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
+            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        yield log_dir
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for sig, handler in saved_handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _validated_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Parse and check the run settings here, before any worker starts."""
+    parsed = {name: parse_setting(name, str(value)) if isinstance(value, str) else value
+              for name, value in settings.items() if value is not None}
+    Config(**parsed)  # raises ValueError naming the setting
+    return parsed
+
+
+def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
+        **settings: Any) -> Any:
+    """Run `fn(*args)` on `n` local processes; return rank 0's result.
+
+    `fn` must be importable by name (a module-level function): the workers are fresh Python
+    processes. Run settings (`precision="bf16"`, `accumulate=4`, ...) reach `tl.init` in every
+    worker. A failing worker stops the job and raises torch's `ChildFailedError`, whose message
+    holds the worker's traceback.
+    """
+    from torch.distributed.launcher.api import elastic_launch
+
+    parsed = _validated_settings(settings)
+    with _launcher_scope(parsed, n) as log_dir:
+        results = elastic_launch(launch_config(n, max_restarts=max_restarts, log_dir=log_dir), fn)(*args)
+    return results[0]
+
+
+def _culprit(failures: Mapping[int, Any]) -> tuple[int, Any]:
+    """The failure that caused the others: not a worker the launcher itself stopped (SIGTERM)."""
+    stopped = -signal.SIGTERM.value
+    ranked = sorted(failures.items(), key=lambda item: (item[1].exitcode == stopped, item[1].timestamp, item[0]))
+    return ranked[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `python -m trainloop.spawn` command line. Returns the exit code."""
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    values = _read_toml(options.config) if options.config else {}
+    values.update(_slurm_defaults(os.environ))
+    values.update({k: v for k, v in vars(options).items() if v is not None and k in (*_LAUNCH_FLAGS, *(f.name for f in SETTINGS))})
+    try:
+        settings = _validated_settings({f.name: values.get(f.name) for f in SETTINGS})
+        nproc = int(values.get("nproc") or _default_nproc())
+        nnodes = int(values.get("nnodes", 1))
+    except ValueError as error:
+        parser.error(str(error))
+    if not options.module and not os.path.isfile(options.target):
+        parser.error(f"no such script: {options.target} (use -m to run a module)")
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    command = ["-u", *(["-m"] if options.module else []), options.target, *options.args]
+    with _launcher_scope(settings, nproc) as log_dir:
+        try:
+            config = launch_config(nproc, nnodes=nnodes, node_rank=values.get("node_rank"),
+                                   master=values.get("master"),
+                                   max_restarts=int(values.get("max_restarts", 0)), log_dir=log_dir)
+        except ValueError as error:
+            parser.error(str(error))
+        try:
+            elastic_launch(config, sys.executable)(*command)
+        except ChildFailedError as error:
+            rank, failure = _culprit(error.failures)
+            print(f"trainloop.spawn: rank {rank} (pid {failure.pid}) failed first, exit code "
+                  f"{failure.exitcode}; its traceback is above. The job was stopped.", file=sys.stderr)
+            return failure.exitcode if failure.exitcode > 0 else 1
+        except SignalException as stop:
+            # Ctrl-C or SIGTERM: torch's agent has already stopped every worker.
+            print(f"trainloop.spawn: stopped by {stop.sigval.name}; every worker was stopped.", file=sys.stderr)
+            return 128 + stop.sigval.value
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
