@@ -164,6 +164,16 @@ def leave_process_group() -> None:
     """Destroy the default process group if one is joined (idempotent)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        # gloo's worker threads release a finished collective's tensors a moment after the
+        # caller sees it complete, and releasing a tensor made in Python takes the GIL. If the
+        # interpreter is already shutting down by then, the thread is torn down mid-release and
+        # the process aborts (SIGABRT) although all its work succeeded. A DDP model keeps the
+        # process group (and so its threads) alive past destroy_process_group, so give the
+        # threads a moment to finish while Python is still whole.
+        time.sleep(_RELEASE_GRACE_S)
+
+
+_RELEASE_GRACE_S = 0.2
 
 
 def _rendezvous_store(env: Mapping[str, str], environ: Mapping[str, str], rank: int,

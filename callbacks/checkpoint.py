@@ -1,0 +1,128 @@
+"""`Checkpoint`: save the run every N steps and at the end; resume from the newest good one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch.distributed as dist
+
+from trainloop.callbacks.base import Callback
+from trainloop.checkpoint import CheckpointError, checkpoints_in, load, save, verify
+from trainloop.state import RunState
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (damaged) or not written (and `on_error="warn"`)."""
+
+
+class Checkpoint(Callback):
+    """Save to `dir/step-00000500/` every `every` optimizer steps and when the run finishes.
+
+    Args:
+        dir: the directory that holds the checkpoints and the `latest` pointer.
+        every: optimizer steps between checkpoints; None saves only at `tl.finish`.
+        keep: how many checkpoints to keep; older ones are deleted only after a newer one is
+            safely in place. None keeps all.
+        resume: restore the run in `tl.prepare` from the newest checkpoint that verifies. A
+            damaged one (truncated, altered, half-written) is skipped with one warning naming
+            the file and the reason, and the one before it is used.
+        on_error: "raise" (default) stops the run when a checkpoint cannot be written (disk
+            full, permission denied); "warn" warns and trains on. Either way the previous
+            checkpoints are untouched.
+
+    Prepare every object of the run in one `tl.prepare` call: the checkpoint is restored there,
+    and it must find the same models, optimizers, schedulers and loaders it saved.
+    """
+
+    def __init__(self, dir: str | os.PathLike, every: int | None = None, keep: int | None = None,
+                 resume: bool = True, on_error: str = "raise"):
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"Checkpoint every must be an integer >= 1 or None (got {every!r})")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"Checkpoint keep must be an integer >= 1 or None (got {keep!r})")
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"Checkpoint on_error must be 'raise' or 'warn' (got {on_error!r})")
+        self.dir = Path(dir)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"Checkpoint dir {self.dir} exists and is not a directory")
+        self.every, self.keep, self.resume, self.on_error = every, keep, resume, on_error
+        self.restored_from: Path | None = None
+        self._looked_for_checkpoint = False
+        self._last_saved_step: int | None = None
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def on_prepare(self, state: RunState) -> RunState | None:
+        if not self.resume or self._looked_for_checkpoint:
+            return None
+        self._looked_for_checkpoint = True
+        chosen = self._newest_good_checkpoint() if state.is_main else None
+        if state.world_size > 1:
+            box = [chosen]
+            dist.broadcast_object_list(box, src=0)  # every rank resumes from the same one
+            chosen = box[0]
+        if chosen is None:
+            return None
+        self.restored_from = Path(chosen)
+        state = load(state, chosen)
+        self._last_saved_step = state.step
+        return state
+
+    def _newest_good_checkpoint(self) -> str | None:
+        for candidate in checkpoints_in(self.dir):
+            if not candidate.name.startswith("step-"):
+                continue
+            try:
+                verify(candidate)
+            except CheckpointError as reason:
+                warnings.warn(f"skipping checkpoint {candidate}: {reason}", CheckpointWarning, stacklevel=2)
+                continue
+            return str(candidate)
+        return None
+
+    # -- save ----------------------------------------------------------------------------------
+
+    def on_step(self, state: RunState) -> None:
+        if self.every is not None and state.step % self.every == 0:
+            self._save(state)
+
+    def on_finish(self, state: RunState) -> None:
+        if state.step == self._last_saved_step:
+            return
+        if state.window_micro_steps:
+            warnings.warn(
+                f"the run finished inside an accumulation window ({state.window_micro_steps} "
+                f"micro-steps not yet applied): the final checkpoint is the last optimizer step's",
+                CheckpointWarning, stacklevel=2)
+            return
+        self._save(state)
+
+    def _save(self, state: RunState) -> None:
+        path = self.dir / f"step-{state.step:08d}"
+        try:
+            save(state, path)
+        except CheckpointError as error:
+            if self.on_error == "raise":
+                raise
+            warnings.warn(str(error), CheckpointWarning, stacklevel=3)
+            return
+        self._last_saved_step = state.step
+        if state.is_main:
+            self._prune(newest=path)
+
+    def _prune(self, newest: Path) -> None:
+        """Delete what `keep` no longer covers, and the remains of saves that were killed."""
+        for leftover in self.dir.glob(".*.partial"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if self.keep is None:
+            return
+        committed = sorted(p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        for old in committed[: max(0, len(committed) - self.keep)]:
+            if old != newest:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.dir)!r}, every={self.every}, keep={self.keep}, resume={self.resume})"

@@ -1,0 +1,407 @@
+"""Checkpoints that never lose work: `save`, `load`, `export`.
+
+A checkpoint is a directory:
+
+    step-00000500/
+        manifest.json        format version, versions, counters, settings, and the size and
+                             SHA-256 of every other file (and a hash of itself)
+        model.safetensors    the weights (model-1.safetensors, ... for further models)
+        optimizer.pt         the optimizers' and schedulers' state dicts } torch.save; loaded
+        callbacks.pt         each callback's state_dict, by its key      } with weights_only=True
+        rng.pt               every rank's RNG states (Python, NumPy, torch CPU, accelerator)
+        trainer.json         the counters and the loaders' positions (plain JSON)
+
+Writing is all-or-nothing. Everything is written into `.<name>.partial/` next to the target,
+each file and the directory fsynced, and only then renamed into place (`os.replace`); the
+`latest` pointer file is replaced the same way. A process killed at any instant leaves either
+the previous checkpoint or the new one, never a mix. (torch.distributed.checkpoint and
+safetensors have no atomic write and no checksum of their own: both are ours to do.)
+
+Reading never executes code. The manifest is JSON; every file's size and SHA-256 are checked
+against it before anything else is read; file names in it cannot leave the directory; tensors
+come from safetensors or `torch.load(weights_only=True)`, and a file that would need anything
+more is refused, naming what it asked for.
+
+Under DDP, rank 0 writes everything: the replicas are identical, and the other ranks' RNG
+states reach it through a gather. Every rank reads the checkpoint when loading, so on many
+machines the directory must be on a filesystem they share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainloop._version import __version__
+from trainloop.prepare import unwrap
+from trainloop.state import RunState
+
+FORMAT = "trainloop-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written, or is not one that may be loaded (the reason says why)."""
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def save(state: RunState, path: str | os.PathLike) -> Path:
+    """Write a checkpoint of the run to the directory `path`, atomically. Call it on every rank.
+
+    Returns the path. Raises CheckpointError on every rank if the write failed (disk full,
+    permission denied); the previous checkpoints are untouched and the run may continue.
+    """
+    path = Path(path)
+    rng = _gather_rng_states(state)
+    error = None
+    if state.is_main:
+        try:
+            _write(state, path, rng)
+        except Exception as failure:  # OSError, and safetensors' own error type for a full disk
+            error = f"could not write checkpoint {path}: {failure}"
+    if state.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)  # every rank learns the outcome: no one waits
+        error = box[0]
+    if error is not None:
+        raise CheckpointError(error + " (the previous checkpoints are untouched)")
+    return path
+
+
+def _write(state: RunState, path: Path, rng: list[dict]) -> None:
+    partial = path.parent / f".{path.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)  # left by a save that was killed
+    partial.mkdir(parents=True)
+    try:
+        from safetensors.torch import save_model
+
+        for index, model in enumerate(state.models):
+            save_model(unwrap(model), str(partial / _model_file(index)))
+        _torch_save({"optimizers": [opt.state_dict() for opt in state.optimizers],
+                     "schedulers": [sched.state_dict() for sched in state.schedulers]},
+                    partial / "optimizer.pt")
+        _torch_save({cb.key: cb.state_dict() for cb in state.callbacks}, partial / "callbacks.pt")
+        _torch_save(rng, partial / "rng.pt")
+        (partial / "trainer.json").write_text(json.dumps(_trainer_record(state), indent=1))
+        files = sorted(p.name for p in partial.iterdir())
+        for name in files:
+            _fsync(partial / name)
+        manifest = _manifest(state, {name: _file_record(partial / name) for name in files})
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync(partial / MANIFEST)
+        _fsync(partial)
+        _replace_dir(partial, path)
+        _point_latest(path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _model_file(index: int) -> str:
+    return "model.safetensors" if index == 0 else f"model-{index}.safetensors"
+
+
+def _torch_save(obj: Any, file: Path) -> None:
+    with open(file, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def _trainer_record(state: RunState) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "micro_step": state.micro_step,
+        "logged_step": state.logged_step,
+        "loaders": [loader.state_dict() for loader in state.loaders],
+    }
+
+
+def _manifest(state: RunState, files: dict[str, dict]) -> dict[str, Any]:
+    body = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "trainloop_version": __version__,
+        "torch_version": torch.__version__,
+        "step": state.step,
+        "micro_step": state.micro_step,
+        "epoch": state.loaders[0].state_dict()["epoch"] if state.loaders else None,
+        "world_size": state.world_size,
+        "strategy": state.config.strategy,
+        "precision": state.config.precision,
+        "models": len(state.models),
+        "files": files,
+    }
+    return {**body, "manifest_sha256": _canonical_hash(body)}
+
+
+def _canonical_hash(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _file_record(file: Path) -> dict[str, Any]:
+    return {"size": file.stat().st_size, "sha256": _sha256(file)}
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move the finished `source` to `target`, replacing an older `target` only once safe."""
+    if not target.exists():
+        os.replace(source, target)
+    else:
+        old = target.parent / f".{target.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(target.parent)
+
+
+def _point_latest(path: Path) -> None:
+    pointer = path.parent / LATEST
+    temporary = path.parent / f".{LATEST}.partial"
+    temporary.write_text(path.name + "\n")
+    _fsync(temporary)
+    os.replace(temporary, pointer)
+    _fsync(path.parent)
+
+
+# -- RNG states --------------------------------------------------------------------------------
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    record: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        kind, keys, position, has_gauss, cached = numpy.random.get_state()
+        record["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), position, has_gauss, cached]
+    if device.type != "cpu":
+        record["accelerator"] = torch.get_device_module(device).get_rng_state(device)
+    return record
+
+
+def _set_rng_state(record: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = record["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(record["torch"])
+    if "numpy" in record:
+        with contextlib.suppress(ImportError):
+            import numpy
+
+            kind, keys, position, has_gauss, cached = record["numpy"]
+            numpy.random.set_state((kind, keys.numpy().astype("uint32"), position, has_gauss, cached))
+    if "accelerator" in record and device.type != "cpu":
+        torch.get_device_module(device).set_rng_state(record["accelerator"], device)
+
+
+def _gather_rng_states(state: RunState) -> list[dict]:
+    mine = _rng_state(state.device)
+    if state.world_size == 1:
+        return [mine]
+    everyone: list[Any] = [None] * state.world_size
+    dist.all_gather_object(everyone, mine)  # between this job's own ranks only
+    return everyone
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def verify(path: str | os.PathLike) -> dict[str, Any]:
+    """Check a checkpoint directory against its manifest; return the manifest.
+
+    Raises CheckpointError naming the file and the reason: not a checkpoint, a format from a
+    newer trainloop, a manifest that was altered, a file missing, truncated or changed, or a
+    file name that would leave the directory.
+    """
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    if not path.is_dir() or not manifest_file.is_file():
+        raise CheckpointError(f"{path} is not a trainloop checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{manifest_file} is damaged: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_file} is not a trainloop checkpoint manifest")
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    if manifest.get("manifest_sha256") != _canonical_hash(body):
+        raise CheckpointError(f"{manifest_file} was altered: its own hash does not match")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, newer than this trainloop reads "
+            f"({FORMAT_VERSION}): upgrade trainloop (it was written by {manifest.get('trainloop_version')})"
+        )
+    for name, record in manifest["files"].items():
+        file = _inside(path, name)
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        size = file.stat().st_size
+        if size != record["size"]:
+            raise CheckpointError(f"{file} is {size} bytes, the manifest says {record['size']} (truncated?)")
+        if _sha256(file) != record["sha256"]:
+            raise CheckpointError(f"{file} does not match its SHA-256 in the manifest (changed or corrupted)")
+    return manifest
+
+
+def _inside(directory: Path, name: str) -> Path:
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise CheckpointError(f"{directory / MANIFEST} names a file outside the checkpoint: {name!r}")
+    return directory / name
+
+
+def safe_torch_load(file: Path) -> Any:
+    """`torch.load(weights_only=True)`, with a clear refusal naming what an unsafe file wanted."""
+    data = file.read_bytes()
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as error:
+        try:
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+        except Exception:
+            wanted = []
+        detail = f"it asks for {', '.join(wanted)}" if wanted else str(error).splitlines()[0]
+        raise CheckpointError(
+            f"refusing to load {file}: it is not plain tensors and data ({detail}); "
+            "a checkpoint must never run code"
+        ) from None
+
+
+def load(state: RunState, path: str | os.PathLike) -> RunState:
+    """Restore the run from the checkpoint at `path`; return the state with its counters.
+
+    Restores in place the prepared models' weights, the optimizers, schedulers and loader
+    positions, the callbacks' states and this rank's RNG states. Call it on every rank, after
+    `prepare`. Raises CheckpointError for a damaged, foreign or unsafe checkpoint, and
+    ValueError for one that does not fit the run (other parameter names or shapes: the first
+    mismatches are listed).
+    """
+    path = Path(path)
+    return _restore(state, path, verify(path))
+
+
+def _restore(state: RunState, path: Path, manifest: dict[str, Any]) -> RunState:
+    trainer = json.loads((path / "trainer.json").read_text())
+    optimization = safe_torch_load(path / "optimizer.pt")
+    counts = {
+        "models": (manifest["models"], len(state.models)),
+        "optimizers": (len(optimization["optimizers"]), len(state.optimizers)),
+        "schedulers": (len(optimization["schedulers"]), len(state.schedulers)),
+        "loaders": (len(trainer["loaders"]), len(state.loaders)),
+    }
+    for kind, (saved, prepared) in counts.items():
+        if saved != prepared:
+            raise ValueError(f"{path} holds {saved} {kind} but the run prepared {prepared}: prepare the same objects")
+    for index, model in enumerate(state.models):
+        _load_weights(unwrap(model), path / _model_file(index))
+    for optimizer, saved in zip(state.optimizers, optimization["optimizers"]):
+        optimizer.load_state_dict(saved)
+    for scheduler, saved in zip(state.schedulers, optimization["schedulers"]):
+        scheduler.load_state_dict(saved)
+    for loader, saved in zip(state.loaders, trainer["loaders"]):
+        loader.load_state_dict(saved)
+    saved_callbacks = safe_torch_load(path / "callbacks.pt")
+    for callback in state.callbacks:
+        if callback.key in saved_callbacks:
+            callback.load_state_dict(saved_callbacks[callback.key])
+    rng = safe_torch_load(path / "rng.pt")
+    if state.rank < len(rng):
+        _set_rng_state(rng[state.rank], state.device)
+    return state.evolve(step=trainer["step"], micro_step=trainer["micro_step"],
+                        logged_step=trainer["logged_step"], window_micro_steps=0, window_items=None,
+                        pending_logs=None)
+
+
+def _load_weights(model: torch.nn.Module, file: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    with safe_open(str(file), framework="pt") as reader:
+        found = {name: tuple(reader.get_slice(name).get_shape()) for name in reader.keys()}
+    problems = [f"{name}: checkpoint {shape}, model {expected[name]}"
+                for name, shape in found.items() if name in expected and expected[name] != shape]
+    problems += [f"{name}: in the checkpoint, not in the model" for name in found if name not in expected]
+    missing, _ = load_model(model, str(file), strict=False) if not problems else ([], [])
+    problems += [f"{name}: in the model, not in the checkpoint" for name in missing]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"{file} does not fit {type(model).__name__}: {shown}")
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | None = None) -> Path:
+    """Write the trained model alone as one safetensors file (atomic), for inference and other tools.
+
+    `model` defaults to the only prepared model. The file loads into a plain module with
+    `safetensors.torch.load_model(module, path)`. Call it on every rank; rank 0 writes.
+    """
+    from safetensors.torch import save_model
+
+    if model is None:
+        if len(state.models) != 1:
+            raise ValueError(f"export needs model= when the run prepared {len(state.models)} models")
+        model = state.models[0]
+    path = Path(path)
+    if state.is_main:
+        temporary = path.parent / f".{path.name}.partial"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(unwrap(model), str(temporary))
+        _fsync(temporary)
+        os.replace(temporary, path)
+    if state.world_size > 1:
+        dist.barrier()
+    return path
+
+
+def checkpoints_in(directory: str | os.PathLike) -> Iterator[Path]:
+    """The committed checkpoint directories under `directory`, newest (highest step) first.
+
+    The one `latest` points to comes first; directories being written (`.partial`) are skipped.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    named = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    named.sort(key=lambda p: p.name, reverse=True)
+    pointer = directory / LATEST
+    first = None
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if name and Path(name).name == name and (directory / name).is_dir():
+            first = directory / name
+            yield first
+    yield from (p for p in named if p != first)
