@@ -1,0 +1,392 @@
+"""Experiment trackers: the metrics `tl.log` reports, where users already look.
+
+A tracker is a callback on `on_log` (main process only, cross-rank means as plain floats) and
+`on_finish`. `Tracker` does the bookkeeping once for all of them:
+
+- One tracker run per job, never one per rank: only the main process creates files or runs.
+  Building a tracker on every rank is fine and creates nothing; it only checks early that the
+  library is installed and the directory it will write to can be written.
+- The run is created lazily, at the first report, with the run's settings recorded once
+  (`state.to_dict()` without the counters, which are the metrics' x axis, not settings). Lazily
+  because a `Checkpoint` may restore the tracker in its `on_prepare`, before or after this
+  callback's own: by the first report, whether this is a new run or a resumed one is known.
+- Resume: `state_dict()` holds the last step logged and what the library needs to find the run
+  again (the W&B run id, the MLflow run id). A tracker restored with `load_state_dict` continues
+  that run from the checkpoint's step, and no step is recorded twice: what a crashed run logged
+  after its checkpoint is replaced where the store can drop it (TensorBoard, JSONLines) and
+  kept, not logged again, where it cannot (MLflow; W&B online).
+- Non-finite values (NaN, inf) are recorded as they are: a diverging run should be visible.
+  JSON has no NaN, so `JSONLines` writes them as the strings "NaN", "Infinity", "-Infinity".
+
+A new tracker implements three methods: `start(config, resume_step)`, `log(metrics, step)` and
+`close()` (see docs/trackers.md for one in about 30 lines).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import json
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from trainloop.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from trainloop.state import RunState
+
+_RUN_KEY = "trainloop.run_key"  # the MLflow tag that finds a run before its id is saved
+
+
+def run_config(state: RunState) -> dict[str, Any]:
+    """The run's settings and topology as plain values: what trackers record as the config."""
+    config = state.to_dict()
+    del config["step"], config["micro_step"]
+    return config
+
+
+def require(module: str, extra: str, tracker: str) -> ModuleType:
+    """Import an optional library, or fail naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f"{tracker} needs the {module} package: pip install trainloop[{extra}]"
+        ) from error
+
+
+def check_writable(path: str | os.PathLike, what: str, *, directory: bool) -> Path:
+    """The absolute `path`, after checking that it could be created and written; creates nothing.
+
+    Raises NotADirectoryError (or IsADirectoryError) when `path` or a parent is a file where a
+    directory is needed (or the other way round), PermissionError when the directory that would
+    hold it cannot be written. Nothing is created here: trackers are built on every rank, and
+    only the main process writes, later.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists():
+        if directory and not path.is_dir():
+            raise NotADirectoryError(f"{what} {path} is a file, not a directory")
+        if not directory and path.is_dir():
+            raise IsADirectoryError(f"{what} {path} is a directory, not a file")
+    existing = path if directory and path.exists() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path} is not writable: no write permission on {existing}")
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise PermissionError(f"{what} {path} is not writable: the file is read-only")
+    return path
+
+
+class Tracker(Callback, abc.ABC):
+    """Base of the experiment trackers: subclasses implement `start`, `log` and `close`.
+
+    The hooks call them on the main process only: `start` once, at the first report; `log` at
+    every report, with strictly increasing steps; `close` at `tl.finish`, if the run started.
+    `last_step` is the last step logged (None before any); it is saved in checkpoints with
+    whatever a subclass adds to `state_dict`. A subclass keeps the identity of its run in
+    `state_dict` from the start, before the first report: a checkpoint may come first.
+    """
+
+    last_step: int | None = None
+    _started: bool = False
+    _restored: bool = False
+
+    @abc.abstractmethod
+    def start(self, config: dict[str, Any], resume_step: int | None) -> None:
+        """Create the run and record `config` (the run's settings, plain values).
+
+        `resume_step` is None for a new run. For a tracker restored by `load_state_dict` it is the
+        step of this process's first report: reopen the saved run (or create it, if the saved
+        job never reported), and drop what the store holds from `resume_step` on: a crashed
+        run's reports after the checkpoint, which this run reports again. A store that cannot
+        drop them skips logging the steps it already holds instead.
+        """
+
+    @abc.abstractmethod
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Record `metrics` (name -> float, NaN and inf included) at `step`."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and close the run."""
+
+    def on_log(self, state: RunState, metrics: dict[str, float]) -> None:
+        if not self._started:
+            self.start(run_config(state), state.step if self._restored else None)
+            self._started = True
+        self.log(metrics, state.step)
+        self.last_step = state.step
+
+    def on_finish(self, state: RunState) -> None:
+        if self._started:
+            self._started = False
+            self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = state_dict["last_step"]
+        self._restored = True
+
+
+class JSONLines(Tracker):
+    """A dependency-free metrics file: one JSON object per report, `{"step": 10, "loss": 0.52}`.
+
+    The file holds metrics only (no config line), so every line has the same shape and tools
+    like `pandas.read_json(path, lines=True)` read it as a table. A new run starts the file
+    afresh; a resumed run keeps the lines before its first report and drops later ones (a
+    crashed run's reports after the checkpoint, which the resumed run makes again).
+    Non-finite values are written as the strings "NaN", "Infinity", "-Infinity" (JSON has no
+    NaN), which `float()` reads back. Each line is flushed as it is written.
+    """
+
+    def __init__(self, path: str | os.PathLike = "metrics.jsonl"):
+        self.path = check_writable(path, "JSONLines path", directory=False)
+        self._file = None
+
+    def start(self, config: dict[str, Any], resume_step: int | None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The file stays open from the first report to `close`, so no `with` block.
+        if resume_step is None:
+            self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+            return
+        if self.path.exists():
+            self._keep_lines_before(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def _keep_lines_before(self, step: int) -> None:
+        with open(self.path, encoding="utf-8") as lines:
+            steps = [(line.rstrip("\n"), _step_of(line)) for line in lines]
+        kept = [line + "\n" for line, at in steps if at is not None and at < step]
+        partial = self.path.with_name(self.path.name + ".tmp")
+        partial.write_text("".join(kept), encoding="utf-8")
+        os.replace(partial, self.path)  # a crash mid-rewrite leaves the old file whole
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if "step" in metrics:
+            raise ValueError("JSONLines: a metric named 'step' clashes with the step column; rename it")
+        record = {"step": step, **{name: _json_number(value) for name, value in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        self._file = None
+
+    def __repr__(self) -> str:
+        return f"JSONLines({str(self.path)!r})"
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank line or one a crash cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return None
+
+
+def _json_number(value: float) -> float | str:
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+class TensorBoard(Tracker):
+    """TensorBoard event files in `logdir`, written by `torch.utils.tensorboard.SummaryWriter`.
+
+    Each metric is a scalar at its step. The run's settings are recorded at the start as
+    hparams (the HPARAMS tab) and as JSON text under `config` (the TEXT tab). Events are
+    flushed at every report, so a crash loses nothing already reported.
+
+    Resume: the restored run writes a new event file in the same `logdir` with `purge_step` at
+    its first report, so TensorBoard discards what a crashed run logged after the checkpoint and
+    shows the resumed run's values there instead. Needs `trainloop[tensorboard]`.
+    """
+
+    def __init__(self, logdir: str | os.PathLike = "runs"):
+        require("tensorboard", "tensorboard", "TensorBoard")
+        self.logdir = check_writable(logdir, "TensorBoard logdir", directory=True)
+        self._writer = None
+
+    def start(self, config: dict[str, Any], resume_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # A resumed run recorded its config when it began, unless it never wrote anything.
+        recorded = resume_step is not None and any(self.logdir.glob("events.out.tfevents.*"))
+        self._writer = SummaryWriter(str(self.logdir), purge_step=resume_step)
+        if not recorded:
+            self._record_config(config)
+
+    def _record_config(self, config: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        # Written into this writer's own file: `SummaryWriter.add_hparams` would open a second
+        # run in a sub-directory, and TensorBoard would list two runs for one.
+        plain = {name: v if isinstance(v, (bool, int, float, str)) else str(v) for name, v in config.items()}
+        for summary in hparams(plain, {}):
+            self._writer.file_writer.add_summary(summary)
+        self._writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", global_step=0)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self._writer.add_scalar(name, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+        self._writer = None
+
+    def __repr__(self) -> str:
+        return f"TensorBoard({str(self.logdir)!r})"
+
+
+class WandB(Tracker):
+    """A Weights & Biases run: `wandb.init(project=project, **init_kwargs)` at the first report.
+
+    `init_kwargs` go to `wandb.init` as they are (`entity`, `name`, `tags`, `dir`, `mode`, `id`,
+    ...); a `config=` there is merged over the run's settings. Offline mode is W&B's own:
+    `WANDB_MODE=offline` or `mode="offline"` (then `wandb sync` uploads later). Each tracker owns
+    its run (`reinit="create_new"`), so two runs in one process do not share one.
+
+    Resume: the run id is chosen when the tracker is built and saved in checkpoints, so even a
+    checkpoint taken before the first report knows the run. The run is always opened with
+    `wandb.init(id=run_id, resume="allow")`: created the first time, continued after a restore,
+    from the checkpoint's step on (settings that changed, e.g. the world size, are updated).
+    Online, W&B ignores steps below the run's current step, so what a crashed run logged after
+    the checkpoint keeps its first values. Offline, each process writes its own run directory
+    under the same id; `wandb sync` merges them. Needs `trainloop[wandb]`.
+    """
+
+    def __init__(self, project: str | None = None, **init_kwargs: Any):
+        self._wandb = require("wandb", "wandb", "WandB")
+        self.project = project
+        # W&B writes under dir=, else $WANDB_DIR, else the working directory.
+        check_writable(init_kwargs.get("dir") or os.environ.get("WANDB_DIR") or ".", "W&B dir", directory=True)
+        # Chosen here rather than by W&B at the first report, so that a checkpoint taken before
+        # it already names the run (W&B accepts any id of letters and digits).
+        self.run_id: str = init_kwargs.pop("id", None) or uuid.uuid4().hex[:12]
+        self.init_kwargs = init_kwargs
+        self._run = None
+
+    def start(self, config: dict[str, Any], resume_step: int | None) -> None:
+        user_config = self.init_kwargs.get("config") or {}
+        self._run = self._wandb.init(**{
+            "project": self.project, "reinit": "create_new", **self.init_kwargs,
+            "id": self.run_id, "resume": "allow", "allow_val_change": True,
+            "config": {**config, **user_config},
+        })
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+        self._run = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "run_id": self.run_id}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.run_id = state_dict["run_id"]
+
+    def __repr__(self) -> str:
+        return f"WandB(project={self.project!r})"
+
+
+class MLflow(Tracker):
+    """An MLflow run in `experiment`: the settings as params, each metric with its step.
+
+    Where: `tracking_uri` if given, else `$MLFLOW_TRACKING_URI`, else a local SQLite store
+    `sqlite:///<dir>/mlflow.db` with artifacts in `<dir>/artifacts` (`dir` defaults to
+    `./mlruns`; browse it with `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`).
+    SQLite, not MLflow's file store, because recent MLflow refuses `file:` stores unless
+    `MLFLOW_ALLOW_FILE_STORE=true` is set. The client API is used, not `mlflow.start_run`, so no
+    process-wide "active run" is touched. MLflow's SQL stores clamp inf to +-1.8e308; NaN is kept.
+
+    Resume: the run id is saved in checkpoints; a restored tracker reopens that run (status back
+    to RUNNING) and logs the settings it does not hold yet (params cannot change in MLflow). A
+    checkpoint taken before the first report has no run id yet; the run is then found by the
+    `trainloop.run_key` tag the tracker gives it. MLflow cannot delete metric points, so steps a
+    crashed run already logged after the checkpoint are not logged again (they keep their first
+    values): no step appears twice. Needs `trainloop[mlflow]`.
+    """
+
+    def __init__(self, experiment: str = "trainloop", tracking_uri: str | None = None,
+                 dir: str | os.PathLike = "mlruns"):
+        require("mlflow", "mlflow", "MLflow")
+        self.experiment = experiment
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self._local_store: Path | None = None
+        if self.tracking_uri is None:
+            self._local_store = check_writable(dir, "MLflow dir", directory=True)
+            self.tracking_uri = f"sqlite:///{self._local_store / 'mlflow.db'}"
+        self.run_id: str | None = None  # MLflow's, known once the run exists
+        self.run_key = uuid.uuid4().hex  # ours, known from the start: finds the run without its id
+        self._client = None
+        self._held_steps: set[int] = set()  # steps a crashed run already logged after the checkpoint
+
+    def start(self, config: dict[str, Any], resume_step: int | None) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        if self._local_store is not None:
+            self._local_store.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        experiment_id = self._experiment_id()
+        if resume_step is not None and self.run_id is None:
+            found = self._client.search_runs([experiment_id], f"tags.`{_RUN_KEY}` = '{self.run_key}'")
+            self.run_id = found[0].info.run_id if found else None
+        if self.run_id is None:
+            self.run_id = self._client.create_run(experiment_id, tags={_RUN_KEY: self.run_key}).info.run_id
+        else:
+            self._client.update_run(self.run_id, status="RUNNING")
+            self._held_steps = self._steps_from(resume_step)
+        recorded_params = self._client.get_run(self.run_id).data.params
+        self._client.log_batch(self.run_id, params=[
+            Param(name, str(value)) for name, value in config.items() if name not in recorded_params])
+
+    def _experiment_id(self) -> str:
+        found = self._client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        artifact_location = None if self._local_store is None else (self._local_store / "artifacts").as_uri()
+        return self._client.create_experiment(self.experiment, artifact_location=artifact_location)
+
+    def _steps_from(self, first: int) -> set[int]:
+        names = self._client.get_run(self.run_id).data.metrics
+        return {m.step for name in names for m in self._client.get_metric_history(self.run_id, name)
+                if m.step >= first}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        if step in self._held_steps:
+            return
+        timestamp = int(time.time() * 1000)
+        self._client.log_batch(
+            self.run_id, metrics=[Metric(name, value, timestamp, step) for name, value in metrics.items()])
+
+    def close(self) -> None:
+        self._client.set_terminated(self.run_id)
+        self._client = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "run_id": self.run_id, "run_key": self.run_key}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.run_id, self.run_key = state_dict["run_id"], state_dict["run_key"]
+
+    def __repr__(self) -> str:
+        return f"MLflow(experiment={self.experiment!r}, tracking_uri={self.tracking_uri!r})"

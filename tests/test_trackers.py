@@ -1,0 +1,485 @@
+"""Trackers record what `tl.log` reports, read back with each library's own reader.
+
+Every run goes through the real loop (init, prepare, backward, step, log, finish) with real
+TensorBoard, W&B (offline) and MLflow (a local SQLite store), all under `tmp_path`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+from trainloop.callbacks import Callback, JSONLines, MLflow, TensorBoard, Tracker, WandB
+
+import trainloop as tl
+
+
+@pytest.fixture(autouse=True)
+def _wandb_offline(tmp_path, monkeypatch):
+    """W&B writes offline under tmp_path, quietly, and never reaches the network.
+
+    wandb reads its environment once per process, at the first `wandb.init`, so every test sets
+    the same values and gives its own directory as `dir=` (see `wandb_tracker`).
+    """
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def wandb_tracker(tmp_path: Path, **init_kwargs) -> WandB:
+    return WandB(project="tracker-test", dir=str(tmp_path / "wandb"), **init_kwargs)
+
+
+def value_at(step: int, rank: int = 0) -> float:
+    """What the loop logs as `loss` at `step`: exact in float32, so means compare exactly."""
+    return float(step + rank)
+
+
+def train(callbacks, *, steps: int, log_every: int = 1, start_step: int = 0, rank: int = 0,
+          extra=None) -> tl.RunState:
+    """The real loop on a tiny model; logs `loss=value_at(step)` after every optimizer step.
+
+    `start_step` stands in for a checkpoint restore (the Checkpoint callback is not used
+    here): the run continues from that step. `extra(step)` adds more metrics.
+    """
+    state = tl.init(log_every=log_every, callbacks=callbacks)
+    if rank:
+        state = state.evolve(topology=attrs.evolve(state.topology, rank=rank))
+    model = torch.nn.Linear(2, 1)
+    state, model, optimizer = tl.prepare(state, model, torch.optim.SGD(model.parameters(), lr=0.0))
+    state = state.evolve(step=start_step, logged_step=start_step)
+    x = torch.ones(4, 2)
+    for _ in range(steps):
+        state = tl.backward(state, model(x).pow(2).mean())
+        state = tl.step(state, optimizer)
+        state = tl.log(state, loss=torch.tensor(value_at(state.step)), **(extra(state.step) if extra else {}))
+    tl.finish(state)
+    return state
+
+
+def expected_reports(first: int, last: int, log_every: int, world_size: int = 1) -> dict[int, float]:
+    """The step -> mean `tl.log` reports for steps first..last: means over calls and ranks."""
+    reports = {}
+    for start in range(first, last + 1, log_every):
+        chunk = range(start, min(start + log_every, last + 1))
+        values = [value_at(step, rank) for step in chunk for rank in range(world_size)]
+        reports[chunk[-1]] = sum(values) / len(values)
+    return reports
+
+
+# -- readers: each library's own -----------------------------------------------------------------
+
+def read_tensorboard(logdir: Path, tag: str = "loss") -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def mlflow_client(store: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+
+
+def read_mlflow(store: Path, run_id: str, name: str = "loss") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in mlflow_client(store).get_metric_history(run_id, name))
+
+
+def read_jsonlines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wandb_records(path: Path):
+    """The records of a W&B `.wandb` transaction log (a LevelDB-style log of protobufs).
+
+    wandb no longer ships a Python reader for offline runs; the format is small: a 7-byte
+    header (":W&B", magic, version), then 32 KiB blocks of chunks, each with a 7-byte header
+    (CRC, length, type: 1 full, 2 first, 3 middle, 4 last); a block's tail under 7 bytes is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, position, pending = 32 * 1024, 7, b""
+    while position + 7 <= len(data):
+        left_in_block = block - position % block
+        _crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if left_in_block < 7 or (kind == 0 and length == 0):
+            position += left_in_block
+            continue
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def finished_records(path: Path, timeout: float = 10.0) -> list:
+    """The records of a finished run's log. wandb's service process may still be writing the
+    file when `run.finish()` returns, so wait (briefly) for the closing "exit" record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(path))
+        if records and records[-1].WhichOneof("record_type") == "exit" or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
+def read_wandb(wandb_dir: Path) -> list[dict]:
+    """Every offline run under `wandb_dir`, oldest first: its id, config and history."""
+    runs = []
+    for path in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        run = {"id": None, "started": None, "config": {}, "history": []}
+        for record in finished_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run["id"] = record.run.run_id
+                run["started"] = record.run.start_time.ToNanoseconds()
+                run["config"] = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+            elif kind == "history":
+                # wandb writes an item's name as `key` or as a one-part `nested_key`.
+                row = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+                run["history"].append((record.history.step.num, float(row["loss"])))
+        runs.append(run)
+    return sorted(runs, key=lambda run: run["started"])
+
+
+def mlflow_run_ids(store: Path, experiment: str) -> list[str]:
+    client = mlflow_client(store)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else [run.info.run_id for run in client.search_runs([found.experiment_id])]
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> Path:
+    """One MLflow store for the module: creating its SQLite schema takes a second or more."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture
+def experiment(request) -> str:
+    """The test's own MLflow experiment in the shared store."""
+    return request.node.name
+
+
+# -- what each tracker records -------------------------------------------------------------------
+
+def test_jsonlines_records_the_logged_means_at_their_steps(tmp_path):
+    path = tmp_path / "logs" / "metrics.jsonl"
+    train([JSONLines(path)], steps=11, log_every=3)
+    lines = read_jsonlines(path)
+    assert {line["step"]: line["loss"] for line in lines} == expected_reports(1, 11, 3)
+    assert [line["step"] for line in lines] == [3, 6, 9, 11]  # finish flushes the short rest
+
+
+def test_tensorboard_event_files_hold_the_logged_means_and_the_config(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    train([TensorBoard(tmp_path / "tb")], steps=10, log_every=2)
+    assert dict(read_tensorboard(tmp_path / "tb")) == expected_reports(1, 10, 2)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    assert hparams["log_every"].number_value == 2 and hparams["precision"].string_value == "fp32"
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"log_every": 2' in text
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+def test_mlflow_records_params_and_metric_history_with_steps(mlflow_store, experiment):
+    train([MLflow(experiment=experiment, dir=mlflow_store)], steps=9, log_every=2)
+    [run_id] = mlflow_run_ids(mlflow_store, experiment)
+    assert read_mlflow(mlflow_store, run_id) == sorted(expected_reports(1, 9, 2).items())
+    run = mlflow_client(mlflow_store).get_run(run_id)
+    assert run.data.params["log_every"] == "2" and run.data.params["world_size"] == "1"
+    assert "step" not in run.data.params  # counters are the x axis, not settings
+    assert run.info.status == "FINISHED"
+
+
+def test_wandb_offline_run_records_config_and_metrics(tmp_path):
+    tracker = wandb_tracker(tmp_path, mode="offline", config={"lr": 0.5})
+    train([tracker], steps=8, log_every=2)
+    [run] = read_wandb(tmp_path / "wandb")
+    assert run["id"] == tracker.run_id
+    assert run["config"]["lr"] == 0.5 and run["config"]["log_every"] == 2
+    assert dict(run["history"]) == expected_reports(1, 8, 2)
+
+
+def test_trackers_record_nan_and_inf_as_they_are(tmp_path, mlflow_store, experiment):
+    def odd(step):
+        return {"odd": [float("nan"), float("inf"), float("-inf"), 1.0][step - 1]}
+
+    train([JSONLines(tmp_path / "m.jsonl"), TensorBoard(tmp_path / "tb"),
+           MLflow(experiment=experiment, dir=mlflow_store)],
+          steps=4, extra=odd)
+    written = [line["odd"] for line in read_jsonlines(tmp_path / "m.jsonl")]
+    assert written == ["NaN", "Infinity", "-Infinity", 1.0]  # JSON has no NaN: strings float() reads
+    assert "NaN" in (tmp_path / "m.jsonl").read_text().splitlines()[0]
+    tensorboard = [value for _, value in read_tensorboard(tmp_path / "tb", "odd")]
+    assert math.isnan(tensorboard[0]) and tensorboard[1:] == [math.inf, -math.inf, 1.0]
+    [run_id] = mlflow_run_ids(mlflow_store, experiment)
+    mlflow = [value for _, value in read_mlflow(mlflow_store, run_id, "odd")]
+    # MLflow's SQL store clamps inf to the largest double; NaN is kept.
+    assert math.isnan(mlflow[0]) and mlflow[1:] == [sys.float_info.max, -sys.float_info.max, 1.0]
+
+
+# -- resume --------------------------------------------------------------------------------------
+
+class Restore(Callback):
+    """What a Checkpoint callback does for a tracker: `load_state_dict` in its `on_prepare`."""
+
+    def __init__(self, tracker: Callback, saved: dict):
+        self.tracker, self.saved = tracker, saved
+
+    def on_prepare(self, state):
+        self.tracker.load_state_dict(self.saved)
+
+
+class SaveAt(Callback):
+    """Takes `tracker.state_dict()` when the run reaches `step`, as a checkpoint would."""
+
+    def __init__(self, tracker: Callback, step: int):
+        self.tracker, self.step, self.saved = tracker, step, None
+
+    def on_step(self, state):
+        if state.step == self.step:
+            self.saved = self.tracker.state_dict()
+
+
+def crash_and_resume(make_tracker, *, restore_first: bool = True, log_every: int = 1,
+                     save_at: int = 6) -> tuple[Callback, Callback]:
+    """Run 1 does steps 1..10 and is checkpointed at `save_at`; run 2 resumes there, to step 12.
+
+    Run 1's reports after `save_at` stand for what a crashed run logged after its last
+    checkpoint. The checkpoint is taken in `on_step`, as a Checkpoint callback does: before that
+    step's report. `restore_first` puts the restoring callback before the tracker or after it.
+    """
+    first = make_tracker()
+    save = SaveAt(first, step=save_at)
+    train([first, save], steps=10, log_every=log_every)
+    second = make_tracker()
+    restore = Restore(second, save.saved)
+    callbacks = [restore, second] if restore_first else [second, restore]
+    train(callbacks, steps=12 - save_at, log_every=log_every, start_step=save_at)
+    return first, second
+
+
+# (log_every, save_at): a checkpoint between reports, and one before the first report.
+CRASHES = [(1, 6), (4, 2)]
+
+
+def assert_each_step_once(steps: list[int], log_every: int) -> None:
+    assert steps == sorted(set(steps)), f"a step was recorded twice: {steps}"
+    assert steps[0] == log_every and steps[-1] == 12  # not from 0 again, and on to the end
+
+
+@pytest.mark.parametrize("restore_first", [True, False])
+@pytest.mark.parametrize("log_every, save_at", CRASHES)
+def test_tensorboard_resume_purges_what_a_crashed_run_logged_after_the_checkpoint(
+        tmp_path, restore_first, log_every, save_at):
+    crash_and_resume(lambda: TensorBoard(tmp_path / "tb"), restore_first=restore_first,
+                     log_every=log_every, save_at=save_at)
+    recorded = read_tensorboard(tmp_path / "tb")
+    assert_each_step_once([step for step, _ in recorded], log_every)
+    if log_every == 1:
+        assert dict(recorded) == {step: value_at(step) for step in range(1, 13)}
+    else:  # run 1 reported 4, 8, 10; run 2 (from step 2) reports 6, 10, 12 and purges from 6
+        assert dict(recorded) == {4: 2.5, 6: 4.5, 10: 8.5, 12: 11.5}
+
+
+@pytest.mark.parametrize("log_every, save_at", CRASHES)
+def test_jsonlines_resume_replaces_lines_after_the_checkpoint(tmp_path, log_every, save_at):
+    crash_and_resume(lambda: JSONLines(tmp_path / "m.jsonl"), log_every=log_every, save_at=save_at)
+    assert_each_step_once([line["step"] for line in read_jsonlines(tmp_path / "m.jsonl")], log_every)
+
+
+def test_jsonlines_resume_drops_a_line_a_crash_cut_short(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+    tracker = JSONLines(path)
+    tracker.load_state_dict({"last_step": 2})
+    train([tracker], steps=2, start_step=2)
+    assert read_jsonlines(path) == [{"step": step, "loss": value_at(step)} for step in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("restore_first", [True, False])
+@pytest.mark.parametrize("log_every, save_at", CRASHES)
+def test_mlflow_resume_continues_the_same_run_without_repeating_steps(
+        mlflow_store, experiment, restore_first, log_every, save_at):
+    first, second = crash_and_resume(lambda: MLflow(experiment=experiment, dir=mlflow_store),
+                                     restore_first=restore_first, log_every=log_every, save_at=save_at)
+    assert mlflow_run_ids(mlflow_store, experiment) == [first.run_id] and second.run_id == first.run_id
+    assert_each_step_once([step for step, _ in read_mlflow(mlflow_store, first.run_id)], log_every)
+
+
+@pytest.mark.parametrize("log_every, save_at", CRASHES)
+def test_wandb_resume_reopens_the_run_id_and_continues_steps(tmp_path, log_every, save_at):
+    first, second = crash_and_resume(lambda: wandb_tracker(tmp_path), log_every=log_every,
+                                     save_at=save_at)
+    before, after = read_wandb(tmp_path / "wandb")
+    assert second.run_id == first.run_id == before["id"] == after["id"]
+    # Offline, each process writes its own directory for the run; `wandb sync` merges them.
+    resumed_steps = [step for step, _ in after["history"]]
+    assert resumed_steps[0] > save_at and resumed_steps[-1] == 12
+
+
+def test_a_new_tracker_is_three_methods_on_the_base(tmp_path):
+    class Recorder(Tracker):
+        def __init__(self):
+            self.calls = []
+
+        def start(self, config, resume_step):
+            self.calls.append(("start", resume_step))
+
+        def log(self, metrics, step):
+            self.calls.append(("log", step, metrics["loss"]))
+
+        def close(self):
+            self.calls.append(("close",))
+
+    tracker = Recorder()
+    train([tracker], steps=4, log_every=2)
+    assert tracker.calls == [("start", None), ("log", 2, 1.5), ("log", 4, 3.5), ("close",)]
+    assert tracker.state_dict() == {"last_step": 4}
+    resumed = Recorder()
+    resumed.load_state_dict(tracker.state_dict())
+    train([resumed], steps=2, log_every=2, start_step=4)
+    assert resumed.calls == [("start", 6), ("log", 6, 5.5), ("close",)]
+
+
+# -- bad input, missing extras, ranks --------------------------------------------------------------
+
+@pytest.mark.parametrize("tracker, module, extra", [
+    (lambda tmp: TensorBoard(tmp), "tensorboard", "tensorboard"),
+    (lambda tmp: WandB(project="p"), "wandb", "wandb"),
+    (lambda tmp: MLflow(dir=tmp), "mlflow", "mlflow"),
+])
+def test_a_missing_library_names_the_extra_to_install(tmp_path, monkeypatch, tracker, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # how Python marks a module as not importable
+    with pytest.raises(ImportError, match=rf"pip install trainloop\[{extra}\]"):
+        tracker(tmp_path)
+
+
+def test_importing_the_callbacks_imports_no_tracker_library():
+    code = ("import sys, trainloop.callbacks; "
+            "print(sorted(m for m in ('tensorboard', 'wandb', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("tracker", [
+    lambda path: TensorBoard(path),
+    lambda path: MLflow(dir=path),
+    lambda path: JSONLines(path / "metrics.jsonl"),
+    lambda path: WandB(dir=path),
+])
+def test_a_directory_that_is_a_file_is_refused_naming_it(tmp_path, tracker):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="taken"):
+        tracker(blocker)
+    with pytest.raises(NotADirectoryError, match="taken"):
+        tracker(blocker / "below")
+
+
+def test_a_jsonlines_path_that_is_a_directory_is_refused(tmp_path):
+    with pytest.raises(IsADirectoryError, match=re.escape(str(tmp_path))):
+        JSONLines(tmp_path)
+
+
+def unwritable_directory(tmp_path: Path) -> Path:
+    """A directory this process may not write: read-only by mode, or under /proc for root."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root ignores permission bits
+        return Path("/proc/self")
+    return locked
+
+
+@pytest.mark.parametrize("tracker", [
+    lambda path: TensorBoard(path / "runs"),
+    lambda path: MLflow(dir=path / "mlruns"),
+    lambda path: JSONLines(path / "metrics.jsonl"),
+])
+def test_an_unwritable_directory_fails_at_construction(tmp_path, tracker):
+    target = unwritable_directory(tmp_path)
+    with pytest.raises(PermissionError, match=re.escape(str(target))):
+        tracker(target)
+
+
+def test_non_main_ranks_create_nothing(tmp_path):
+    trackers = [TensorBoard(tmp_path / "tb"), JSONLines(tmp_path / "m.jsonl"), MLflow(dir=tmp_path / "ml"),
+                wandb_tracker(tmp_path)]
+    train(trackers, steps=5, log_every=2, rank=1)
+    assert list(tmp_path.iterdir()) == []
+    assert all(tracker.last_step is None for tracker in trackers)
+
+
+def check_two_rank_tracking(tmp_dir: str | os.PathLike, state: tl.RunState | None = None) -> dict | None:
+    """Track a short run on every rank of a job; on rank 0, return what the trackers recorded.
+
+    Run it inside each worker of a multi-process job (all ranks, same `tmp_dir`). `state` is the
+    worker's run (`tl.init()` when None). Rank r logs `loss = step + r` for 6 steps with
+    `log_every=2` into TensorBoard, JSONLines, MLflow and W&B (offline) under `tmp_dir`.
+
+    Returns None on other ranks. On rank 0 a dict, each value read back with the library's own
+    reader: `expected` (step -> the mean over calls and ranks), `tensorboard`, `jsonlines`,
+    `mlflow`, `wandb` (each step -> value), and `runs`: how many event files / metrics files /
+    MLflow runs / W&B runs exist (1 each when only rank 0 wrote). The caller asserts on it; listing
+    `tmp_dir` again after every worker has finished also catches a late write from another rank.
+    """
+    tmp_dir = Path(tmp_dir)
+    state = tl.init(log_every=2) if state is None else state
+    trackers = [TensorBoard(tmp_dir / "tb"), JSONLines(tmp_dir / "metrics.jsonl"), MLflow(experiment="two-ranks", dir=tmp_dir / "ml"),
+                WandB(project="two-ranks", mode="offline", dir=str(tmp_dir))]
+    state = tl.attach(state, *trackers)
+    model = torch.nn.Linear(2, 1)
+    state, model, optimizer = tl.prepare(state, model, torch.optim.SGD(model.parameters(), lr=0.0))
+    x = torch.ones(4, 2)
+    for _ in range(6):
+        state = tl.backward(state, model(x).pow(2).mean())
+        state = tl.step(state, optimizer)
+        state = tl.log(state, loss=torch.tensor(value_at(state.step, state.rank)))
+    world_size, log_every, is_main = state.world_size, state.config.log_every, state.is_main
+    tl.finish(state)
+    if not is_main:
+        return None
+    [wandb_run] = read_wandb(tmp_dir)
+    mlflow_runs = mlflow_run_ids(tmp_dir / "ml", "two-ranks")
+    return {
+        "expected": expected_reports(1, 6, log_every, world_size),
+        "tensorboard": dict(read_tensorboard(tmp_dir / "tb")),
+        "jsonlines": {line["step"]: line["loss"] for line in read_jsonlines(tmp_dir / "metrics.jsonl")},
+        "mlflow": dict(read_mlflow(tmp_dir / "ml", mlflow_runs[0])),
+        "wandb": dict(wandb_run["history"]),
+        "runs": {"tensorboard": len(list((tmp_dir / "tb").glob("events.out.tfevents.*"))),
+                 "jsonlines": len(list(tmp_dir.glob("*.jsonl"))),
+                 "mlflow": len(mlflow_runs),
+                 "wandb": len(list(tmp_dir.glob("wandb/offline-run-*")))},
+    }
+
+
+def test_check_two_rank_tracking_reads_back_on_one_process(tmp_path):
+    seen = check_two_rank_tracking(tmp_path)
+    expected = seen.pop("expected")
+    assert seen.pop("runs") == {"tensorboard": 1, "jsonlines": 1, "mlflow": 1, "wandb": 1}
+    for tracker, recorded in seen.items():
+        assert recorded == expected, tracker
