@@ -1,0 +1,401 @@
+"""Per-step overhead of trainloop against a plain PyTorch loop, Accelerate and Lightning Fabric.
+
+    python benchmarks/overhead.py                 # the full run (~1.5 minutes on 2 CPU cores)
+    python benchmarks/overhead.py --quick         # a smoke run: small numbers, same code paths
+    python benchmarks/overhead.py --profile       # also: where trainloop's per-step time goes
+
+What is measured, and why it is fair:
+
+- One tiny model (MLP 64-128-10, batch 16, AdamW): a step costs ~200 us here, almost all of it
+  Python and dispatch, so a framework's per-step bookkeeping shows up instead of hiding behind
+  the matmuls. Every variant gets its own copy of the same initial weights and the same list of
+  batches, already in memory (no DataLoader: its collation would dwarf the differences).
+- Every variant does the same work per micro-step: forward, `F.cross_entropy`, backward, keep
+  the loss for logging; and per window of `accumulate` micro-steps: one `optimizer.step()` and
+  `zero_grad(set_to_none=True)`. Each variant is written the way its documentation says users
+  write it; the differences are noted at each loop.
+- Variants run interleaved in rounds (A B C D, B C D A, ...: the order rotates so none always
+  runs first), after a warm-up. The us/step column is each variant's median over rounds; the
+  ratio is the median over rounds of (variant / raw) *within* the round, which cancels the
+  machine's slow drift; the spread is the ratio's interquartile range.
+- `import` time is measured in fresh interpreters: the time `import <module>` takes after
+  `import torch`, timed inside the process, median over runs. trainloop is imported from a copy laid
+  out as a wheel installs it, with compiled bytecode, as users get it; a second row shows the
+  same copy without bytecode (what an editable tree under PYTHONDONTWRITEBYTECODE=1 costs).
+
+Targets (from the issue): trainloop's per-step time <= 1.05x raw PyTorch; `import trainloop`
+adds <= 15 ms to `import torch`. Timings are printed, never asserted: the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import cProfile
+import gc
+import importlib.util
+import io
+import os
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import trainloop as tl
+
+IN_FEATURES, HIDDEN, CLASSES, BATCH_SIZE = 64, 128, 10, 16
+LOG_EVERY = 10  # trainloop's default `log_every`: the raw loops reduce their losses as often
+STEP_TARGET, IMPORT_TARGET_MS = 1.05, 15.0
+TABLE_HEADER = f"{'accumulate':>10}  {'variant':<18}{'us/step':>9}{'vs raw':>9}{'spread':>9}"
+
+Loop = Callable[[list], None]  # runs the micro-steps of one list of batches
+
+
+def build_model() -> nn.Module:
+    torch.manual_seed(0)  # every variant starts from the same weights
+    return nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+
+
+def make_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH_SIZE, IN_FEATURES, generator=generator),
+             torch.randint(0, CLASSES, (BATCH_SIZE,), generator=generator)) for _ in range(count)]
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+class LossLog:
+    """What a hand-written loop does for logging: keep the detached losses (no host sync), and
+    reduce them to one mean every LOG_EVERY optimizer steps (where a tracker would get it)."""
+
+    def __init__(self):
+        self.losses: list[torch.Tensor] = []
+        self.steps = 0
+        self.last_mean: torch.Tensor | None = None
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        self.losses.append(loss.detach())
+
+    def optimizer_step(self) -> None:
+        self.steps += 1
+        if self.steps % LOG_EVERY == 0:
+            self.last_mean = torch.stack(self.losses).mean()
+            self.losses.clear()
+
+
+# -- the variants ------------------------------------------------------------------------------
+
+
+def raw_pytorch(accumulate: int) -> Loop:
+    model = build_model()
+    optimizer = adamw(model)
+    log = LossLog()
+    micro_steps = 0
+
+    def run(batches):
+        nonlocal micro_steps
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            # The usual hand-written accumulation: scale each micro-batch's loss by 1/k.
+            (loss / accumulate if accumulate > 1 else loss).backward()
+            log.micro_step(loss)
+            micro_steps += 1
+            if micro_steps % accumulate == 0:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                log.optimizer_step()
+
+    return run
+
+
+def trainloop_loop(accumulate: int) -> Loop:
+    state = tl.init(accumulate=accumulate, seed=0)
+    model = build_model()
+    state, model, optimizer = tl.prepare(state, model, adamw(model))
+
+    def run(batches):
+        nonlocal state
+        # The loop as users write it. trainloop normalises the summed gradients by 1/k once per
+        # window (`step`), and `log` buffers the loss tensor, reducing it every log_every steps.
+        for x, y in batches:
+            with tl.accumulate(state, model):
+                loss = F.cross_entropy(model(x), y)
+                state = tl.backward(state, loss)
+            state = tl.step(state, optimizer)
+            state = tl.log(state, loss=loss)
+
+    return run
+
+
+def accelerate_loop(accumulate: int) -> Loop:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
+    model = build_model()
+    model, optimizer = accelerator.prepare(model, adamw(model))
+    log = LossLog()
+
+    def run(batches):
+        # Accelerate's documented loop: `backward` scales the loss by 1/k; the wrapped optimizer's
+        # step and zero_grad are called every micro-step and do nothing off the window's end.
+        for x, y in batches:
+            with accelerator.accumulate(model):
+                loss = F.cross_entropy(model(x), y)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            log.micro_step(loss)
+            if accelerator.sync_gradients:
+                log.optimizer_step()
+
+    return run
+
+
+def fabric_loop(accumulate: int) -> Loop:
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = build_model()
+    model, optimizer = fabric.setup(model, adamw(model))
+    log = LossLog()
+    micro_steps = 0
+
+    def run(batches):
+        nonlocal micro_steps
+        # Fabric's documented accumulation: the user counts micro-steps, skips the gradient sync
+        # off the window's end with `no_backward_sync`, and scales the loss by 1/k.
+        for x, y in batches:
+            micro_steps += 1
+            at_window_end = micro_steps % accumulate == 0
+            with fabric.no_backward_sync(model, enabled=not at_window_end):
+                loss = F.cross_entropy(model(x), y)
+                fabric.backward(loss / accumulate if accumulate > 1 else loss)
+            log.micro_step(loss)
+            if at_window_end:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                log.optimizer_step()
+
+    return run
+
+
+VARIANTS: dict[str, tuple[Callable[[int], Loop], str | None]] = {
+    # name: (factory, the module it needs beyond torch)
+    "raw PyTorch": (raw_pytorch, None),
+    "trainloop": (trainloop_loop, None),
+    "Accelerate": (accelerate_loop, "accelerate"),
+    "Lightning Fabric": (fabric_loop, "lightning"),
+}
+
+
+def available_variants(accumulate: int) -> tuple[dict[str, Loop], list[str]]:
+    """The variants that can run here, built for `accumulate`, and notes on those skipped."""
+    loops, notes = {}, []
+    for name, (factory, needs) in VARIANTS.items():
+        if needs is not None and importlib.util.find_spec(needs) is None:
+            notes.append(f"{name} skipped: {needs} is not installed (pip install -e '.[bench]')")
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # start-up chatter about CPU-only runs
+            loops[name] = factory(accumulate)
+    return loops, notes
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def time_per_step(loop: Loop, batches: list) -> float:
+    gc.collect()  # every timed segment starts with no garbage (cheap: see `measure`)
+    start = time.perf_counter_ns()
+    loop(batches)
+    return (time.perf_counter_ns() - start) / len(batches) / 1e3
+
+
+def measure(loops: dict[str, Loop], batches: list, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """us/step of each loop in each round; rounds interleave the loops in a rotating order."""
+    names = list(loops)
+    # Move everything alive now (torch, Accelerate, Lightning: ~400k objects) out of the collector's
+    # reach. A full collection then costs microseconds instead of ~0.4 s that would land in a
+    # random variant's segment; the garbage the loops themselves make is still collected.
+    gc.freeze()
+    for _ in range(warmup):
+        for name in names:
+            loops[name](batches)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(time_per_step(loops[name], batches))
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, median, high
+
+
+def step_rows(times: dict[str, list[float]]) -> list[tuple[str, float, float, float]]:
+    """(variant, median us/step, median ratio to raw, ratio's interquartile range) per variant."""
+    raw = times["raw PyTorch"]
+    rows = []
+    for name, values in times.items():
+        ratios = [value / base for value, base in zip(values, raw)]  # paired within each round
+        low, ratio, high = quartiles(ratios)
+        rows.append((name, statistics.median(values), ratio, high - low))
+    return rows
+
+
+# Run in a fresh interpreter: prints how long importing {module} took once torch was already
+# imported, and where {module} was found.
+IMPORT_PROBE = """\
+import sys, time, torch
+start = time.perf_counter()
+import {module}
+print(time.perf_counter() - start, sys.modules["{module}"].__file__)
+"""
+
+
+def installed_copy(directory: str, *, compiled: bool) -> str:
+    """A copy of trainloop laid out as a wheel installs it (callbacks/ as trainloop/callbacks) in
+    `directory`, its bytecode compiled or not; returns the directory, for PYTHONPATH.
+
+    An editable install imports the source tree, and with PYTHONDONTWRITEBYTECODE set (as on
+    this project's machines) or a read-only tree, every import compiles every module again:
+    ~10 ms that users of an installed trainloop never pay. Both numbers are worth knowing.
+    """
+    import trainloop.callbacks
+
+    package = os.path.join(directory, "trainloop")
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(os.path.dirname(tl.__file__), package, ignore=skip)
+    shutil.copytree(os.path.dirname(trainloop.callbacks.__file__), os.path.join(package, "callbacks"),
+                    dirs_exist_ok=True, ignore=skip)
+    if compiled:
+        compileall.compile_dir(package, quiet=1)
+    return directory
+
+
+def import_times(probes: dict[str, tuple[str, str | None]], runs: int, cwd: str) -> dict[str, float]:
+    """Per probe `label: (module, directory to import it from or None)`: the median ms that
+    `import module` takes after `import torch`, in fresh interpreters started in `cwd`, the probes
+    interleaved so that the machine's drift hits them alike. Timed inside the process: subtracting
+    the wall time of a torch-only process gives the same number under ~100 ms of start-up noise."""
+    times: dict[str, list[float]] = {label: [] for label in probes}
+    for _ in range(runs):
+        for label, (module, directory) in probes.items():
+            env = dict(os.environ)
+            if directory is not None:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [directory, env.get("PYTHONPATH")]))
+                env["PYTHONDONTWRITEBYTECODE"] = "1"  # a copy without bytecode stays without
+            done = subprocess.run([sys.executable, "-c", IMPORT_PROBE.format(module=module)], env=env,
+                                  cwd=cwd, capture_output=True, text=True, check=True)
+            seconds, found_at = done.stdout.split(maxsplit=1)
+            found_at = found_at.strip()
+            if directory is not None and not found_at.startswith(directory):
+                raise RuntimeError(f"{label}: imported {found_at}, not the copy in {directory}")
+            times[label].append(float(seconds) * 1e3)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def profile_trainloop(batches: list, accumulate: int, top: int) -> str:
+    """cProfile of the trainloop loop: trainloop's functions (and attrs', which they call), by own
+    time. The profiler inflates small Python calls; read it for where, not for how much."""
+    loop = trainloop_loop(accumulate)
+    loop(batches)  # warm up outside the profile
+    profiler = cProfile.Profile()
+    profiler.runcall(loop, batches * 20)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(r"trainloop|attr", top)
+    return out.getvalue()
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="micro-steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=50, help="interleaved rounds (medians over these)")
+    parser.add_argument("--import-runs", type=int, default=7, help="fresh interpreters per import timing")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: the overhead is single-threaded Python, "
+                             "and one thread keeps the other cores' noise out)")
+    parser.add_argument("--quick", action="store_true", help="tiny numbers for a smoke run")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the trainloop loop")
+    args = parser.parse_args()
+    if min(args.steps, args.rounds, args.import_runs, args.threads) < 1:
+        parser.error("--steps, --rounds, --import-runs and --threads must be >= 1")
+    if args.quick:
+        args.steps, args.rounds, args.import_runs = 8, 2, 1
+    accumulations = (1, 4)
+    args.steps = -(-args.steps // max(accumulations)) * max(accumulations)  # whole windows only
+    torch.set_num_threads(args.threads)
+    batches = make_batches(args.steps)
+
+    print(f"trainloop {tl.__version__} overhead, torch {torch.__version__}, {args.threads} thread(s): "
+          f"MLP {IN_FEATURES}-{HIDDEN}-{CLASSES}, batch {BATCH_SIZE}, AdamW; "
+          f"{args.steps} micro-steps x {args.rounds} interleaved rounds, medians")
+    print(TABLE_HEADER)
+    trainloop_ratios, notes = {}, set()
+    for accumulate in accumulations:
+        loops, skipped = available_variants(accumulate)
+        notes.update(skipped)
+        times = measure(loops, batches, args.rounds, warmup=1 if args.quick else 3)
+        for name, per_step, ratio, spread in step_rows(times):
+            print(f"{accumulate:>10}  {name:<18}{per_step:>9.1f}{ratio:>8.3f}x{spread:>9.3f}")
+            if name == "trainloop":
+                trainloop_ratios[accumulate] = ratio
+    print("  us/step: median time per micro-step (batch); vs raw: median of the per-round ratios; "
+          "spread: their interquartile range")
+    for note in sorted(notes):
+        print(f"  note: {note}")
+
+    print(f"\nimport time on top of `import torch` (fresh interpreters, median of {args.import_runs}):")
+    with tempfile.TemporaryDirectory() as scratch:
+        compiled, source, empty = (os.path.join(scratch, name) for name in ("compiled", "source", "empty"))
+        os.mkdir(empty)
+        probes = {"trainloop": ("trainloop", installed_copy(compiled, compiled=True)),
+                  "trainloop, no .pyc cache": ("trainloop", installed_copy(source, compiled=False))}
+        for module in ("accelerate", "lightning.fabric"):
+            if importlib.util.find_spec(module.split(".")[0]) is not None:
+                probes[module] = (module, None)
+        # Started in an empty directory: from the repository, `import trainloop` finds ./trainloop.
+        imports = import_times(probes, args.import_runs, cwd=empty)
+    for label, milliseconds in imports.items():
+        print(f"  {label:<26}{milliseconds:>8.1f} ms")
+
+    def verdict(ok: bool) -> str:
+        return "meets" if ok else "MISSES"
+
+    print("\ntargets:")
+    for accumulate, ratio in trainloop_ratios.items():
+        print(f"  per-step, accumulate {accumulate}: {ratio:.3f}x raw "
+              f"({verdict(ratio <= STEP_TARGET)} <= {STEP_TARGET}x)")
+    trainloop_import = imports["trainloop"]
+    print(f"  import trainloop: +{trainloop_import:.1f} ms "
+          f"({verdict(trainloop_import <= IMPORT_TARGET_MS)} <= {IMPORT_TARGET_MS:.0f} ms)")
+    if args.quick:
+        print("  (--quick: too few steps and runs for these numbers to mean anything)")
+
+    if args.profile:
+        print("\ncProfile of the trainloop loop, accumulate 1, by own time:")
+        print(profile_trainloop(batches, accumulate=1, top=25))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
