@@ -301,8 +301,9 @@ def test_tensorboard_resume_purges_what_a_crashed_run_logged_after_the_checkpoin
     assert_each_step_once([step for step, _ in recorded], log_every)
     if log_every == 1:
         assert dict(recorded) == {step: value_at(step) for step in range(1, 13)}
-    else:  # run 1 reported 4, 8, 10; run 2 (from step 2) reports 6, 10, 12 and purges from 6
-        assert dict(recorded) == {4: 2.5, 6: 4.5, 10: 8.5, 12: 11.5}
+    else:  # run 2 (from step 2) reports at the uninterrupted run's steps 4, 8, 12 and purges from 3;
+        # its report at 4 averages only what it logged itself (steps 3 and 4)
+        assert dict(recorded) == {4: 3.5, 8: 6.5, 12: 10.5}
 
 
 @pytest.mark.parametrize("log_every, save_at", CRASHES)

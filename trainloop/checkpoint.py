@@ -338,8 +338,12 @@ def _restore(state: RunState, path: Path, manifest: dict[str, Any]) -> RunState:
     rng = safe_torch_load(path / "rng.pt")
     if state.rank < len(rng):
         _set_rng_state(rng[state.rank], state.device)
+    # The report due at the checkpoint's own step was made by the run that saved it (it logs
+    # right after its on_step hooks): count it as made, so reports continue at the same steps.
+    every = state.config.log_every
+    logged_step = max(trainer["logged_step"], trainer["step"] // every * every)
     return state.evolve(step=trainer["step"], micro_step=trainer["micro_step"],
-                        logged_step=trainer["logged_step"], window_micro_steps=0, window_items=None,
+                        logged_step=logged_step, window_micro_steps=0, window_items=None,
                         pending_logs=None)
 
 

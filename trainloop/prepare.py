@@ -92,12 +92,18 @@ def _check_supported(obj: Any) -> None:
 
 
 def _prepare_model(state: RunState, model: nn.Module) -> nn.Module:
+    """Device, then parameter dtype, then the strategy's wrapper, then autocast around it all."""
     model = precision.cast_module(model.to(state.device), state.config.precision)
+    model = _wrap_for_strategy(state, model)
+    return precision.wrap_forward(model, state.device, state.config.precision)
+
+
+def _wrap_for_strategy(state: RunState, model: nn.Module) -> nn.Module:
     if state.world_size > 1 and state.config.strategy in ("auto", "ddp"):
         device_ids = [state.device.index] if state.device.type != "cpu" else None
         # DDP's constructor broadcasts rank 0's parameters and buffers to every rank.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return precision.wrap_forward(model, state.device, state.config.precision)
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

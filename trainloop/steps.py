@@ -191,8 +191,13 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, **values: Any) -
                 raise ValueError(f"log: {name} must be a scalar (got a tensor of shape {tuple(value.shape)})")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"log: {name} must be a number or a scalar tensor (got {type(value).__name__})")
+    # Detach: a logged tensor must not keep its autograd graph alive until the flush.
+    values = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
     state = state.evolve(pending_logs=PendingLogs(values, state.pending_logs))
-    if state.step - state.logged_step >= state.config.log_every:
+    # Report when the step count crosses a multiple of log_every: the same steps whether or not
+    # the run was resumed from a checkpoint in between.
+    every = state.config.log_every
+    if state.step // every > state.logged_step // every:
         state = flush_logs(state)
     return state
 
@@ -213,9 +218,8 @@ def flush_logs(state: RunState) -> RunState:
     means = []
     for name in names:
         series = [entry[name] for entry in entries if name in entry]
-        tensors = [v.detach().reshape(()).to(device, torch.float32) if isinstance(v, torch.Tensor)
-                   else torch.tensor(float(v), device=device) for v in series]
-        means.append(torch.stack(tensors).mean())
+        tensors = [v.reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for v in series]
+        means.append(torch.stack([t.to(device, torch.float32) for t in tensors]).mean())
     vector = torch.stack(means)
     if state.world_size > 1:
         dist.all_reduce(vector)
