@@ -5,10 +5,14 @@
     python -m trainloop.spawn -n 2 --accumulate 4 examples/digits.py
 
 Prints the held-out accuracy after every epoch and at the end (about 97% after 10 epochs).
+Metrics go to runs/digits/metrics.jsonl (and TensorBoard event files when tensorboard is
+installed); a checkpoint is kept every epoch, so an interrupted run continues where it stopped.
 """
 
 import argparse
+import importlib.util
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainloop as tl
+from trainloop.callbacks import Checkpoint, JSONLines, TensorBoard
 
 
 def digits_split(num_held_out: int = 360) -> tuple[TensorDataset, TensorDataset]:
@@ -59,15 +64,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="passes over the training images")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     parser.add_argument("--batch-size", type=int, default=32, help="images per micro-batch per process")
+    parser.add_argument("--run-dir", default="runs/digits", help="metrics, event files and checkpoints")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     args = parser.parse_args()
 
+    train_set, held_out_set = digits_split()
+    # 23 optimizer steps per epoch on one process: a checkpoint about once per epoch.
+    callbacks = [JSONLines(os.path.join(args.run_dir, "metrics.jsonl")),
+                 Checkpoint(os.path.join(args.run_dir, "checkpoints"), every=25, keep=2,
+                            resume=not args.fresh)]
+    if importlib.util.find_spec("tensorboard") is not None:
+        callbacks.append(TensorBoard(os.path.join(args.run_dir, "tensorboard")))
     # accumulate=2: one optimizer step per two micro-batches, the same update as one batch twice the
     # size. `spawn --accumulate 4` overrides it, so read the window from state.config from here on.
-    state = tl.init(accumulate=2, seed=0, log_every=10, callbacks=[
-        # Callbacks go here: trackers and checkpoints, e.g. JSONLines("runs/digits.jsonl"),
-        # TensorBoard("runs/digits"), Checkpoint("checkpoints/digits", every=50, keep=2).
-    ])
-    train_set, held_out_set = digits_split()
+    state = tl.init(accumulate=2, seed=0, log_every=10, callbacks=callbacks)
     model = small_cnn()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     # The scheduler counts optimizer steps: this rank's share of the batches, one step per window
@@ -80,6 +90,8 @@ def main() -> None:
     held_out_loader = DataLoader(held_out_set, batch_size=128)
     state, model, optimizer, train_loader, held_out_loader, scheduler = tl.prepare(
         state, model, optimizer, train_loader, held_out_loader, scheduler)
+    if state.step and state.is_main:
+        print(f"resumed from {callbacks[1].restored_from} at step {state.step}", flush=True)
 
     for epoch in range(train_loader.epoch, args.epochs):  # a resumed run starts at its epoch
         for images, labels in train_loader:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -24,8 +23,8 @@ def run_example(*command: str) -> str:
     return done.stdout
 
 
-def test_digits_learns_on_one_process():
-    out = run_example("examples/digits.py", "--epochs", "3")
+def test_digits_learns_on_one_process(tmp_path):
+    out = run_example("examples/digits.py", "--epochs", "3", "--run-dir", str(tmp_path))
     found = ACCURACY_LINE.findall(out)
     assert len(found) == 1, out
     accuracy, correct, total = float(found[0][0]), int(found[0][1]), int(found[0][2])
@@ -34,9 +33,9 @@ def test_digits_learns_on_one_process():
 
 
 @pytest.mark.multiprocess
-@pytest.mark.skipif(importlib.util.find_spec("trainloop.spawn") is None, reason="trainloop.spawn not built yet")
-def test_digits_runs_unchanged_on_two_processes_and_counts_each_image_once():
-    out = run_example("-m", "trainloop.spawn", "-n", "2", "examples/digits.py", "--epochs", "3")
+def test_digits_runs_unchanged_on_two_processes_and_counts_each_image_once(tmp_path):
+    out = run_example("-m", "trainloop.spawn", "-n", "2", "examples/digits.py", "--epochs", "3",
+                      "--run-dir", str(tmp_path))
     found = ACCURACY_LINE.findall(out)
     assert len(found) == 1, out  # only the main process prints
     accuracy, total = float(found[0][0]), int(found[0][2])
