@@ -115,7 +115,7 @@ def test_scheduler_of_an_unprepared_optimizer():
 def test_log_rejects_non_scalars():
     with pytest.raises(ValueError, match=r"log: loss must be a scalar \(got a tensor of shape \(3,\)\)"):
         tl.log(tl.init(), loss=torch.ones(3))
-    with pytest.raises(ValueError, match="log: name must be a number"):
+    with pytest.raises(TypeError, match="log: name must be a number"):
         tl.log(tl.init(), name="x")
 
 

@@ -53,12 +53,9 @@ class Hooks:
         return cls(**{name: tuple(methods) for name, methods in found.items()})
 
 
-@attrs.frozen(repr=False)
-class PendingLogs:
-    """Logged values not yet flushed: an immutable linked list, newest first (O(1) to extend)."""
-
-    values: dict[str, Any]
-    previous: PendingLogs | None
+# Logged values not yet reported: an immutable linked list of (values, previous) pairs, newest
+# first, so that `log` extends it in O(1) without copying.
+PendingLogs = tuple
 
 
 @attrs.frozen(repr=False)
@@ -136,8 +133,19 @@ class RunState:
     # -- records -------------------------------------------------------------------------------
 
     def evolve(self, **changes: Any) -> RunState:
-        """A copy of this state with `changes` applied (the state itself never changes)."""
-        return attrs.evolve(self, **changes)
+        """A copy of this state with `changes` applied (the state itself never changes).
+
+        The same as `attrs.evolve`, in half the time: it runs several times per training step.
+        RunState has no validators or converters to skip.
+        """
+        new = _new_object(RunState)
+        for name in _FIELD_NAMES:
+            _set_field(new, name, getattr(self, name))
+        for name, value in changes.items():
+            if name not in _FIELD_SET:
+                raise TypeError(f"RunState has no field {name!r}")
+            _set_field(new, name, value)
+        return new
 
     def to_dict(self) -> dict[str, Any]:
         """The counters, the topology and the settings as JSON-ready plain values."""
@@ -161,3 +169,9 @@ class RunState:
             f"models={names(self.models)}, optimizers={names(self.optimizers)}, "
             f"schedulers={names(self.schedulers)}, loaders={len(self.loaders)})"
         )
+
+
+_FIELD_NAMES = tuple(field.name for field in attrs.fields(RunState))
+_FIELD_SET = frozenset(_FIELD_NAMES)
+_new_object = object.__new__
+_set_field = object.__setattr__  # how a frozen attrs class sets its own fields

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainloop.state import PendingLogs, RunState
+from trainloop.state import RunState
 
 _NOTHING_TO_DO = contextlib.nullcontext()
 
@@ -124,7 +124,6 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunSt
     optimizers = _registered(optimizer, state.optimizers, "optimizer")
     schedulers = _registered(scheduler, state.schedulers, "scheduler")
     _normalise_gradients(state, optimizers)
-    state = state.evolve(window_micro_steps=0, window_items=None)
     for hook in state.hooks.on_before_step:
         state = hook(state) or state
     skipped = state.skip_step
@@ -134,10 +133,10 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunSt
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     if skipped:
-        return state.evolve(skip_step=False)
+        return state.evolve(window_micro_steps=0, window_items=None, skip_step=False)
     for sched in schedulers:
         sched.step()
-    state = state.evolve(step=state.step + 1)
+    state = state.evolve(step=state.step + 1, window_micro_steps=0, window_items=None)
     for hook in state.hooks.on_step:
         state = hook(state) or state
     return state
@@ -147,6 +146,8 @@ def _registered(selection: Any, registered: tuple, kind: str) -> tuple:
     if selection is None:
         return registered
     chosen = tuple(selection) if isinstance(selection, (list, tuple)) else (selection,)
+    if chosen == registered[:1] and chosen[0] is registered[0]:
+        return chosen  # the common case, checked without a scan
     for obj in chosen:
         if not any(obj is r for r in registered):
             raise ValueError(f"this {type(obj).__name__} was not prepared: pass the {kind} to tl.prepare first")
@@ -189,11 +190,11 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, **values: Any) -
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"log: {name} must be a scalar (got a tensor of shape {tuple(value.shape)})")
+            # Detached: a buffered value must not keep its autograd graph alive until the report.
+            values[name] = value.detach()
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"log: {name} must be a number or a scalar tensor (got {type(value).__name__})")
-    # Detach: a logged tensor must not keep its autograd graph alive until the flush.
-    values = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
-    state = state.evolve(pending_logs=PendingLogs(values, state.pending_logs))
+            raise TypeError(f"log: {name} must be a number or a scalar tensor (got {type(value).__name__})")
+    state = state.evolve(pending_logs=(values, state.pending_logs))
     # Report when the step count crosses a multiple of log_every: the same steps whether or not
     # the run was resumed from a checkpoint in between.
     every = state.config.log_every
@@ -207,8 +208,8 @@ def flush_logs(state: RunState) -> RunState:
     entries = []
     node = state.pending_logs
     while node is not None:
-        entries.append(node.values)
-        node = node.previous
+        values, node = node
+        entries.append(values)
     state = state.evolve(pending_logs=None, logged_step=state.step)
     if not entries:
         return state
@@ -218,8 +219,11 @@ def flush_logs(state: RunState) -> RunState:
     means = []
     for name in names:
         series = [entry[name] for entry in entries if name in entry]
-        tensors = [v.reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for v in series]
-        means.append(torch.stack([t.to(device, torch.float32) for t in tensors]).mean())
+        tensors = [v for v in series if isinstance(v, torch.Tensor)]
+        total = float(sum(v for v in series if not isinstance(v, torch.Tensor)))
+        if tensors:  # one stack and one conversion per name, whatever the number of values
+            total = torch.stack(tensors).to(device, torch.float32).sum() + total
+        means.append(torch.as_tensor(total, dtype=torch.float32, device=device) / len(series))
     vector = torch.stack(means)
     if state.world_size > 1:
         dist.all_reduce(vector)
