@@ -17,8 +17,11 @@ pytestmark = pytest.mark.multiprocess
 
 
 @pytest.fixture(scope="module")
-def ddp():
-    return spawn.run(ddp_checks, n=2)
+def ddp(tmp_path_factory):
+    tracking_dir = tmp_path_factory.mktemp("tracking")
+    results = spawn.run(ddp_checks, str(tracking_dir), n=2)
+    results["tracking_files_after_the_job"] = sorted(p.name for p in tracking_dir.iterdir())
+    return results
 
 
 def assert_weights(weights: dict, model: torch.nn.Module) -> None:
@@ -81,3 +84,12 @@ def test_mismatched_gather_raises_on_every_rank(ddp):
 
 def test_log_reports_the_cross_rank_mean_on_the_main_process(ddp):
     assert ddp["log_reports"] == [(1, {"constant": 3.0, "rank_value": 1.0})]
+
+
+def test_trackers_on_two_ranks_write_one_run_with_the_cross_rank_mean(ddp):
+    tracking = ddp["tracking"]
+    expected = tracking["expected"]
+    for tracker in ("tensorboard", "jsonlines", "mlflow", "wandb"):
+        assert tracking[tracker] == pytest.approx(expected), tracker
+    assert tracking["runs"] == {"tensorboard": 1, "jsonlines": 1, "mlflow": 1, "wandb": 1}
+    assert ddp["tracking_files_after_the_job"] == ["metrics.jsonl", "ml", "tb", "wandb"]

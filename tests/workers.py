@@ -48,8 +48,10 @@ class _Recorder(Callback):
         self.reports.append((state.step, metrics))
 
 
-def ddp_checks() -> dict:
-    """Everything about DDP training and the collectives, on 2 ranks (gloo, CPU)."""
+def ddp_checks(tmp_dir: str) -> dict:
+    """Everything about DDP training, the collectives and tracking, on 2 ranks (gloo, CPU)."""
+    from test_trackers import check_two_rank_tracking
+
     results: dict = {}
     state = tl.init(accumulate=2, seed=3)
     results["world_size"], results["backend"] = state.world_size, state.topology.backend
@@ -110,6 +112,9 @@ def ddp_checks() -> dict:
     logging = tl.step(tl.backward(logging, mse(model, x, y)), opt)
     logging = tl.log(logging, rank_value=torch.tensor(float(rank) * 2), constant=3.0)
     results["log_reports"] = recorder.reports
+
+    # Trackers: one run, written by rank 0 only, with the cross-rank means.
+    results["tracking"] = check_two_rank_tracking(tmp_dir)
 
     tl.finish(state)
     return results
