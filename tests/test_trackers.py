@@ -484,3 +484,22 @@ def test_check_two_rank_tracking_reads_back_on_one_process(tmp_path):
     assert seen.pop("runs") == {"tensorboard": 1, "jsonlines": 1, "mlflow": 1, "wandb": 1}
     for tracker, recorded in seen.items():
         assert recorded == expected, tracker
+
+
+def test_a_killed_and_resumed_run_continues_the_same_tracker_runs_without_repeating_steps(tmp_path):
+    """A real process SIGKILLed mid-run, then started again: it resumes from its checkpoint."""
+    script = Path(__file__).parent / "scripts" / "tracked_run.py"
+    command = [sys.executable, str(script), str(tmp_path)]
+    job = subprocess.Popen([*command, "--slow", "0.2"], stdout=subprocess.PIPE, text=True)
+    for line in job.stdout:
+        if line.strip() == "step 8":
+            job.kill()  # SIGKILL: no finish, no flush, no goodbye
+            break
+    job.wait(timeout=60)
+    assert job.returncode == -9
+    subprocess.run(command, check=True, timeout=120, capture_output=True)
+    every_second_step = list(range(2, 17, 2))  # 16 steps, a report every 2
+    assert [step for step, _ in read_tensorboard(tmp_path / "tb")] == every_second_step
+    assert [line["step"] for line in read_jsonlines(tmp_path / "metrics.jsonl")] == every_second_step
+    [run_id] = mlflow_run_ids(tmp_path / "ml", "killed")
+    assert [step for step, _ in read_mlflow(tmp_path / "ml", run_id)] == every_second_step
