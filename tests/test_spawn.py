@@ -47,16 +47,17 @@ def test_a_rank_that_raises_ends_the_job_quickly_naming_it():
     assert "rank 1 (pid" in output and "failed first" in output, output
 
 
-def test_sigint_to_the_launcher_stops_every_worker(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_launcher_stops_every_worker(tmp_path, stop):
     job = launch("-n", "2", str(SCRIPTS / "wait_forever.py"), str(tmp_path))
     deadline = time.monotonic() + 60
     while len(list(tmp_path.glob("*.pid"))) < 2:
         assert time.monotonic() < deadline and job.poll() is None, job.communicate()[0]
         time.sleep(0.1)
     pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
-    job.send_signal(signal.SIGINT)
+    job.send_signal(stop)
     output, _ = job.communicate(timeout=60)
-    assert job.returncode != 0
+    assert job.returncode == 128 + stop and f"stopped by {stop.name}" in output, output
     for pid in pids:
         assert not _alive(pid), f"worker {pid} outlived the launcher:\n{output}"
 
