@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from reference import CountingDataset, mse, regression_data, tiny_model
 
 import trainloop as tl
+from reference import CountingDataset, mse, regression_data, tiny_model
 from trainloop.callbacks import Checkpoint, CheckpointWarning
 from trainloop.checkpoint import CheckpointError, verify
 
@@ -147,8 +147,8 @@ def test_keep_leaves_exactly_k_checkpoints(tmp_path):
 
 
 def test_resume_restores_weights_optimizer_and_loader_position(tmp_path):
-    state, model, optimizer, _ = small_run(tmp_path, steps=3, every=3)
-    resumed, model2, optimizer2, checkpoint = small_run(tmp_path, steps=0, every=3)
+    _state, model, _optimizer, _ = small_run(tmp_path, steps=3, every=3)
+    resumed, model2, optimizer2, _checkpoint = small_run(tmp_path, steps=0, every=3)
     assert resumed.step == 3 and resumed.micro_step == 3
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
@@ -204,10 +204,10 @@ def test_not_a_checkpoint_future_format_and_escaping_paths(tmp_path):
 
 
 def test_a_model_that_does_not_fit_lists_the_mismatches(tmp_path):
-    state, *_ = small_run(tmp_path, steps=1, every=1)
+    _state, *_ = small_run(tmp_path, steps=1, every=1)
     other = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.0), nn.Linear(8, 3))
     fresh = tl.init()
-    fresh, other, opt = tl.prepare(fresh, other, torch.optim.AdamW(other.parameters()))
+    fresh, other, _opt = tl.prepare(fresh, other, torch.optim.AdamW(other.parameters()))
     fresh, _ = tl.prepare(fresh, DataLoader(regression_data(8), batch_size=4))
     with pytest.raises(ValueError, match=r"0.weight: checkpoint \(16, 6\), model \(8, 6\)"):
         tl.load(fresh, tmp_path / "step-00000001")
@@ -216,7 +216,7 @@ def test_a_model_that_does_not_fit_lists_the_mismatches(tmp_path):
 def test_disk_full_during_save_raises_keeps_previous_and_next_save_works(tmp_path):
     model = nn.Linear(64, 64)
     state = tl.init()
-    state, model, optimizer = tl.prepare(state, model, torch.optim.AdamW(model.parameters()))
+    state, model, _optimizer = tl.prepare(state, model, torch.optim.AdamW(model.parameters()))
     tl.save(state, tmp_path / "good")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset, WeightedRandomSampler
-from reference import CountingDataset, epoch_order
 
 import trainloop as tl
+from reference import CountingDataset, epoch_order
 from trainloop.data import PreparedLoader
 
 
@@ -143,5 +143,5 @@ def test_unsupported_loader_settings_are_named():
 
 
 def test_prepare_wraps_a_loader_that_works_with_workers():
-    state, loader = tl.prepare(tl.init(), DataLoader(CountingDataset(9), batch_size=2, num_workers=2, shuffle=True))
+    _state, loader = tl.prepare(tl.init(), DataLoader(CountingDataset(9), batch_size=2, num_workers=2, shuffle=True))
     assert sorted(flat(loader)) == list(range(9))

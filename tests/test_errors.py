@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from reference import mse, regression_data, tiny_model
 
 import trainloop as tl
+from reference import mse, regression_data, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -73,9 +73,8 @@ def test_backward_of_a_non_scalar_or_a_tensor_without_grad():
     x, y = regression_data(2).tensors
     with pytest.raises(ValueError, match=r"scalar loss tensor \(got \(2, 3\)\).*\.mean\(\)"):
         tl.backward(state, model(x) - y)
-    with pytest.raises(ValueError, match="does not require grad.*no_grad"):
-        with torch.no_grad():
-            tl.backward(state, mse(model, x, y))
+    with pytest.raises(ValueError, match="does not require grad.*no_grad"), torch.no_grad():
+        tl.backward(state, mse(model, x, y))
     with pytest.raises(ValueError, match="scalar loss tensor"):
         tl.backward(state, 1.0)
 

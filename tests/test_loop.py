@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 from torch.utils.data import DataLoader
+
+import trainloop as tl
 from reference import (
     TokenData,
     big_batch_reference,
@@ -15,8 +17,6 @@ from reference import (
     tiny_model,
     token_loss_sum,
 )
-
-import trainloop as tl
 from trainloop.callbacks import Callback
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import TokenData, big_batch_reference, regression_data, tiny_model
-from workers import ddp_checks
 
+from reference import TokenData, big_batch_reference, regression_data, tiny_model
 from trainloop import spawn
+from workers import ddp_checks
 
 pytestmark = pytest.mark.multiprocess
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import big_batch_reference, regression_data, tiny_model
 
+from reference import big_batch_reference, regression_data, tiny_model
 from trainloop import spawn
 
 pytestmark = pytest.mark.multiprocess
@@ -115,8 +115,9 @@ def test_settings_from_a_toml_file_and_flags_reach_init(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('nproc = 2\nprecision = "bf16"\naccumulate = 3\n')
     script = tmp_path / "show.py"
-    script.write_text("import trainloop as tl\ns = tl.init()\n"
-                      "print('settings', s.rank, s.world_size, s.config.precision, s.config.accumulate)\n"
+    script.write_text("import trainloop as tl\ns = tl.init()\n"  # one write per line: ranks never interleave
+                      "c = s.config\n"
+                      "print(f'settings {s.rank} {s.world_size} {c.precision} {c.accumulate}\\n', end='', flush=True)\n"
                       "tl.finish(s)\n")
     job = launch("--config", str(config), "--accumulate", "5", str(script))
     output, _ = job.communicate(timeout=60)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader
-from reference import CountingDataset, TokenData, mse, regression_data, tiny_model, token_loss_sum
 
 import trainloop as tl
+from reference import CountingDataset, TokenData, mse, regression_data, tiny_model, token_loss_sum
 from trainloop.callbacks import Callback
 
 
@@ -64,7 +64,7 @@ def ddp_checks(tmp_dir: str) -> dict:
 
     # Ragged token counts per micro-batch and per rank; 30 sequences: windows 2, 2, 1.
     tokens = tiny_model()
-    state_t, tokens = _train(tl.init(accumulate=2, seed=5), tokens,
+    _state_t, tokens = _train(tl.init(accumulate=2, seed=5), tokens,
                              torch.optim.SGD(tokens.parameters(), lr=0.05),
                              DataLoader(TokenData(30), batch_size=3, shuffle=True), epochs=2, tokens=True)
     results["token_weights"] = _weights(tokens)

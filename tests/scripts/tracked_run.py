@@ -13,10 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from reference import mse, regression_data, tiny_model  # noqa: E402
-
-import trainloop as tl  # noqa: E402
-from trainloop.callbacks import Checkpoint, JSONLines, MLflow, TensorBoard  # noqa: E402
+import trainloop as tl
+from reference import mse, regression_data, tiny_model
+from trainloop.callbacks import Checkpoint, JSONLines, MLflow, TensorBoard
 
 parser = argparse.ArgumentParser()
 parser.add_argument("run_dir")
@@ -33,7 +32,7 @@ model = tiny_model()
 state, model, optimizer, loader = tl.prepare(
     state, model, torch.optim.SGD(model.parameters(), lr=0.05),
     DataLoader(regression_data(64), batch_size=4, shuffle=True))
-for epoch in range(loader.epoch, 1):
+for _epoch in range(loader.epoch, 1):
     for x, y in loader:
         loss = mse(model, x, y)
         state = tl.step(tl.backward(state, loss), optimizer)

@@ -13,9 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from reference import mse, regression_data, tiny_model  # noqa: E402
-
-import trainloop as tl  # noqa: E402
+import trainloop as tl
+from reference import mse, regression_data, tiny_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
@@ -27,7 +26,7 @@ model = tiny_model()
 state, model, optimizer, loader = tl.prepare(
     state, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
     DataLoader(regression_data(40), batch_size=4, shuffle=True))
-for epoch in range(loader.epoch, 2):
+for _epoch in range(loader.epoch, 2):
     for x, y in loader:
         with tl.accumulate(state, model):
             state = tl.backward(state, mse(model, x, y))
