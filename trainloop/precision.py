@@ -1,53 +1,98 @@
 """Precision policies: what `init(precision=...)` does to a prepared model.
 
-| policy      | parameters | forward                          | loss scaling          |
-| ----------- | ---------- | -------------------------------- | --------------------- |
-| `fp32`      | fp32       | fp32                             | none                  |
-| `bf16`      | fp32       | autocast to bf16                 | none                  |
-| `fp16`      | fp32       | autocast to fp16                 | `LossScale` (dynamic) |
-| `bf16-true` | bf16       | bf16 (no autocast)               | none                  |
-| `fp8`       | fp32       | torchao float8 Linear layers, bf16 autocast around the rest | none |
+| policy      | parameters, optimizer state | forward                                    | loss scaling          |
+| ----------- | --------------------------- | ------------------------------------------ | --------------------- |
+| `fp32`      | fp32                        | fp32                                       | none                  |
+| `bf16`      | fp32                        | autocast to bf16                           | none                  |
+| `fp16`      | fp32                        | autocast to fp16                           | `LossScale` (dynamic) |
+| `bf16-true` | bf16                        | bf16: floating inputs cast to bf16         | none                  |
+| `fp8`       | fp32                        | torchao `Float8Linear` for the eligible `nn.Linear` layers, autocast to bf16 around the rest | none |
 
-Under autocast, a prepared model's outputs come out in the autocast dtype for the ops autocast
-lowers (matmuls, convolutions) and in fp32 for the ops it keeps in fp32 (softmax, losses):
-cast outputs with `.float()` where fp32 matters to you.
+Output dtypes. Inside the forward, autocast's own rules apply: the ops it lowers (matmuls,
+linear, convolutions) compute in the low-precision dtype, the ops it keeps in fp32 (on CPU and
+CUDA: the losses; on CUDA also softmax, norms) compute in fp32, every other op keeps its inputs'
+dtype, so a layer's output is usually bf16/fp16. At the prepared model's boundary, floating-point
+outputs in fp16 or bf16 are cast to fp32 (tensors anywhere in a tuple, list, dict or other pytree
+of outputs; other dtypes pass unchanged). The loss you compute from them, outside autocast, then
+runs in fp32: as it does in PyTorch's recommended loop, where the loss is computed inside the
+autocast region and autocast upcasts it. A loss in fp16 would lose precision, or overflow.
+Accelerate and Lightning Fabric cast outputs the same way. The cost is one fp32 copy of the
+outputs (for a language model's logits: what the loss would have upcast anyway).
 
-Autocast is applied by wrapping the prepared model in `Autocast`, a one-line module around the
-forward; the user's class and instance are never patched. `tl.unwrap(model)` returns the
-user's module.
+All of this is done by `Autocast`, a small module wrapped around the prepared model; the user's
+class and instance are never patched. `tl.unwrap(model)` returns the user's module.
+
+fp8 needs torchao (`pip install trainloop[fp8]`). Eligible layers are `nn.Linear` with both
+dimensions divisible by 16 (the float8 matmul's requirement). On CUDA with compute capability
+>= 8.9 torchao's float8 kernels run; on the CPU it runs in emulation (the same scaling and casts,
+matmuls in high precision), so tests cover the path; anywhere else `prepare` raises instead of
+silently training in another precision.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with float8 tensor cores
+FLOAT8_DIVISOR = 16  # torch._scaled_mm needs both dims of the weight divisible by 16
 
 
 class Autocast(nn.Module):
-    """Runs the wrapped module's forward under `torch.autocast(device_type, dtype)`."""
+    """The precision policy around a prepared model's forward; the wrapped module is untouched.
 
-    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype):
+    With `autocast=True` (the `bf16`, `fp16` and `fp8` policies) the forward runs under
+    `torch.autocast(device_type, dtype=dtype)`. With `autocast=False` (`bf16-true`, whose
+    parameters already are `dtype`) floating-point inputs are cast to `dtype` instead, so that
+    fp32 data meets bf16 weights without a dtype error. Either way, fp16 and bf16 outputs come
+    back as fp32 (see the module doc).
+    """
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype, *, autocast: bool = True):
         super().__init__()
         self.module = module
         self.device_type = device_type
         self.dtype = dtype
+        self.autocast = autocast
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            return self.module(*args, **kwargs)
+        if self.autocast:
+            with torch.autocast(self.device_type, dtype=self.dtype):
+                outputs = self.module(*args, **kwargs)
+        else:
+            args, kwargs = tree_map_only(torch.Tensor, self._to_dtype, (args, kwargs))
+            outputs = self.module(*args, **kwargs)
+        if isinstance(outputs, torch.Tensor):  # the common case, without a pytree walk
+            return _to_fp32(outputs)
+        return tree_map_only(torch.Tensor, _to_fp32, outputs)
+
+    def _to_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def extra_repr(self) -> str:
-        return f"device_type={self.device_type!r}, dtype={self.dtype}"
+        return f"device_type={self.device_type!r}, dtype={self.dtype}, autocast={self.autocast}"
+
+
+def _to_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in LOW_PRECISION else tensor
 
 
 def cast_module(model: nn.Module, precision: str) -> nn.Module:
-    """Set the parameters' dtype for the policy (only `bf16-true` changes it)."""
-    if precision in ("fp16", "bf16", "fp8"):
-        half = next((p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
+    """Prepare the parameters for the policy: bf16 for `bf16-true`, float8 layers for `fp8`.
+
+    `model` is already on its device. The autocast policies need fp32 parameters (autocast
+    computes in low precision while the optimizer updates fp32 master weights), so a model in
+    fp16 or bf16 raises ValueError. `fp8` swaps the eligible layers in place (see
+    `_convert_to_float8`).
+    """
+    if precision in AUTOCAST_DTYPES:
+        half = next((p.dtype for p in model.parameters() if p.dtype in LOW_PRECISION), None)
         if half is not None:
             raise ValueError(
                 f"precision={precision!r} expects fp32 parameters (autocast computes in low "
@@ -57,11 +102,75 @@ def cast_module(model: nn.Module, precision: str) -> nn.Module:
             )
     if precision == "bf16-true":
         return model.to(torch.bfloat16)
+    if precision == "fp8":
+        return _convert_to_float8(model)
     return model
 
 
+def _convert_to_float8(model: nn.Module) -> nn.Module:
+    """Swap the model's eligible `nn.Linear` layers for torchao's `Float8Linear`; return the model.
+
+    Eligible: both dimensions divisible by 16. The swap is in place, except for a model that is
+    itself one eligible Linear, which is replaced (use the returned module). The weights stay
+    fp32 parameters with the same names, so checkpoints load into an fp32 model as well.
+
+    Raises ImportError naming the extra to install when torchao is missing, and ValueError on a
+    device without float8 support (CUDA below compute capability 8.9, or not CUDA/CPU). On the
+    CPU, torchao runs in emulation. Warns when no layer is eligible (the model then trains in bf16).
+    """
+    emulate = _float8_emulated(_device_of(model))
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8.float8_linear import Float8Linear
+    except ImportError as error:
+        raise ImportError(
+            "precision='fp8' needs torchao (float8 training): pip install trainloop[fp8]"
+        ) from error
+    converted = convert_to_float8_training(model, module_filter_fn=_float8_eligible,
+                                           config=Float8LinearConfig(emulate=emulate))
+    if not any(isinstance(m, Float8Linear) for m in converted.modules()):
+        warnings.warn(
+            f"precision='fp8': {type(model).__name__} has no nn.Linear layer with both dimensions "
+            f"divisible by {FLOAT8_DIVISOR}, so nothing runs in float8 (the rest runs under bf16 "
+            "autocast); use precision='bf16' to say so",
+            stacklevel=5,  # the user's tl.prepare call
+        )
+    return converted
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _float8_emulated(device: torch.device) -> bool:
+    """True on the CPU (emulation), False on a GPU with float8 matmuls; raises elsewhere."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability >= FLOAT8_MIN_CAPABILITY:
+            return False
+        found = f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}"
+    else:
+        found = f"the device is {device.type}"
+    minimum = ".".join(map(str, FLOAT8_MIN_CAPABILITY))
+    raise ValueError(
+        f"precision='fp8' needs a CUDA GPU with compute capability >= {minimum} (Ada or Hopper: "
+        f"L4, L40, RTX 4090, H100, ...), or the CPU (emulated, for tests); {found}. "
+        "Use precision='bf16' on this device"
+    )
+
+
+def _float8_eligible(module: nn.Module, fqn: str) -> bool:
+    return (isinstance(module, nn.Linear) and module.in_features % FLOAT8_DIVISOR == 0
+            and module.out_features % FLOAT8_DIVISOR == 0)
+
+
 def wrap_forward(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
-    """Wrap the model so its forward runs under the policy's autocast, if it has one."""
+    """Wrap the model in `Autocast` for the policy's forward; fp32 models are returned as they are."""
+    if precision == "bf16-true":
+        return Autocast(model, device.type, torch.bfloat16, autocast=False)
     dtype = AUTOCAST_DTYPES.get(precision)
     if dtype is None:
         return model

@@ -1,7 +1,8 @@
 """A run with everything that makes exact resumption hard, checkpointing as it goes.
 
 Shuffling, dropout, AdamW, an LR scheduler, and accumulation with a short last window. Writes
-rank 0's final weights, optimizer state, LR and step, and every rank's next RNG draws, to `out`.
+rank 0's final weights, optimizer state, LR, step and loss scale (fp16), and every rank's next
+RNG draws, to `out`.
 
 `--kill-in-save STEP` SIGKILLs the process in the middle of writing the checkpoint of STEP (all
 files written, not yet renamed into place).
@@ -21,7 +22,7 @@ from reference import mse, regression_data, tiny_model  # noqa: E402
 
 import trainloop as tl  # noqa: E402
 import trainloop.checkpoint  # noqa: E402
-from trainloop.callbacks import Checkpoint  # noqa: E402
+from trainloop.callbacks import Checkpoint, LossScale  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("checkpoints")
@@ -67,5 +68,7 @@ draws = tl.gather(state, torch.rand(1, 3))
 if state.is_main:
     torch.save({"weights": tl.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "lr": scheduler.get_last_lr(), "step": state.step, "draws": draws,
-                "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))}, args.out)
+                "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+                "loss_scale": next((c.state_dict() for c in state.callbacks if isinstance(c, LossScale)), None)},
+               args.out)
 tl.finish(state)
