@@ -11,6 +11,12 @@ A checkpoint is a directory:
         rng.pt               every rank's RNG states (Python, NumPy, torch CPU, accelerator)
         trainer.json         the counters and the loaders' positions (plain JSON)
 
+Under FSDP (`strategy="fsdp"`) the weights and the optimizers' tensors are sharded instead:
+`__0_0.distcp`, `__1_0.distcp`, ... (each rank's shards) and `.metadata`, written by
+torch.distributed.checkpoint, take the place of the safetensors files, and `optimizer.pt` holds
+the optimizers' non-tensor state (hyperparameters, parameter names). A sharded checkpoint loads
+at any world size (see `trainloop.fsdp`).
+
 Writing is all-or-nothing. Everything is written into `.<name>.partial/` next to the target,
 each file and the directory fsynced, and only then renamed into place (`os.replace`); the
 `latest` pointer file is replaced the same way. A process killed at any instant leaves either
@@ -23,8 +29,10 @@ come from safetensors or `torch.load(weights_only=True)`, and a file that would 
 more is refused, naming what it asked for.
 
 Under DDP, rank 0 writes everything: the replicas are identical, and the other ranks' RNG
-states reach it through a gather. Every rank reads the checkpoint when loading, so on many
-machines the directory must be on a filesystem they share.
+states reach it through a gather. Under FSDP every rank writes its shards into the partial
+directory first; rank 0 then writes the rest, hashes every file and renames. Every rank reads
+the checkpoint when loading, so on many machines the directory must be on a filesystem they
+share.
 """
 
 from __future__ import annotations
@@ -68,10 +76,12 @@ def save(state: RunState, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     rng = _gather_rng_states(state)
-    error = None
-    if state.is_main:
+    error, sharded_optimizers = None, None
+    if state.config.strategy == "fsdp":
+        error, sharded_optimizers = _write_shards(state, path)
+    if state.is_main and error is None:
         try:
-            _write(state, path, rng)
+            _write(state, path, rng, sharded_optimizers)
         except Exception as failure:  # OSError, and safetensors' own error type for a full disk
             error = f"could not write checkpoint {path}: {failure}"
     if state.world_size > 1:
@@ -83,17 +93,25 @@ def save(state: RunState, path: str | os.PathLike) -> Path:
     return path
 
 
-def _write(state: RunState, path: Path, rng: list[dict]) -> None:
-    partial = path.parent / f".{path.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)  # left by a save that was killed
-    partial.mkdir(parents=True)
+def _write(state: RunState, path: Path, rng: list[dict], sharded_optimizers: list[dict] | None) -> None:
+    """Rank 0: write the checkpoint into the partial directory, hash it, rename it into place.
+
+    `sharded_optimizers`: under FSDP, the ranks' shards are in the partial directory already and
+    this is the optimizers' non-tensor state (`_write_shards`); otherwise None.
+    """
+    partial = _partial_dir(path)
+    if sharded_optimizers is None:
+        _make_fresh(partial)
     try:
         from safetensors.torch import save_model
 
-        for index, model in enumerate(state.models):
-            save_model(unwrap(model), str(partial / _model_file(index)))
-        _torch_save({"optimizers": [opt.state_dict() for opt in state.optimizers],
+        if sharded_optimizers is None:
+            for index, model in enumerate(state.models):
+                save_model(unwrap(model), str(partial / _model_file(index)))
+        optimizers = sharded_optimizers
+        if optimizers is None:
+            optimizers = [opt.state_dict() for opt in state.optimizers]
+        _torch_save({"optimizers": optimizers,
                      "schedulers": [sched.state_dict() for sched in state.schedulers]},
                     partial / "optimizer.pt")
         _torch_save({cb.key: cb.state_dict() for cb in state.callbacks}, partial / "callbacks.pt")
@@ -111,6 +129,57 @@ def _write(state: RunState, path: Path, rng: list[dict]) -> None:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def _partial_dir(path: Path) -> Path:
+    return path.parent / f".{path.name}.partial"
+
+
+def _make_fresh(partial: Path) -> None:
+    if partial.exists():
+        shutil.rmtree(partial)  # left by a save that was killed
+    partial.mkdir(parents=True)
+
+
+def _write_shards(state: RunState, path: Path) -> tuple[str | None, list[dict] | None]:
+    """Every rank: write its FSDP shards into the partial directory (DCP), which rank 0 makes.
+
+    Returns `(error, optimizers' non-tensor state)`, the same on every rank. On many machines the
+    directory must be on a filesystem they share: rank 0 then hashes every rank's files.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from trainloop import fsdp
+
+    partial = _partial_dir(path)
+    error = None
+    if state.is_main:
+        try:
+            _make_fresh(partial)
+        except OSError as failure:
+            error = f"could not write checkpoint {path}: {failure}"
+    if state.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)  # no rank writes into a directory that is not there
+        error = box[0]
+    if error is not None:
+        return error, None
+    try:
+        plain = fsdp.save_sharded([unwrap(m) for m in state.models], state.optimizers, partial)
+    except (Exception, CheckpointException) as failure:  # DCP raises the same on every rank
+        if state.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        return f"could not write checkpoint {path}: {_reason(failure)}", None
+    return None, plain
+
+
+def _reason(failure: BaseException) -> str:
+    """The error in a sentence. DCP's CheckpointException prints every failed rank's traceback."""
+    failures = getattr(failure, "failures", None)
+    if not isinstance(failures, dict):
+        return str(failure)
+    return "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
+                     for rank, (error, _) in sorted(failures.items()))
 
 
 def _model_file(index: int) -> str:
@@ -323,10 +392,22 @@ def _restore(state: RunState, path: Path, manifest: dict[str, Any]) -> RunState:
     for kind, (saved, prepared) in counts.items():
         if saved != prepared:
             raise ValueError(f"{path} holds {saved} {kind} but the run prepared {prepared}: prepare the same objects")
-    for index, model in enumerate(state.models):
-        _load_weights(unwrap(model), path / _model_file(index))
-    for optimizer, saved in zip(state.optimizers, optimization["optimizers"]):
-        optimizer.load_state_dict(saved)
+    if _sharded(manifest):
+        from trainloop import fsdp
+
+        fsdp.load_sharded([unwrap(m) for m in state.models], state.optimizers, path,
+                          manifest["files"], optimization["optimizers"])
+    elif state.config.strategy == "fsdp":
+        raise ValueError(
+            f"{path} holds whole (unsharded) weights from a {manifest['strategy']!r} run; a "
+            "strategy='fsdp' run loads sharded checkpoints only: resume with that strategy, "
+            "or start from its weights with tl.export and load_state_dict before sharding"
+        )
+    else:
+        for index, model in enumerate(state.models):
+            _load_weights(unwrap(model), path / _model_file(index))
+        for optimizer, saved in zip(state.optimizers, optimization["optimizers"]):
+            optimizer.load_state_dict(saved)
     for scheduler, saved in zip(state.schedulers, optimization["schedulers"]):
         scheduler.load_state_dict(saved)
     for loader, saved in zip(state.loaders, trainer["loaders"]):
@@ -345,6 +426,11 @@ def _restore(state: RunState, path: Path, manifest: dict[str, Any]) -> RunState:
     return state.evolve(step=trainer["step"], micro_step=trainer["micro_step"],
                         logged_step=logged_step, window_micro_steps=0, window_items=None,
                         pending_logs=None)
+
+
+def _sharded(manifest: dict[str, Any]) -> bool:
+    """Written by an FSDP run: torch.distributed.checkpoint's files, its `.metadata` among them."""
+    return ".metadata" in manifest["files"]  # fsdp.METADATA; importing fsdp here would cost 0.6 s
 
 
 def _load_weights(model: torch.nn.Module, file: Path) -> None:
@@ -371,19 +457,29 @@ def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | No
     """Write the trained model alone as one safetensors file (atomic), for inference and other tools.
 
     `model` defaults to the only prepared model. The file loads into a plain module with
-    `safetensors.torch.load_model(module, path)`. Call it on every rank; rank 0 writes.
+    `safetensors.torch.load_model(module, path)`. Call it on every rank; rank 0 writes. Under
+    FSDP the shards are gathered to rank 0's CPU one tensor at a time: rank 0 needs CPU memory
+    for the whole model.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     if model is None:
         if len(state.models) != 1:
             raise ValueError(f"export needs model= when the run prepared {len(state.models)} models")
         model = state.models[0]
     path = Path(path)
+    gathered = None
+    if state.config.strategy == "fsdp":
+        from trainloop import fsdp
+
+        gathered = fsdp.full_state_dict(unwrap(model))  # every rank sends its shards to rank 0
     if state.is_main:
         temporary = path.parent / f".{path.name}.partial"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_model(unwrap(model), str(temporary))
+        if gathered is None:
+            save_model(unwrap(model), str(temporary))
+        else:
+            save_file(gathered, str(temporary), metadata={"format": "pt"})
         _fsync(temporary)
         os.replace(temporary, path)
     if state.world_size > 1:

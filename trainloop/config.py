@@ -64,6 +64,14 @@ def _optional_device(instance: Any, attribute: attrs.Attribute, value: Any) -> N
         ) from error
 
 
+def _class_names(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or (value and not all(n.strip().isidentifier() for n in value.split(","))):
+        raise ValueError(
+            f"{attribute.name} must be comma-separated class names such as 'Block' or "
+            f"'Block,Head' (got {value!r})"
+        )
+
+
 @attrs.frozen
 class Config:
     """The settings of a run. Every field is a keyword of `tl.init` and a `--flag` of spawn."""
@@ -110,6 +118,25 @@ class Config:
         default=None,
         validator=_optional_device,
         metadata={"help": "device override (default: the accelerator torch finds, else cpu)"},
+    )
+    fsdp_blocks: str = attrs.field(
+        default="",
+        validator=_class_names,
+        metadata={"help": "strategy fsdp: comma-separated names of the module classes to shard one "
+                          "by one (e.g. TransformerBlock); empty: the children of the model's "
+                          "largest nn.ModuleList"},
+    )
+    fsdp_reshard_after_forward: bool = attrs.field(
+        default=True,
+        validator=_boolean,
+        metadata={"help": "strategy fsdp: free each block's gathered parameters after its forward "
+                          "and gather them again for backward (less memory, more communication)"},
+    )
+    fsdp_cpu_offload: bool = attrs.field(
+        default=False,
+        validator=_boolean,
+        metadata={"help": "strategy fsdp: keep the sharded parameters, gradients and optimizer "
+                          "state in CPU memory; the optimizer steps on the CPU"},
     )
 
     def to_dict(self) -> dict[str, Any]:

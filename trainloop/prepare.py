@@ -26,8 +26,11 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
 
     - `nn.Module`: moved to `state.device`; wrapped for the precision (autocast around its
       forward) and, on many ranks, in DistributedDataParallel (rank 0's parameters and buffers
-      are broadcast, so every rank starts from the same model however it was built).
-    - `Optimizer`: the same object, still bound to the (moved) parameters.
+      are broadcast, so every rank starts from the same model however it was built); with
+      `strategy="fsdp"` sharded in place with FSDP2 instead, on any number of ranks
+      (`trainloop.fsdp`).
+    - `Optimizer`: the same object, still bound to the (moved) parameters; under FSDP its param
+      groups are pointed at the shards in place (prepare it with its model, before it steps).
     - `DataLoader`: a `PreparedLoader`: sharded, batches on the device, seeded shuffling,
       resumable position.
     - LR scheduler: the same object; `tl.step` steps it once per optimizer step.
@@ -45,12 +48,21 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
 
     prepared: dict[int, Any] = {}
     models, optimizers, schedulers, loaders = [], [], [], []
+    # FSDP replaces parameters by their shards: id(original) -> shard, to re-bind the optimizers.
+    replaced: dict[int, nn.Parameter] = {}
     for index, obj in enumerate(objects):
         if isinstance(obj, nn.Module):
-            prepared[index] = _prepare_model(state, obj)
+            prepared[index], sharded = _prepare_model(state, obj)
+            replaced.update(sharded)
             models.append(prepared[index])
     for index, obj in enumerate(objects):
         if isinstance(obj, torch.optim.Optimizer):
+            if state.config.strategy == "fsdp":
+                # Point the optimizer at the shards, in place, so the object the user holds
+                # (and any scheduler on it) stays the one that trains; refuse one that cannot be.
+                from trainloop import fsdp
+
+                fsdp.bind_optimizer(obj, replaced)
             prepared[index] = obj
             optimizers.append(obj)
         elif isinstance(obj, DataLoader):
@@ -91,19 +103,34 @@ def _check_supported(obj: Any) -> None:
         raise TypeError(f"prepare cannot prepare a {type(obj).__name__}; it supports {_SUPPORTED}")
 
 
-def _prepare_model(state: RunState, model: nn.Module) -> nn.Module:
-    """Device, then parameter dtype, then the strategy's wrapper, then autocast around it all."""
+def _prepare_model(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+    """Device, parameter dtype, torch.compile, the strategy's wrapper, then autocast around it all.
+
+    Returns the prepared model and the parameters the strategy replaced (id -> replacement).
+    """
     model = precision.cast_module(model.to(state.device), state.config.precision)
-    model = _wrap_for_strategy(state, model)
-    return precision.wrap_forward(model, state.device, state.config.precision)
+    if state.config.compile:
+        # Compile the module, then wrap it, as torch's "Where to apply torch.compile?" advises
+        # (dynamo does not trace DDP/FSDP wrappers well). Inside DDP's forward, dynamo still splits
+        # the graph at DDP's bucket boundaries (DDPOptimizer), so the all-reduce overlaps the
+        # backward. After cast_module: float8 layers are compiled too. Autocast stays outside:
+        # dynamo guards on the autocast state and traces the casts into the graph.
+        model = torch.compile(model)
+    model, replaced = _wrap_for_strategy(state, model)
+    return precision.wrap_forward(model, state.device, state.config.precision), replaced
 
 
-def _wrap_for_strategy(state: RunState, model: nn.Module) -> nn.Module:
+def _wrap_for_strategy(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+    if state.config.strategy == "fsdp":
+        from trainloop import fsdp  # imports torch.distributed.fsdp (~0.6 s): FSDP runs only
+
+        # In place, also on one process; under compile, the user's module inside the wrapper.
+        return model, fsdp.shard(state, unwrap(model))
     if state.world_size > 1 and state.config.strategy in ("auto", "ddp"):
         device_ids = [state.device.index] if state.device.type != "cpu" else None
         # DDP's constructor broadcasts rank 0's parameters and buffers to every rank.
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return model
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), {}
+    return model, {}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,250 @@
+"""FSDP2 under trainloop against a hand-written `fully_shard` loop, on 2 processes (gloo, CPU).
+
+    python benchmarks/fsdp.py            # the full run (~1 minute on 2 CPU cores)
+    python benchmarks/fsdp.py --quick    # a smoke run: small numbers, same code paths
+
+What is measured, and why it is fair:
+
+- Step time. The same model (4 blocks of Linear 256-256 + Tanh in a ModuleList, a Linear head;
+  batch 32 per rank, AdamW), sharded the same way by both variants: `fully_shard` on each block,
+  then on the root (kept gathered after forward). The raw loop is torchtitan's: it turns the
+  gradient sync off with `set_requires_gradient_sync(False)` off the window's last micro-step
+  and scales each micro-batch loss by 1/k; trainloop's is the loop its docs show (`accumulate`,
+  `backward`, `step`, which normalises the summed gradients once per window). Batches are
+  tensors already in memory. Both variants run inside one 2-rank job, interleaved in rounds
+  whose order alternates, after a warm-up; ms/step is rank 0's median over rounds and the ratio
+  the median of the per-round ratios (which cancels the machine's drift), with its
+  interquartile range as the spread.
+- Memory. The bytes each rank holds for parameters, gradients and optimizer state after a
+  backward, counted from the tensors themselves (under FSDP the local shards): trainloop's
+  FSDP against trainloop's DDP for the same model and optimizer. On top of this FSDP gathers
+  one block at a time during forward and backward (here 0.25 MiB), and DDP keeps gradient
+  buckets (a further copy of the gradients); neither is counted. `--quick` shrinks the blocks
+  to 32 features.
+
+Target (from the issue): trainloop's step time <= 1.05x the raw loop's. Timings are printed,
+never asserted: the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import trainloop as tl
+from trainloop import spawn
+
+DEPTH, OUT, BATCH_SIZE, NPROC = 4, 16, 32, 2
+STEP_TARGET = 1.05
+RAW, TRAINLOOP = "raw fully_shard", "trainloop fsdp"
+
+Loop = Callable[[list], None]  # runs the micro-steps of one list of batches
+
+
+class Net(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        torch.manual_seed(0)  # every variant starts from the same weights
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(DEPTH))
+        self.head = nn.Linear(width, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def make_batches(count: int, width: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1 + rank)
+    return [(torch.randn(BATCH_SIZE, width, generator=generator),
+             torch.randn(BATCH_SIZE, OUT, generator=generator)) for _ in range(count)]
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+# -- the variants ------------------------------------------------------------------------------
+
+
+def raw_fully_shard(accumulate: int, width: int) -> Loop:
+    from torch.distributed.fsdp import fully_shard
+
+    model = Net(width)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model, reshard_after_forward=False)
+    optimizer = adamw(model)
+    micro_steps = 0
+
+    def run(batches):
+        nonlocal micro_steps
+        for x, y in batches:
+            micro_steps += 1
+            at_window_end = micro_steps % accumulate == 0
+            model.set_requires_gradient_sync(at_window_end)
+            loss = F.mse_loss(model(x), y)
+            (loss / accumulate if accumulate > 1 else loss).backward()
+            if at_window_end:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def trainloop_fsdp(accumulate: int, width: int) -> Loop:
+    state = tl.init(strategy="fsdp", accumulate=accumulate)
+    model = Net(width)
+    state, model, optimizer = tl.prepare(state, model, adamw(model))
+
+    def run(batches):
+        nonlocal state
+        for x, y in batches:
+            with tl.accumulate(state, model):
+                state = tl.backward(state, F.mse_loss(model(x), y))
+            state = tl.step(state, optimizer)
+
+    return run
+
+
+# -- measuring (inside the 2-rank job) ---------------------------------------------------------
+
+
+def time_per_step(loop: Loop, batches: list) -> float:
+    gc.collect()
+    start = time.perf_counter_ns()
+    loop(batches)
+    return (time.perf_counter_ns() - start) / len(batches) / 1e6
+
+
+def measure(loops: dict[str, Loop], batches: list, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """ms/step of each loop in each round, the loops' order alternating between rounds."""
+    names = list(loops)
+    for _ in range(warmup):
+        for name in names:
+            loops[name](batches)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            times[name].append(time_per_step(loops[name], batches))
+    return times
+
+
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This rank's bytes of parameters, gradients and optimizer state (local shards under FSDP)."""
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    def size(tensors) -> int:
+        return sum(local(t).numel() * local(t).element_size() for t in tensors)
+
+    parameters = list(tl.unwrap(model).parameters())
+    state = [v for entry in optimizer.state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+    return {"parameters": size(parameters), "gradients": size(p.grad for p in parameters if p.grad is not None),
+            "optimizer": size(state)}
+
+
+def memory_after_backward(strategy: str, width: int) -> dict[str, int]:
+    state = tl.init(strategy=strategy)
+    model = Net(width)
+    state, model, optimizer = tl.prepare(state, model, adamw(model))
+    (x, y), = make_batches(1, width, state.rank)
+    state = tl.step(tl.backward(state, F.mse_loss(model(x), y)), optimizer)  # creates AdamW's state
+    state = tl.backward(state, F.mse_loss(model(x), y))
+    return held_bytes(model, optimizer)
+
+
+def benchmark(steps: int, rounds: int, warmup: int, width: int) -> dict:
+    """Runs on every rank; rank 0's result is returned by spawn.run."""
+    job = tl.init(strategy="fsdp")
+    batches = make_batches(steps, width, job.rank)
+    results: dict = {"times": {}, "memory": {}}
+    for accumulate in (1, 4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loops = {RAW: raw_fully_shard(accumulate, width), TRAINLOOP: trainloop_fsdp(accumulate, width)}
+        results["times"][accumulate] = measure(loops, batches, rounds, warmup)
+    for label, strategy in (("DDP", "ddp"), ("FSDP", "fsdp")):
+        results["memory"][label] = memory_after_backward(strategy, width)
+    tl.finish(job)
+    return results
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, median, high
+
+
+def print_times(times: dict[int, dict[str, list[float]]]) -> dict[int, float]:
+    print(f"{'accumulate':>10}  {'variant':<18}{'ms/step':>9}{'vs raw':>9}{'spread':>9}")
+    ratios = {}
+    for accumulate, by_variant in times.items():
+        raw = by_variant[RAW]
+        for name, values in by_variant.items():
+            low, ratio, high = quartiles([value / base for value, base in zip(values, raw)])
+            print(f"{accumulate:>10}  {name:<18}{statistics.median(values):>9.2f}{ratio:>8.3f}x{high - low:>9.3f}")
+            if name == TRAINLOOP:
+                ratios[accumulate] = ratio
+    print("  ms/step: rank 0's median time per micro-step; vs raw: median of the per-round ratios; "
+          "spread: their interquartile range")
+    return ratios
+
+
+def print_memory(memory: dict[str, dict[str, int]]) -> None:
+    print(f"\nheld per rank after a backward ({NPROC} ranks), KiB:")
+    print(f"  {'strategy':<10}{'parameters':>12}{'gradients':>11}{'optimizer':>11}{'total':>9}{'vs DDP':>9}")
+    ddp_total = sum(memory["DDP"].values())
+    for label, held in memory.items():
+        total = sum(held.values())
+        cells = "".join(f"{held[kind] / 1024:>{width}.1f}"
+                        for kind, width in (("parameters", 12), ("gradients", 11), ("optimizer", 11)))
+        print(f"  {label:<10}{cells}{total / 1024:>9.1f}{total / ddp_total:>8.3f}x")
+    print(f"  ideal for FSDP: 1/{NPROC} = {1 / NPROC:.3f}x (uneven shards are padded)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=24, help="micro-steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (medians over these)")
+    parser.add_argument("--width", type=int, default=256, help="features of each block's Linear")
+    parser.add_argument("--quick", action="store_true", help="tiny numbers for a smoke run")
+    args = parser.parse_args()
+    if min(args.steps, args.rounds, args.width) < 1:
+        parser.error("--steps, --rounds and --width must be >= 1")
+    if args.quick:
+        args.steps, args.rounds, args.width = 4, 1, 32
+    args.steps = -(-args.steps // 4) * 4  # whole windows of 4
+    warmup = 1 if args.quick else 3
+
+    print(f"trainloop {tl.__version__} FSDP2 step time and memory, torch {torch.__version__}, {NPROC} "
+          f"processes (gloo, CPU): {DEPTH} blocks of Linear {args.width}-{args.width} + Tanh, batch {BATCH_SIZE} "
+          f"per rank, AdamW; {args.steps} micro-steps x {args.rounds} interleaved rounds, medians")
+    results = spawn.run(benchmark, args.steps, args.rounds, warmup, args.width, n=NPROC)
+    ratios = print_times(results["times"])
+    print_memory(results["memory"])
+    print("\ntarget:")
+    for accumulate, ratio in ratios.items():
+        verdict = "meets" if ratio <= STEP_TARGET else "MISSES"
+        print(f"  per-step, accumulate {accumulate}: {ratio:.3f}x raw ({verdict} <= {STEP_TARGET}x)")
+    if args.quick:
+        print("  (--quick: too few steps and rounds for these numbers to mean anything)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
