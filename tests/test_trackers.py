@@ -490,13 +490,16 @@ def test_a_killed_and_resumed_run_continues_the_same_tracker_runs_without_repeat
     """A real process SIGKILLed mid-run, then started again: it resumes from its checkpoint."""
     script = Path(__file__).parent / "scripts" / "tracked_run.py"
     command = [sys.executable, str(script), str(tmp_path)]
-    job = subprocess.Popen([*command, "--slow", "0.2"], stdout=subprocess.PIPE, text=True)
+    job = subprocess.Popen([*command, "--slow", "0.2"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    lines = []
     for line in job.stdout:
+        lines.append(line)
         if line.strip() == "step 8":
             job.kill()  # SIGKILL: no finish, no flush, no goodbye
             break
     job.wait(timeout=60)
-    assert job.returncode == -9
+    assert job.returncode == -9, "".join(lines)
     subprocess.run(command, check=True, timeout=120, capture_output=True)
     every_second_step = list(range(2, 17, 2))  # 16 steps, a report every 2
     assert [step for step, _ in read_tensorboard(tmp_path / "tb")] == every_second_step

@@ -41,7 +41,12 @@ def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.Ab
     """
     if state.world_size == 1 or state.sync_now:
         return _NOTHING_TO_DO
-    return _no_sync(state.models if model is None else (model,))
+    models = state.models if model is None else (model,)
+    if len(models) == 1:  # the common case: the model's own context manager, nothing around it
+        inner = _sync_owner(models[0])
+        if isinstance(inner, nn.parallel.DistributedDataParallel):
+            return inner.no_sync()
+    return _no_sync(models)
 
 
 @contextlib.contextmanager
