@@ -53,6 +53,10 @@ def test_per_batch_gather_counts_every_sample_once_in_order(ddp, n):
     assert ddp[f"gather_{n}"] == list(range(n))
 
 
+def test_a_sharded_iterable_dataset_is_gathered_once_in_order(ddp):
+    assert ddp["gather_stream_11"] == list(range(11))
+
+
 def test_shuffled_gather_is_a_permutation_identical_on_every_rank(ddp):
     assert sorted(ddp["gather_shuffled"]) == list(range(99))
     assert ddp["gather_shuffled"] != list(range(99))

@@ -40,6 +40,14 @@ def _gathered_indices(state, n: int, batch_size: int, shuffle: bool) -> list[int
     return seen
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+
 class _Recorder(Callback):
     def __init__(self):
         self.reports = []
@@ -73,6 +81,9 @@ def ddp_checks(tmp_dir: str) -> dict:
     plain = tl.init(seed=9)
     for n in (11, 99, 8):
         results[f"gather_{n}"] = _gathered_indices(plain, n, 4, shuffle=False)
+    # An IterableDataset: every rank reads the stream and keeps its chunk of each global batch.
+    plain, stream = tl.prepare(plain, DataLoader(_Stream(11), batch_size=2))
+    results["gather_stream_11"] = [i for batch in stream for i in tl.gather(plain, batch).tolist()]
     shuffled = _gathered_indices(plain, 99, 4, shuffle=True)
     results["gather_shuffled"] = shuffled
     results["gather_shuffled_same_on_every_rank"] = shuffled == tl.broadcast(plain, shuffled, src=1)

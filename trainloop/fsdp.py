@@ -18,7 +18,7 @@ file first and DCP reads them here only through `_VerifiedReader`: the metadata 
 unpickler that knows DCP's few metadata classes and nothing else, data only from files the
 manifest lists. Only tensors go into DCP: non-tensor optimizer state (hyperparameters, counts)
 travels in the checkpoint's own `optimizer.pt`, loaded with `weights_only=True`, so DCP never
-reaches its `torch.load(weights_only=False)` path for byte entries.
+reaches the unpickling load it uses for byte entries (weights_only off).
 
 This module imports torch.distributed.fsdp and .checkpoint (about 0.6 s): `prepare` and the
 checkpoint functions import it only for FSDP runs and sharded checkpoints.

@@ -20,7 +20,8 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
     Settings (all optional; see `trainloop.config.Config` for each one's meaning):
     `precision` ("fp32", "bf16", "fp16", "bf16-true", "fp8"), `accumulate` (micro-batches per
     optimizer step), `strategy` ("auto", "ddp", "fsdp"), `seed`, `log_every`, `compile`,
-    `timeout` (seconds), `device`. `TRAINLOOP_*` environment variables (set by
+    `timeout` (seconds), `device`, and for FSDP `fsdp_blocks`, `fsdp_reshard_after_forward`,
+    `fsdp_cpu_offload`. `TRAINLOOP_*` environment variables (set by
     `python -m trainloop.spawn --precision bf16 ...`) override them.
 
     The process topology comes from the launcher's variables (RANK, WORLD_SIZE, LOCAL_RANK, ...,
