@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -143,6 +144,18 @@ def test_state_is_immutable_and_readable():
     record = json.loads(json.dumps(state.to_dict()))
     assert record["accumulate"] == 4 and record["device"] == "cpu" and record["world_size"] == 1
     assert state.is_main and state.is_local_main and state.rank == 0 and state.world_size == 1
+
+
+def test_evolve_copies_every_field():
+    fields = attrs.fields(tl.RunState)
+    original = tl.RunState(**{field.name: object() for field in fields})
+    copy = original.evolve()
+    assert copy is not original
+    for field in fields:
+        assert getattr(copy, field.name) is getattr(original, field.name), field.name
+    assert original.evolve(step=7).step == 7
+    with pytest.raises(TypeError, match="no field 'stepp'"):
+        original.evolve(stepp=7)
 
 
 def test_log_reports_means_every_log_every_steps_without_reading_tensors_early():
