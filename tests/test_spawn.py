@@ -123,3 +123,13 @@ def test_settings_from_a_toml_file_and_flags_reach_init(tmp_path):
     output, _ = job.communicate(timeout=60)
     assert job.returncode == 0, output
     assert "settings 0 2 bf16 5" in output and "settings 1 2 bf16 5" in output
+
+
+def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named():
+    start = time.monotonic()
+    job = launch("-n", "2", str(SCRIPTS / "hang_on_rank.py"), "1")
+    output, _ = job.communicate(timeout=120)
+    elapsed = time.monotonic() - start
+    assert job.returncode != 0
+    assert elapsed < 30, f"took {elapsed:.1f}s with a 3 s timeout"
+    assert "rank(s) [1] never reached it" in output, output

@@ -125,9 +125,10 @@ def join(requested_device: str | None, timeout_s: float, environ: Mapping[str, s
         getattr(torch, device.type).set_device(device)
     backend = dist.get_default_backend_for_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
+    store = _rendezvous_store(env, environ, rank, world_size, timeout)
     dist.init_process_group(
         backend=backend,
-        store=_rendezvous_store(env, environ, rank, world_size, timeout),
+        store=store,
         rank=rank,
         world_size=world_size,
         timeout=timeout,
@@ -136,27 +137,51 @@ def join(requested_device: str | None, timeout_s: float, environ: Mapping[str, s
     # A worker that dies of an exception would otherwise abort (SIGABRT) in gloo's threads at
     # interpreter exit, hiding its real exit code; leaving the group first exits cleanly.
     atexit.register(leave_process_group)
-    if "TORCHELASTIC_RUN_ID" in environ:
-        sys.excepthook = _let_the_failed_peer_be_seen_first(sys.excepthook)
+    sys.excepthook = _explain_distributed_failures(
+        sys.excepthook, store, rank, world_size, under_launcher="TORCHELASTIC_RUN_ID" in environ)
     return attrs.evolve(topology, backend=backend, owns_process_group=True)
 
 
-def _let_the_failed_peer_be_seen_first(excepthook):
-    """Under the launcher, a worker that fails only because a peer died waits before exiting.
+def _explain_distributed_failures(excepthook, store: dist.Store, rank: int, world_size: int,
+                                  under_launcher: bool):
+    """An excepthook that makes a failure across ranks point at its cause.
 
-    When one rank crashes, the others fail a moment later in their next collective ("connection
-    closed by peer"). If they exit at once, the launcher cannot tell the cause from the victims
-    (its failure times are whole seconds) and often blames rank 0. Waiting lets the launcher see
-    the real failure first and stop this worker; its misleading traceback is then never printed.
+    - A collective that timed out: the ranks that also timed out say so in the store; the ranks
+      that never do are the hung ones, and the message names them (torch would only report
+      that this rank, the victim, waited too long).
+    - A collective that failed because a peer died: under the launcher, wait before exiting.
+      When one rank crashes, the others fail a moment later ("connection closed by peer"); if
+      they exit at once the launcher cannot tell the cause from the victims (its failure times
+      are whole seconds) and often blames rank 0. Waiting lets it see the real failure first and
+      stop this worker, whose misleading traceback is then never printed.
     """
     def hook(kind, error, traceback):
-        if isinstance(error, dist.DistBackendError) or "by peer" in str(error):
+        message = str(error)
+        if "timed out" in message.lower():
+            print(_hung_ranks(store, rank, world_size), file=sys.stderr, flush=True)
+        elif under_launcher and (isinstance(error, dist.DistBackendError) or "by peer" in message):
             time.sleep(_PEER_FAILURE_GRACE_S)
         excepthook(kind, error, traceback)
 
     return hook
 
 
+def _hung_ranks(store: dist.Store, rank: int, world_size: int) -> str:
+    store.set(f"trainloop/timed_out/{rank}", "1")
+    others = [r for r in range(world_size) if r != rank]
+    deadline = time.monotonic() + _ROLL_CALL_S
+    while True:
+        silent = [r for r in others if not store.check([f"trainloop/timed_out/{r}"])]
+        if not silent or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if not silent:
+        return f"trainloop: a collective timed out on rank {rank}, and on every other rank too"
+    return (f"trainloop: a collective timed out on rank {rank}; rank(s) {silent} never reached it "
+            "and did not time out themselves: they are hung (or stuck outside collectives)")
+
+
+_ROLL_CALL_S = 3.0  # how long the ranks that timed out wait to hear from each other
 _PEER_FAILURE_GRACE_S = 5.0
 
 
