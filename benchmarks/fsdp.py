@@ -29,12 +29,10 @@ never asserted: the exit code is 0.
 from __future__ import annotations
 
 import argparse
-import gc
-import statistics
+import os
 import sys
-import time
 import warnings
-from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +41,25 @@ from torch import nn
 import trainloop as tl
 from trainloop import spawn
 
+# The workers re-import this file by path, with no guarantee that its directory is on their
+# sys.path: put it there, so that `common` resolves in them as it does in the script.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (
+    MS,
+    Loop,
+    adamw,
+    interleaved_rounds,
+    quick_note,
+    ratio_cells,
+    ratio_summary,
+    round_up,
+    target_line,
+    time_per_step,
+)
+
 DEPTH, OUT, BATCH_SIZE, NPROC = 4, 16, 32, 2
 STEP_TARGET = 1.05
 RAW, TRAINLOOP = "raw fully_shard", "trainloop fsdp"
-
-Loop = Callable[[list], None]  # runs the micro-steps of one list of batches
 
 
 class Net(nn.Module):
@@ -67,10 +79,6 @@ def make_batches(count: int, width: int, rank: int) -> list[tuple[torch.Tensor, 
     generator = torch.Generator().manual_seed(1 + rank)
     return [(torch.randn(BATCH_SIZE, width, generator=generator),
              torch.randn(BATCH_SIZE, OUT, generator=generator)) for _ in range(count)]
-
-
-def adamw(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
 # -- the variants ------------------------------------------------------------------------------
@@ -119,25 +127,9 @@ def trainloop_fsdp(accumulate: int, width: int) -> Loop:
 # -- measuring (inside the 2-rank job) ---------------------------------------------------------
 
 
-def time_per_step(loop: Loop, batches: list) -> float:
-    gc.collect()
-    start = time.perf_counter_ns()
-    loop(batches)
-    return (time.perf_counter_ns() - start) / len(batches) / 1e6
-
-
 def measure(loops: dict[str, Loop], batches: list, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """ms/step of each loop in each round, the loops' order alternating between rounds."""
-    names = list(loops)
-    for _ in range(warmup):
-        for name in names:
-            loops[name](batches)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        order = names if round_index % 2 == 0 else names[::-1]
-        for name in order:
-            times[name].append(time_per_step(loops[name], batches))
-    return times
+    """ms/step of each loop in each round; with two variants the rotating order alternates."""
+    return interleaved_rounds(loops, batches, rounds, warmup, partial(time_per_step, unit=MS))
 
 
 def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -183,21 +175,13 @@ def benchmark(steps: int, rounds: int, warmup: int, width: int) -> dict:
 # -- the report --------------------------------------------------------------------------------
 
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
-    return low, median, high
-
-
 def print_times(times: dict[int, dict[str, list[float]]]) -> dict[int, float]:
     print(f"{'accumulate':>10}  {'variant':<18}{'ms/step':>9}{'vs raw':>9}{'spread':>9}")
     ratios = {}
     for accumulate, by_variant in times.items():
-        raw = by_variant[RAW]
         for name, values in by_variant.items():
-            low, ratio, high = quartiles([value / base for value, base in zip(values, raw)])
-            print(f"{accumulate:>10}  {name:<18}{statistics.median(values):>9.2f}{ratio:>8.3f}x{high - low:>9.3f}")
+            median, ratio, spread = ratio_summary(values, by_variant[RAW])
+            print(f"{accumulate:>10}  {name:<18}{ratio_cells(median, ratio, spread, digits=2)}")
             if name == TRAINLOOP:
                 ratios[accumulate] = ratio
     print("  ms/step: rank 0's median time per micro-step; vs raw: median of the per-round ratios; "
@@ -228,7 +212,7 @@ def main() -> int:
         parser.error("--steps, --rounds and --width must be >= 1")
     if args.quick:
         args.steps, args.rounds, args.width = 4, 1, 32
-    args.steps = -(-args.steps // 4) * 4  # whole windows of 4
+    args.steps = round_up(args.steps, 4)  # whole windows of 4
     warmup = 1 if args.quick else 3
 
     print(f"trainloop {tl.__version__} FSDP2 step time and memory, torch {torch.__version__}, {NPROC} "
@@ -239,10 +223,9 @@ def main() -> int:
     print_memory(results["memory"])
     print("\ntarget:")
     for accumulate, ratio in ratios.items():
-        verdict = "meets" if ratio <= STEP_TARGET else "MISSES"
-        print(f"  per-step, accumulate {accumulate}: {ratio:.3f}x raw ({verdict} <= {STEP_TARGET}x)")
+        print(target_line(f"per-step, accumulate {accumulate}", ratio, STEP_TARGET))
     if args.quick:
-        print("  (--quick: too few steps and rounds for these numbers to mean anything)")
+        print(quick_note())
     return 0
 
 

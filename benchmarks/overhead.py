@@ -31,74 +31,55 @@ from __future__ import annotations
 
 import argparse
 import compileall
-import cProfile
-import gc
 import importlib.util
-import io
 import os
-import pstats
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import trainloop as tl
 
-IN_FEATURES, HIDDEN, CLASSES, BATCH_SIZE = 64, 128, 10, 16
-LOG_EVERY = 10  # trainloop's default `log_every`: the raw loops reduce their losses as often
+# `common` sits next to this file: put its directory on sys.path, however this file was loaded.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (
+    BATCH_SIZE,
+    CLASSES,
+    HIDDEN,
+    IN_FEATURES,
+    US,
+    Loop,
+    LossLog,
+    adamw,
+    build_mlp,
+    classification_batches,
+    interleaved_rounds,
+    profile_by_own_time,
+    quick_note,
+    ratio_cells,
+    ratio_summary,
+    round_up,
+    target_line,
+    time_per_step,
+    trainloop_loop,
+)
+
 STEP_TARGET, IMPORT_TARGET_MS = 1.05, 15.0
 TABLE_HEADER = f"{'accumulate':>10}  {'variant':<18}{'us/step':>9}{'vs raw':>9}{'spread':>9}"
-
-Loop = Callable[[list], None]  # runs the micro-steps of one list of batches
-
-
-def build_model() -> nn.Module:
-    torch.manual_seed(0)  # every variant starts from the same weights
-    return nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
-
-
-def make_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH_SIZE, IN_FEATURES, generator=generator),
-             torch.randint(0, CLASSES, (BATCH_SIZE,), generator=generator)) for _ in range(count)]
-
-
-def adamw(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-
-class LossLog:
-    """What a hand-written loop does for logging: keep the detached losses (no host sync), and
-    reduce them to one mean every LOG_EVERY optimizer steps (where a tracker would get it)."""
-
-    def __init__(self):
-        self.losses: list[torch.Tensor] = []
-        self.steps = 0
-        self.last_mean: torch.Tensor | None = None
-
-    def micro_step(self, loss: torch.Tensor) -> None:
-        self.losses.append(loss.detach())
-
-    def optimizer_step(self) -> None:
-        self.steps += 1
-        if self.steps % LOG_EVERY == 0:
-            self.last_mean = torch.stack(self.losses).mean()
-            self.losses.clear()
 
 
 # -- the variants ------------------------------------------------------------------------------
 
 
 def raw_pytorch(accumulate: int) -> Loop:
-    model = build_model()
+    model = build_mlp()
     optimizer = adamw(model)
     log = LossLog()
     micro_steps = 0
@@ -119,30 +100,11 @@ def raw_pytorch(accumulate: int) -> Loop:
     return run
 
 
-def trainloop_loop(accumulate: int) -> Loop:
-    state = tl.init(accumulate=accumulate, seed=0)
-    model = build_model()
-    state, model, optimizer = tl.prepare(state, model, adamw(model))
-
-    def run(batches):
-        nonlocal state
-        # The loop as users write it. trainloop normalises the summed gradients by 1/k once per
-        # window (`step`), and `log` buffers the loss tensor, reducing it every log_every steps.
-        for x, y in batches:
-            with tl.accumulate(state, model):
-                loss = F.cross_entropy(model(x), y)
-                state = tl.backward(state, loss)
-            state = tl.step(state, optimizer)
-            state = tl.log(state, loss=loss)
-
-    return run
-
-
 def accelerate_loop(accumulate: int) -> Loop:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
-    model = build_model()
+    model = build_mlp()
     model, optimizer = accelerator.prepare(model, adamw(model))
     log = LossLog()
 
@@ -166,7 +128,7 @@ def fabric_loop(accumulate: int) -> Loop:
     from lightning.fabric import Fabric
 
     fabric = Fabric(accelerator="cpu", devices=1)
-    model = build_model()
+    model = build_mlp()
     model, optimizer = fabric.setup(model, adamw(model))
     log = LossLog()
     micro_steps = 0
@@ -215,47 +177,16 @@ def available_variants(accumulate: int) -> tuple[dict[str, Loop], list[str]]:
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def time_per_step(loop: Loop, batches: list) -> float:
-    gc.collect()  # every timed segment starts with no garbage (cheap: see `measure`)
-    start = time.perf_counter_ns()
-    loop(batches)
-    return (time.perf_counter_ns() - start) / len(batches) / 1e3
-
-
 def measure(loops: dict[str, Loop], batches: list, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """us/step of each loop in each round; rounds interleave the loops in a rotating order."""
-    names = list(loops)
-    # Move everything alive now (torch, Accelerate, Lightning: ~400k objects) out of the collector's
-    # reach. A full collection then costs microseconds instead of ~0.4 s that would land in a
-    # random variant's segment; the garbage the loops themselves make is still collected.
-    gc.freeze()
-    for _ in range(warmup):
-        for name in names:
-            loops[name](batches)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(time_per_step(loops[name], batches))
-    return times
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
-    return low, median, high
+    """us/step of each loop in each round; rounds interleave the loops in a rotating order.
+    The collector is frozen first: torch, Accelerate and Lightning hold ~400k objects."""
+    return interleaved_rounds(loops, batches, rounds, warmup, partial(time_per_step, unit=US), freeze_gc=True)
 
 
 def step_rows(times: dict[str, list[float]]) -> list[tuple[str, float, float, float]]:
     """(variant, median us/step, median ratio to raw, ratio's interquartile range) per variant."""
     raw = times["raw PyTorch"]
-    rows = []
-    for name, values in times.items():
-        ratios = [value / base for value, base in zip(values, raw)]  # paired within each round
-        low, ratio, high = quartiles(ratios)
-        rows.append((name, statistics.median(values), ratio, high - low))
-    return rows
+    return [(name, *ratio_summary(values, raw)) for name, values in times.items()]
 
 
 # Run in a fresh interpreter: prints how long importing {module} took once torch was already
@@ -315,12 +246,7 @@ def profile_trainloop(batches: list, accumulate: int, top: int) -> str:
     time. The profiler inflates small Python calls; read it for where, not for how much."""
     loop = trainloop_loop(accumulate)
     loop(batches)  # warm up outside the profile
-    profiler = cProfile.Profile()
-    profiler.runcall(loop, batches * 20)
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out)
-    stats.sort_stats("tottime").print_stats(r"trainloop|attr", top)
-    return out.getvalue()
+    return profile_by_own_time(loop, batches * 20, pattern=r"trainloop|attr", top=top)
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -342,9 +268,9 @@ def main() -> int:
     if args.quick:
         args.steps, args.rounds, args.import_runs = 8, 2, 1
     accumulations = (1, 4)
-    args.steps = -(-args.steps // max(accumulations)) * max(accumulations)  # whole windows only
+    args.steps = round_up(args.steps, max(accumulations))  # whole windows only
     torch.set_num_threads(args.threads)
-    batches = make_batches(args.steps)
+    batches = classification_batches(args.steps)
 
     print(f"trainloop {tl.__version__} overhead, torch {torch.__version__}, {args.threads} thread(s): "
           f"MLP {IN_FEATURES}-{HIDDEN}-{CLASSES}, batch {BATCH_SIZE}, AdamW; "
@@ -356,7 +282,7 @@ def main() -> int:
         notes.update(skipped)
         times = measure(loops, batches, args.rounds, warmup=1 if args.quick else 3)
         for name, per_step, ratio, spread in step_rows(times):
-            print(f"{accumulate:>10}  {name:<18}{per_step:>9.1f}{ratio:>8.3f}x{spread:>9.3f}")
+            print(f"{accumulate:>10}  {name:<18}{ratio_cells(per_step, ratio, spread)}")
             if name == "trainloop":
                 trainloop_ratios[accumulate] = ratio
     print("  us/step: median time per micro-step (batch); vs raw: median of the per-round ratios; "
@@ -378,18 +304,14 @@ def main() -> int:
     for label, milliseconds in imports.items():
         print(f"  {label:<26}{milliseconds:>8.1f} ms")
 
-    def verdict(ok: bool) -> str:
-        return "meets" if ok else "MISSES"
-
     print("\ntargets:")
     for accumulate, ratio in trainloop_ratios.items():
-        print(f"  per-step, accumulate {accumulate}: {ratio:.3f}x raw "
-              f"({verdict(ratio <= STEP_TARGET)} <= {STEP_TARGET}x)")
+        print(target_line(f"per-step, accumulate {accumulate}", ratio, STEP_TARGET))
     trainloop_import = imports["trainloop"]
-    print(f"  import trainloop: +{trainloop_import:.1f} ms "
-          f"({verdict(trainloop_import <= IMPORT_TARGET_MS)} <= {IMPORT_TARGET_MS:.0f} ms)")
+    verdict = "meets" if trainloop_import <= IMPORT_TARGET_MS else "MISSES"
+    print(f"  import trainloop: +{trainloop_import:.1f} ms ({verdict} <= {IMPORT_TARGET_MS:.0f} ms)")
     if args.quick:
-        print("  (--quick: too few steps and runs for these numbers to mean anything)")
+        print(quick_note("steps and runs"))
 
     if args.profile:
         print("\ncProfile of the trainloop loop, accumulate 1, by own time:")

@@ -25,10 +25,11 @@ import argparse
 import dataclasses
 import gc
 import importlib.util
+import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -36,36 +37,36 @@ from torch import nn
 
 import trainloop as tl
 
+# `common` sits next to this file: put its directory on sys.path, however this file was loaded.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (
+    Loop,
+    S,
+    classification_batches,
+    interleaved_rounds,
+    quick_note,
+    ratio_summary,
+    target_line,
+    time_per_step,
+)
+
 STEP_TARGET = 1.05
-Loop = Callable[[list], None]  # runs the steps of one list of batches
 
 
 # -- measuring (shared by both sections) ---------------------------------------------------------
 
 
 def measure(loops: dict[str, Loop], batches: list, rounds: int, warmup: int,
-            synchronize: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds per step of each loop in each round; rounds interleave the loops in a rotating order."""
-    names = list(loops)
-    for _ in range(warmup):
-        for name in names:
-            loops[name](batches)
-    synchronize()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            gc.collect()
-            start = time.perf_counter()
-            loops[name](batches)
-            synchronize()
-            times[name].append((time.perf_counter() - start) / len(batches))
-    return times
+            synchronize: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per step of each loop in each round; rounds interleave the loops in a rotating order.
+    `synchronize` (the GPU's) runs after the warm-up and inside every timed span."""
+    return interleaved_rounds(loops, batches, rounds, warmup, partial(time_per_step, unit=S, synchronize=synchronize),
+                              after_warmup=synchronize)
 
 
 def median_ratio(values: list[float], baseline: list[float]) -> float:
     """The median over rounds of value / baseline, paired within each round."""
-    return statistics.median(v / b for v, b in zip(values, baseline))
+    return ratio_summary(values, baseline)[1]
 
 
 # -- CPU: autocast bf16 and fp16 -----------------------------------------------------------------
@@ -78,12 +79,6 @@ def build_mlp() -> nn.Module:
     torch.manual_seed(0)  # every variant starts from the same weights
     return nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(),
                          nn.Linear(HIDDEN, CLASSES))
-
-
-def mlp_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH_SIZE, IN_FEATURES, generator=generator),
-             torch.randint(0, CLASSES, (BATCH_SIZE,), generator=generator)) for _ in range(count)]
 
 
 def raw_autocast(dtype: torch.dtype) -> Loop:
@@ -131,7 +126,7 @@ def cpu_section(steps: int, rounds: int, warmup: int) -> dict[str, float]:
     print(f"CPU, {torch.get_num_threads()} thread(s): MLP {IN_FEATURES}-{HIDDEN}-{HIDDEN}-{CLASSES}, "
           f"batch {BATCH_SIZE}, AdamW; {steps} steps x {rounds} interleaved rounds, medians")
     print(f"{'policy':<8}{'variant':<34}{'us/step':>10}{'time vs raw':>13}")
-    batches = mlp_batches(steps)
+    batches = classification_batches(steps, features=IN_FEATURES, classes=CLASSES, batch_size=BATCH_SIZE)
     ratios = {}
     for precision, dtype, raw_name in (("bf16", torch.bfloat16, "raw autocast bf16"),
                                        ("fp16", torch.float16, "raw autocast fp16 + GradScaler")):
@@ -261,7 +256,7 @@ def transformer_section(device: torch.device, sizes: Sizes, steps: int, rounds: 
     """Print the transformer table: tokens/s, and the ratio to the raw loop of the same precision."""
     batches = token_batches(steps, device, sizes)
     tokens_per_step = sizes.batch * sizes.sequence
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n{name}: transformer {sizes}, AdamW; {steps} steps x {rounds} interleaved rounds, medians")
     print(f"{'variant':<42}{'tokens/s':>12}{'time vs raw':>13}")
@@ -304,10 +299,9 @@ def main() -> int:
     ratios = cpu_section(args.steps, args.rounds, warmup)
     print("\ntargets:")
     for precision, ratio in ratios.items():
-        verdict = "meets" if ratio <= STEP_TARGET else "MISSES"
-        print(f"  {precision}: {ratio:.3f}x raw ({verdict} <= {STEP_TARGET}x)")
+        print(target_line(precision, ratio, STEP_TARGET))
     if args.quick:
-        print("  (--quick: too few steps and rounds for these numbers to mean anything)")
+        print(quick_note())
     if torch.cuda.is_available():
         transformer_section(torch.device("cuda"), Sizes(), args.steps, args.rounds, warmup)
     else:

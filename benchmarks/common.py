@@ -1,0 +1,203 @@
+"""What the benchmarks share: interleaved timing rounds, per-round ratios, table cells and target
+lines, the small MLP and its batches, and trainloop's loop as users write it.
+
+Kept in one place so that every benchmark measures and reports the same way: a fix to the
+statistics or to the round order then reaches all of them. Each benchmark imports this as
+`common` after putting its own directory on sys.path (see the top of any of them).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import gc
+import io
+import pstats
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import trainloop as tl
+
+Loop = Callable[[list], None]  # runs the micro-steps of one list of batches
+T = TypeVar("T")
+
+# Nanoseconds per unit, for `time_per_step`.
+US, MS, S = 1e3, 1e6, 1e9
+
+# The tiny classifier of overhead.py and ddp.py: a step costs a few hundred us, almost all of it
+# Python and dispatch, so a framework's per-step bookkeeping shows up instead of hiding behind
+# the matmuls.
+IN_FEATURES, HIDDEN, CLASSES, BATCH_SIZE = 64, 128, 10, 16
+LOG_EVERY = 10  # trainloop's default `log_every`: the raw loops reduce their losses as often
+
+
+# -- models and data ---------------------------------------------------------------------------
+
+
+def build_mlp() -> nn.Module:
+    """MLP IN_FEATURES-HIDDEN-CLASSES, seeded: every variant starts from the same weights."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+
+
+def classification_batches(count: int, *, rank: int = 0, features: int = IN_FEATURES, classes: int = CLASSES,
+                           batch_size: int = BATCH_SIZE) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` (inputs, class labels) batches, already in memory (no DataLoader: its collation
+    would dwarf the differences measured). Seeded by rank: each rank gets its own shard."""
+    generator = torch.Generator().manual_seed(1 + rank)
+    return [(torch.randn(batch_size, features, generator=generator),
+             torch.randint(0, classes, (batch_size,), generator=generator)) for _ in range(count)]
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+class LossLog:
+    """What a hand-written loop does for logging: keep the detached losses (no host sync), and
+    reduce them to one mean every LOG_EVERY optimizer steps (where a tracker would get it).
+    With `synced`, that mean is also averaged across ranks (one all-reduce), as `tl.log` does."""
+
+    def __init__(self, synced: bool = False):
+        self.synced = synced
+        self.losses: list[torch.Tensor] = []
+        self.steps = 0
+        self.last_mean: torch.Tensor | None = None
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        self.losses.append(loss.detach())
+
+    def optimizer_step(self) -> None:
+        self.steps += 1
+        if self.steps % LOG_EVERY == 0:
+            mean = torch.stack(self.losses).mean()
+            self.losses.clear()
+            if self.synced:
+                dist.all_reduce(mean)
+                mean /= dist.get_world_size()
+            self.last_mean = mean
+
+
+def trainloop_loop(accumulate: int) -> Loop:
+    """trainloop's loop on `build_mlp`, as users write it (the README's loop). Under a process
+    group (ddp.py's workers) `tl.init` joins it and the model is wrapped in DDP."""
+    state = tl.init(accumulate=accumulate, seed=0)
+    model = build_mlp()
+    state, model, optimizer = tl.prepare(state, model, adamw(model))
+
+    def run(batches):
+        nonlocal state
+        # `accumulate` enters DDP's no_sync off the window's end (when distributed); `step`
+        # normalises the summed gradients by 1/k once per window; `log` buffers the loss tensor,
+        # reducing it (across ranks, when distributed) every log_every steps.
+        for x, y in batches:
+            with tl.accumulate(state, model):
+                loss = F.cross_entropy(model(x), y)
+                state = tl.backward(state, loss)
+            state = tl.step(state, optimizer)
+            state = tl.log(state, loss=loss)
+
+    return run
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def rotated(names: Sequence[T], round_index: int) -> Sequence[T]:
+    """The order of round `round_index`: A B C, then B C A, ...: none always runs first, so the
+    machine's warming up or slowing down within a round hits every variant alike."""
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
+
+
+def time_per_step(loop: Loop, batches: list, *, unit: float,
+                  synchronize: Callable[[], None] | None = None) -> float:
+    """Time per batch of one run of `loop` over `batches`, in `unit` (US, MS or S). `synchronize`
+    (e.g. torch.cuda.synchronize) runs inside the timed span, so queued device work counts."""
+    gc.collect()  # every timed segment starts with no garbage (cheap after gc.freeze)
+    start = time.perf_counter_ns()
+    loop(batches)
+    if synchronize is not None:
+        synchronize()
+    return (time.perf_counter_ns() - start) / len(batches) / unit
+
+
+def interleaved_rounds(loops: dict[str, Loop], batches: list, rounds: int, warmup: int,
+                       timer: Callable[[Loop, list], T], *, freeze_gc: bool = False,
+                       after_warmup: Callable[[], None] | None = None) -> dict[str, list[T]]:
+    """{name: [timer(loop, batches) per round]}: `warmup` untimed runs of every loop, then
+    `rounds` rounds that each time every loop once, in the rotating order of `rotated`. Timing
+    the variants within the same round lets the report take per-round ratios, which cancel the
+    machine's slow drift."""
+    names = list(loops)
+    if freeze_gc:
+        # Move everything alive now (torch and the frameworks: 100k-400k objects) out of the
+        # collector's reach. A full collection then costs microseconds instead of a ~0.1-0.4 s
+        # that would land in a random variant's segment; the loops' own garbage is still collected.
+        gc.freeze()
+    for _ in range(warmup):
+        for name in names:
+            loops[name](batches)
+    if after_warmup is not None:
+        after_warmup()
+    times: dict[str, list[T]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in rotated(names, round_index):
+            times[name].append(timer(loops[name], batches))
+    return times
+
+
+def profile_by_own_time(function: Callable[..., Any], *args: Any, pattern: str, top: int) -> str:
+    """cProfile of `function(*args)`: the `top` functions matching `pattern`, by own time. The
+    profiler inflates small Python calls; read it for where, not for how much."""
+    profiler = cProfile.Profile()
+    profiler.runcall(function, *args)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(pattern, top)
+    return out.getvalue()
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile); a single value is all three."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, median, high
+
+
+def ratio_summary(values: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """(median of `values`, median ratio to `baseline`, the ratio's interquartile range). The
+    ratios are paired within each round (values[i] / baseline[i]): that cancels the drift."""
+    low, ratio, high = quartiles([value / base for value, base in zip(values, baseline)])
+    return statistics.median(values), ratio, high - low
+
+
+def ratio_cells(median: float, ratio: float, spread: float, *, width: int = 9, digits: int = 1) -> str:
+    """A row's "time, vs raw, spread" columns, in the layout every table shares."""
+    return f"{median:>{width}.{digits}f}{ratio:>8.3f}x{spread:>9.3f}"
+
+
+def round_up(count: int, multiple: int) -> int:
+    """`count` rounded up to a multiple: whole accumulation windows or logging periods only."""
+    return -(-count // multiple) * multiple
+
+
+def target_line(label: str, ratio: float, target: float, baseline: str = "raw") -> str:
+    """One line of a "targets:" section: the ratio, and whether it meets the target."""
+    verdict = "meets" if ratio <= target else "MISSES"
+    return f"  {label}: {ratio:.3f}x {baseline} ({verdict} <= {target}x)"
+
+
+def quick_note(what: str = "steps and rounds") -> str:
+    """The caveat printed under the targets of a --quick run."""
+    return f"  (--quick: too few {what} for these numbers to mean anything)"

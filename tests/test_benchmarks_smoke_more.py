@@ -1,0 +1,51 @@
+"""The DDP and checkpoint benchmarks run to the end and print their tables. Timings are never
+asserted: they depend on the machine, and a benchmark that fails on a busy one is noise, not a
+signal. (The overhead benchmark's smoke test is in test_benchmarks_smoke.py.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUMBER = r"[0-9.]+"
+
+
+def run_quick(script: str) -> str:
+    """stdout of `python benchmarks/<script> --quick`, which must exit 0."""
+    done = subprocess.run(
+        [sys.executable, os.path.join("benchmarks", script), "--quick"],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.multiprocess
+def test_ddp_benchmark_quick_run_prints_its_table():
+    out = run_quick("ddp.py")
+    header = r"^\s*accumulate\s+variant\s+us/step\s+vs raw\s+spread\s+cpu us/step\s+vs raw\s+spread$"
+    assert re.search(header, out, re.MULTILINE), out
+    for accumulate in ("1", "4"):
+        for variant in ("raw DDP", "raw DDP \\+ synced log", "trainloop"):
+            row = rf"^\s*{accumulate}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x"
+            assert re.search(row, out, re.MULTILINE), f"no {variant} row for accumulate {accumulate}:\n{out}"
+        assert re.search(rf"^\s*per-step, accumulate {accumulate}: {NUMBER}x raw DDP", out, re.MULTILINE), out
+
+
+def test_checkpoint_benchmark_quick_run_prints_its_tables():
+    out = run_quick("checkpoint.py")
+    assert re.search(r"^model\s+MB\s+op\s+variant\s+ms\s+vs raw\s+spread$", out, re.MULTILINE), out
+    for size in ("small", "medium"):
+        for op in ("save", "load"):
+            for variant in ("raw", "trainloop"):
+                row = rf"^{size}\s+{NUMBER}\s+{op}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}$"
+                assert re.search(row, out, re.MULTILINE), f"no {size} {op} {variant} row:\n{out}"
+            assert re.search(rf"^\s*tl\.{op}, {size}: {NUMBER}x raw", out, re.MULTILINE), out
+    assert re.search(r"^model\s+op\s+total\s+sha256\s+fsync\s+the rest\s+rest vs raw$", out, re.MULTILINE), out
+    for size in ("small", "medium"):
+        assert re.search(rf"^{size}\s+save\s+{NUMBER}\s+{NUMBER} \(", out, re.MULTILINE), out
