@@ -150,9 +150,9 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunSt
 def _registered(selection: Any, registered: tuple, kind: str) -> tuple:
     if selection is None:
         return registered
+    if len(registered) == 1 and selection is registered[0]:
+        return registered  # the common case: the one prepared optimizer, checked without a scan
     chosen = tuple(selection) if isinstance(selection, (list, tuple)) else (selection,)
-    if chosen == registered[:1] and chosen[0] is registered[0]:
-        return chosen  # the common case, checked without a scan
     for obj in chosen:
         if not any(obj is r for r in registered):
             raise ValueError(f"this {type(obj).__name__} was not prepared: pass the {kind} to tl.prepare first")
@@ -221,20 +221,23 @@ def flush_logs(state: RunState) -> RunState:
     entries.reverse()
     names = sorted({name for entry in entries for name in entry})
     device = torch.device("cpu") if state.topology.backend == "gloo" else state.device
-    means = []
+    sums, counts = [], []
     for name in names:
         series = [entry[name] for entry in entries if name in entry]
         tensors = [v for v in series if isinstance(v, torch.Tensor)]
-        total = float(sum(v for v in series if not isinstance(v, torch.Tensor)))
-        if tensors:  # one stack and one conversion per name, whatever the number of values
-            total = torch.stack(tensors).to(device, torch.float32).sum() + total
-        means.append(torch.as_tensor(total, dtype=torch.float32, device=device) / len(series))
-    vector = torch.stack(means)
+        plain = float(sum(v for v in series if not isinstance(v, torch.Tensor)))
+        if tensors:  # one stack and one sum per name, whatever the number of values
+            total = torch.stack(tensors).to(device, torch.float32).sum()
+            sums.append(total + plain if plain else total)
+        else:
+            sums.append(torch.tensor(plain, device=device))
+        counts.append(len(series))
+    vector = torch.stack(sums)
     if state.world_size > 1:
-        dist.all_reduce(vector)
-        vector /= state.world_size
+        dist.all_reduce(vector)  # the sums of every rank: one collective per report
     if state.is_main and state.hooks.on_log:
-        metrics = dict(zip(names, vector.tolist()))
+        metrics = {name: total / (count * state.world_size)
+                   for name, total, count in zip(names, vector.tolist(), counts)}
         for hook in state.hooks.on_log:
             hook(state, metrics)
     return state
