@@ -36,12 +36,17 @@ def assert_reference(saved: dict) -> None:
         torch.testing.assert_close(saved["weights"][name], value, atol=1e-6, rtol=0)
 
 
-def test_a_rank_that_raises_ends_the_job_quickly_naming_it():
+def run_failing_job(*args: str) -> tuple[str, float]:
+    """Launch, wait, and return the output and the seconds taken; the job must fail."""
     start = time.monotonic()
-    job = launch("-n", "2", str(SCRIPTS / "fail_on_rank.py"), "1")
-    output, _ = job.communicate(timeout=60)
-    elapsed = time.monotonic() - start
-    assert job.returncode != 0
+    job = launch(*args)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode != 0, output
+    return output, time.monotonic() - start
+
+
+def test_a_rank_that_raises_ends_the_job_quickly_naming_it():
+    output, elapsed = run_failing_job("-n", "2", str(SCRIPTS / "fail_on_rank.py"), "1")
     assert elapsed < 15, f"took {elapsed:.1f}s"
     assert output.count("RuntimeError: deliberate failure on rank 1") == 1, output
     assert "rank 1 (pid" in output and "failed first" in output, output
@@ -126,10 +131,6 @@ def test_settings_from_a_toml_file_and_flags_reach_init(tmp_path):
 
 
 def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named():
-    start = time.monotonic()
-    job = launch("-n", "2", str(SCRIPTS / "hang_on_rank.py"), "1")
-    output, _ = job.communicate(timeout=120)
-    elapsed = time.monotonic() - start
-    assert job.returncode != 0
+    output, elapsed = run_failing_job("-n", "2", str(SCRIPTS / "hang_on_rank.py"), "1")
     assert elapsed < 30, f"took {elapsed:.1f}s with a 3 s timeout"
     assert "rank(s) [1] never reached it" in output, output
