@@ -13,11 +13,11 @@ import time
 import attrs
 import pytest
 import torch
-from reference import mse, regression_data, tiny_model
 from torch.utils.data import DataLoader
-from trainloop.callbacks import Progress
 
 import trainloop as tl
+from reference import mse, regression_data, tiny_model
+from trainloop.callbacks import Progress
 
 
 def train(progress: Progress, *, steps: int, log_every: int = 100, start_step: int = 0,

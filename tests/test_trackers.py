@@ -19,9 +19,9 @@ from pathlib import Path
 import attrs
 import pytest
 import torch
-from trainloop.callbacks import Callback, JSONLines, MLflow, TensorBoard, Tracker, WandB
 
 import trainloop as tl
+from trainloop.callbacks import Callback, JSONLines, MLflow, TensorBoard, Tracker, WandB
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +136,7 @@ def finished_records(path: Path, timeout: float = 10.0) -> list:
     deadline = time.monotonic() + timeout
     while True:
         records = list(wandb_records(path))
-        if records and records[-1].WhichOneof("record_type") == "exit" or time.monotonic() > deadline:
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
             return records
         time.sleep(0.05)
 

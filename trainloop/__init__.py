@@ -14,7 +14,6 @@ Keep your own loop; call pure functions that take and return an immutable `RunSt
 
 from trainloop._version import __version__
 from trainloop.checkpoint import export, load, save
-
 from trainloop.collectives import barrier, broadcast, gather, main_first, reduce, split
 from trainloop.config import Config
 from trainloop.data import PreparedLoader

@@ -458,7 +458,7 @@ def _load_weights(model: torch.nn.Module, file: Path) -> None:
 
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     with safe_open(str(file), framework="pt") as reader:
-        found = {name: tuple(reader.get_slice(name).get_shape()) for name in reader.keys()}
+        found = {name: tuple(reader.get_slice(name).get_shape()) for name in reader.keys()}  # noqa: SIM118 (safe_open is not iterable)
     problems = [f"{name}: checkpoint {shape}, model {expected[name]}"
                 for name, shape in found.items() if name in expected and expected[name] != shape]
     problems += [f"{name}: in the checkpoint, not in the model" for name in found if name not in expected]

@@ -18,11 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from reference import mse, regression_data, tiny_model  # noqa: E402
-
-import trainloop as tl  # noqa: E402
-import trainloop.checkpoint  # noqa: E402
-from trainloop.callbacks import Checkpoint, LossScale  # noqa: E402
+import trainloop as tl
+import trainloop.checkpoint
+from reference import mse, regression_data, tiny_model
+from trainloop.callbacks import Checkpoint, LossScale
 
 parser = argparse.ArgumentParser()
 parser.add_argument("checkpoints")
@@ -54,7 +53,7 @@ state, model, optimizer, loader, scheduler = tl.prepare(state, model, optimizer,
 # One write per line (end=""), so that the ranks' lines never interleave mid-line.
 print(f"pid {state.rank} {os.getpid()} resumed_at {state.step}\n", end="", flush=True)
 
-for epoch in range(loader.epoch, args.epochs):
+for _epoch in range(loader.epoch, args.epochs):
     for x, y in loader:
         with tl.accumulate(state, model):
             state = tl.backward(state, mse(model, x, y))
