@@ -67,7 +67,7 @@ def uninterrupted(tmp_path_factory) -> dict:
 
 def test_sigkilled_mid_epoch_and_restarted_ends_bit_identical(tmp_path, uninterrupted):
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out.pt")
-    run_script(ckpt, out, "--slow", "0.05", kill_after_step=5)
+    run_script(ckpt, out, "--slow", "0.5", kill_after_step=5)  # slow: the kill lands before step 6
     assert not Path(out).exists()  # it really died before the end
     resumed = run_script(ckpt, out)
     assert resumed.returncode == 0, resumed.stderr
@@ -94,7 +94,7 @@ def test_ddp_worker_sigkilled_is_restarted_by_spawn_and_ends_bit_identical(tmp_p
     done = run_script(str(whole / "ckpt"), str(whole / "out.pt"), spawn_n=2)
     assert done.returncode == 0, done.stdout + done.stderr
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
-    output = run_script(str(ckpt), str(out), "--slow", "0.1", spawn_n=2, max_restarts=1,
+    output = run_script(str(ckpt), str(out), "--slow", "0.5", spawn_n=2, max_restarts=1,
                         kill_after_step=3, kill_rank=1)
     assert "resumed_at 2" in output, output  # the restarted workers continued from step 2
     assert_identical(torch.load(out, weights_only=True), torch.load(whole / "out.pt", weights_only=True))

@@ -398,7 +398,7 @@ def run_resumable(checkpoints: Path, out: Path, *, kill_after_step: int | None =
         done = subprocess.run(command, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr
         return done.stdout
-    command += ["--slow", "0.05"]
+    command += ["--slow", "0.5"]  # slow: the kill lands before the next checkpoint
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in job.stdout:
         if line.strip() == f"step {kill_after_step}":
