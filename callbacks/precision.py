@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from trainloop.callbacks.base import Callback
+from trainloop.collectives import collective_device
 
 
 def _parameters(state) -> list[torch.Tensor]:
@@ -84,10 +85,9 @@ class LossScale(Callback):
         if state.world_size > 1:
             # Replicated (DDP) gradients already agree, but sharded (FSDP2) ones, and parameters
             # outside the data-parallel wrapper, do not: decide together or the replicas diverge.
-            on_host = state.topology.backend == "gloo"
-            flag = found_inf.cpu() if on_host else found_inf
+            flag = found_inf.to(collective_device(state))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            found_inf = flag.to(self._scale.device) if on_host else flag
+            found_inf = flag.to(self._scale.device)
         torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf,
                                  self.growth_factor, self.backoff_factor, self.growth_interval)
         if found_inf.item():  # the host must know whether to step: GradScaler syncs here too

@@ -42,7 +42,7 @@ def gather(state: RunState, tree: T) -> T:
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
             raise TypeError(f"gather needs tensors with a batch dim 0 at every leaf (got {_describe(leaf)})")
-    device = _collective_device(state)
+    device = collective_device(state)
     signature = repr((str(spec), [(tuple(t.shape[1:]), str(t.dtype)) for t in leaves]))
     header = torch.tensor([len(leaves), zlib.crc32(signature.encode())], device=device)
     headers = _all_gather_equal(header, state.world_size)
@@ -86,7 +86,7 @@ def reduce(state: RunState, tree: T, op: str = "mean") -> T:
     if state.world_size == 1:
         return tree
     leaves, spec = tree_flatten(tree)
-    device = _collective_device(state)
+    device = collective_device(state)
     reduced = []
     for leaf in leaves:
         if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
@@ -119,7 +119,7 @@ def broadcast(state: RunState, obj: T, src: int = 0) -> T:
         return obj
     leaves, spec = tree_flatten(obj)
     if leaves and all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-        device = _collective_device(state)
+        device = collective_device(state)
         out = []
         for leaf in leaves:
             tensor = leaf.detach().to(device, copy=True)
@@ -172,7 +172,7 @@ def _all_gather_equal(tensor: torch.Tensor, world_size: int) -> list[torch.Tenso
     return parts
 
 
-def _collective_device(state: RunState) -> torch.device:
+def collective_device(state: RunState) -> torch.device:
     """Where collective buffers live: the run's device, except for backends that are CPU-only."""
     return torch.device("cpu") if state.topology.backend == "gloo" else state.device
 

@@ -6,6 +6,7 @@ so that optimizers can be checked against (and, under FSDP, rebuilt for) the fin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -133,12 +134,19 @@ def _wrap_for_strategy(state: RunState, model: nn.Module) -> tuple[nn.Module, di
     return model, {}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's own module inside what `prepare` returned (DDP, autocast, compile wrappers)."""
+def wrapper_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """`model`, then each module it wraps (DDP, autocast, compile), outermost first."""
     while True:
+        yield model
         if isinstance(model, (nn.parallel.DistributedDataParallel, precision.Autocast)):
             model = model.module
         elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's own module inside what `prepare` returned (DDP, autocast, compile wrappers)."""
+    *_, innermost = wrapper_layers(model)
+    return innermost

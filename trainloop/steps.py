@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainloop.collectives import collective_device
+from trainloop.prepare import wrapper_layers
 from trainloop.state import RunState
 
 _NOTHING_TO_DO = contextlib.nullcontext()
@@ -63,14 +65,10 @@ def _no_sync(models: tuple[nn.Module, ...]):
 
 
 def _sync_owner(model: nn.Module) -> nn.Module:
-    """The DDP or FSDP module inside the wrappers `prepare` may have added."""
-    while not isinstance(model, nn.parallel.DistributedDataParallel) and not hasattr(
-        model, "set_requires_gradient_sync"
-    ):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
+    """The DDP or FSDP module among the layers `prepare` wrapped the model in (else the model)."""
+    for layer in wrapper_layers(model):
+        if isinstance(layer, nn.parallel.DistributedDataParallel) or hasattr(layer, "set_requires_gradient_sync"):
+            return layer
     return model
 
 
@@ -166,7 +164,7 @@ def _normalise_gradients(state: RunState, optimizers: tuple) -> None:
             return  # a window of one micro-batch: the gradients are already the mean
         factor: Any = 1.0 / state.window_micro_steps
     elif state.world_size > 1:
-        device = torch.device("cpu") if state.topology.backend == "gloo" else state.device
+        device = collective_device(state)
         total = torch.as_tensor(items, dtype=torch.float64).to(device)
         dist.all_reduce(total)
         factor = (state.world_size / total).to(torch.float32)
@@ -220,7 +218,7 @@ def flush_logs(state: RunState) -> RunState:
         return state
     entries.reverse()
     names = sorted({name for entry in entries for name in entry})
-    device = torch.device("cpu") if state.topology.backend == "gloo" else state.device
+    device = collective_device(state)
     sums, counts = [], []
     for name in names:
         series = [entry[name] for entry in entries if name in entry]
