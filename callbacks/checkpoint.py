@@ -7,10 +7,9 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch.distributed as dist
-
 from trainloop.callbacks.base import Callback
 from trainloop.checkpoint import CheckpointError, checkpoints_in, load, save, verify
+from trainloop.collectives import broadcast
 from trainloop.state import RunState
 
 
@@ -60,10 +59,7 @@ class Checkpoint(Callback):
             return None
         self._looked_for_checkpoint = True
         chosen = self._newest_good_checkpoint() if state.is_main else None
-        if state.world_size > 1:
-            box = [chosen]
-            dist.broadcast_object_list(box, src=0)  # every rank resumes from the same one
-            chosen = box[0]
+        chosen = broadcast(state, chosen)  # every rank resumes from the same one
         if chosen is None:
             return None
         self.restored_from = Path(chosen)

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from trainloop._version import __version__
+from trainloop.collectives import broadcast
 from trainloop.prepare import unwrap
 from trainloop.state import RunState
 
@@ -84,10 +85,7 @@ def save(state: RunState, path: str | os.PathLike) -> Path:
             _write(state, path, rng, sharded_optimizers)
         except Exception as failure:  # OSError, and safetensors' own error type for a full disk
             error = f"could not write checkpoint {path}: {failure}"
-    if state.world_size > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)  # every rank learns the outcome: no one waits
-        error = box[0]
+    error = broadcast(state, error)  # every rank learns the outcome: no one waits
     if error is not None:
         raise CheckpointError(error + " (the previous checkpoints are untouched)")
     return path
@@ -156,10 +154,7 @@ def _write_shards(state: RunState, path: Path) -> tuple[str | None, list[dict] |
             _make_fresh(partial)
         except OSError as failure:
             error = f"could not write checkpoint {path}: {failure}"
-    if state.world_size > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)  # no rank writes into a directory that is not there
-        error = box[0]
+    error = broadcast(state, error)  # no rank writes into a directory that is not there
     if error is not None:
         return error, None
     try:
