@@ -161,9 +161,7 @@ class ClipGradNorm(Callback):
         grads = [p.grad for p in parameters if p.grad is not None]
         if not grads:
             return None
-        total = torch.nn.utils.get_total_norm(grads, self.norm_type)
-        if hasattr(total, "full_tensor"):  # FSDP2: a partial norm per rank; reduce it
-            total = total.full_tensor()
+        total = state.strategy.grad_norm(grads, self.norm_type)  # over every rank's shards
         self.last_norm = total
         if not state.skip_step:
             torch.nn.utils.clip_grads_with_norm_(parameters, self.max_norm, total)

@@ -278,7 +278,7 @@ def test_a_planted_pickle_in_dcp_metadata_is_refused_and_never_runs(job, tmp_pat
 
 
 def test_dcp_metadata_that_points_outside_the_verified_files_is_refused(job, tmp_path):
-    from trainloop.fsdp import _MetadataUnpickler
+    from trainloop.distcp import _MetadataUnpickler
 
     _, directory = job
     checkpoint = copy_checkpoint(directory / "sharded", tmp_path / "redirected")

@@ -15,7 +15,8 @@ Under FSDP (`strategy="fsdp"`) the weights and the optimizers' tensors are shard
 `__0_0.distcp`, `__1_0.distcp`, ... (each rank's shards) and `.metadata`, written by
 torch.distributed.checkpoint, take the place of the safetensors files, and `optimizer.pt` holds
 the optimizers' non-tensor state (hyperparameters, parameter names). A sharded checkpoint loads
-at any world size (see `trainloop.fsdp`).
+at any world size (see `trainloop.distcp`). Which kind a run writes is its strategy's choice
+(`state.strategy.sharded`).
 
 Writing is all-or-nothing. Everything is written into `.<name>.partial/` next to the target,
 each file and the directory fsynced, and only then renamed into place (`os.replace`); the
@@ -53,17 +54,16 @@ import torch.distributed as dist
 
 from trainloop._version import __version__
 from trainloop.collectives import broadcast
-from trainloop.prepare import unwrap
+from trainloop.errors import CheckpointError
 from trainloop.state import RunState
+from trainloop.wrappers import unwrap
+
+__all__ = ["CheckpointError", "checkpoints_in", "export", "load", "save", "verify"]  # CheckpointError: its old home
 
 FORMAT = "trainloop-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be written, or is not one that may be loaded (the reason says why)."""
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def save(state: RunState, path: str | os.PathLike) -> Path:
     path = Path(path)
     rng = _gather_rng_states(state)
     error, sharded_optimizers = None, None
-    if state.config.strategy == "fsdp":
+    if state.strategy.sharded:
         error, sharded_optimizers = _write_shards(state, path)
     if state.is_main and error is None:
         try:
@@ -145,7 +145,7 @@ def _write_shards(state: RunState, path: Path) -> tuple[str | None, list[dict] |
     """
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from trainloop import fsdp
+    from trainloop import distcp
 
     partial = _partial_dir(path)
     error = None
@@ -158,7 +158,7 @@ def _write_shards(state: RunState, path: Path) -> tuple[str | None, list[dict] |
     if error is not None:
         return error, None
     try:
-        plain = fsdp.save_sharded([unwrap(m) for m in state.models], state.optimizers, partial)
+        plain = distcp.save_sharded([unwrap(m) for m in state.models], state.optimizers, partial)
     except (Exception, CheckpointException) as failure:  # DCP raises the same on every rank
         if state.is_main:
             shutil.rmtree(partial, ignore_errors=True)
@@ -407,15 +407,15 @@ def _restore(state: RunState, path: Path, manifest: dict[str, Any]) -> RunState:
         if saved != prepared:
             raise ValueError(f"{path} holds {saved} {kind} but the run prepared {prepared}: prepare the same objects")
     if _sharded(manifest):
-        from trainloop import fsdp
+        from trainloop import distcp
 
-        fsdp.load_sharded([unwrap(m) for m in state.models], state.optimizers, path,
-                          manifest["files"], optimization["optimizers"])
-    elif state.config.strategy == "fsdp":
+        distcp.load_sharded([unwrap(m) for m in state.models], state.optimizers, path,
+                            manifest["files"], optimization["optimizers"])
+    elif state.strategy.sharded:
         raise ValueError(
             f"{path} holds whole (unsharded) weights from a {manifest['strategy']!r} run; a "
-            "strategy='fsdp' run loads sharded checkpoints only: resume with that strategy, "
-            "or start from its weights with tl.export and load_state_dict before sharding"
+            f"strategy={state.config.strategy!r} run loads sharded checkpoints only: resume with that "
+            "strategy, or start from its weights with tl.export and load_state_dict before sharding"
         )
     else:
         for index, model in enumerate(state.models):
@@ -444,7 +444,7 @@ def _restore(state: RunState, path: Path, manifest: dict[str, Any]) -> RunState:
 
 def _sharded(manifest: dict[str, Any]) -> bool:
     """Written by an FSDP run: torch.distributed.checkpoint's files, its `.metadata` among them."""
-    return ".metadata" in manifest["files"]  # fsdp.METADATA; importing fsdp here would cost 0.6 s
+    return ".metadata" in manifest["files"]  # distcp.METADATA; importing distcp here would cost 0.5 s
 
 
 def _load_weights(model: torch.nn.Module, file: Path) -> None:
@@ -475,30 +475,41 @@ def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | No
     FSDP the shards are gathered to rank 0's CPU one tensor at a time: rank 0 needs CPU memory
     for the whole model.
     """
-    from safetensors.torch import save_file, save_model
-
     if model is None:
         if len(state.models) != 1:
             raise ValueError(f"export needs model= when the run prepared {len(state.models)} models")
         model = state.models[0]
     path = Path(path)
-    gathered = None
-    if state.config.strategy == "fsdp":
-        from trainloop import fsdp
-
-        gathered = fsdp.full_state_dict(unwrap(model))  # every rank sends its shards to rank 0
+    tensors = state.strategy.export_state_dict(model)  # sharded: every rank sends its shards to rank 0
     if state.is_main:
         temporary = path.parent / f".{path.name}.partial"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if gathered is None:
-            save_model(unwrap(model), str(temporary))
-        else:
-            save_file(gathered, str(temporary), metadata={"format": "pt"})
+        _save_state_dict(tensors, temporary)
         _fsync(temporary)
         os.replace(temporary, path)
     if state.world_size > 1:
         dist.barrier()
     return path
+
+
+def _save_state_dict(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Write a state dict as safetensors, as `safetensors.torch.save_model` writes a module's.
+
+    Tensors that share storage (tied weights) are written once, under one name, and the other
+    names recorded in the metadata, which `load_model` ties again.
+    """
+    from safetensors.torch import _remove_duplicate_names, save_file
+
+    by_storage: dict[Any, list[str]] = {}
+    for name, tensor in tensors.items():
+        by_storage.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), []).append(name)
+    shared = {name: tensors[name] for names in by_storage.values() if len(names) > 1 for name in names}
+    tensors, metadata = dict(tensors), {"format": "pt"}
+    for kept, removed in _remove_duplicate_names(shared).items():
+        for name in removed:
+            metadata[name] = kept
+            del tensors[name]
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(file), metadata=metadata)
 
 
 def checkpoints_in(directory: str | os.PathLike) -> Iterator[Path]:

@@ -139,6 +139,44 @@ class Config:
                           "state in CPU memory; the optimizer steps on the CPU"},
     )
 
+    # -- strategies (issue 13) and DDP's own options (issue 12, item 17) ----------------------
+    ddp_find_unused_parameters: bool = attrs.field(
+        default=False,
+        validator=_boolean,
+        metadata={"help": "DDP: let backward finish when some parameters got no gradient this step. "
+                          "Trap: a parameter used on only some ranks is averaged with zeros from the "
+                          "others (a gradient of 1.0 becomes 0.5 on 2 ranks); costs a graph walk "
+                          "per backward"},
+    )
+    ddp_static_graph: bool = attrs.field(
+        default=False,
+        validator=_boolean,
+        metadata={"help": "DDP: the set of used parameters and the graph never change between "
+                          "steps (allows reentrant activation checkpointing). Trap: a model whose "
+                          "control flow does change gets wrong or missing gradient syncs"},
+    )
+    ddp_gradient_as_bucket_view: bool = attrs.field(
+        default=False,
+        validator=_boolean,
+        metadata={"help": "DDP: gradients are views into the all-reduce buckets (saves one copy "
+                          "of the gradients). Trap: code that calls grad.detach_() or replaces "
+                          "a view in place fails or writes into the bucket"},
+    )
+    ddp_bucket_cap_mb: float = attrs.field(
+        default=25.0,
+        converter=float,
+        validator=_at_least(0.001),
+        metadata={"help": "DDP: megabytes of gradients per all-reduce bucket. Trap: tiny buckets "
+                          "mean many small collectives, huge ones mean no overlap with backward"},
+    )
+    ddp_comm_hook: str = attrs.field(
+        default="none",
+        validator=_one_of(("none", "bf16", "fp16")),
+        metadata={"help": "DDP: all-reduce gradients compressed to bf16 or fp16 (torch's "
+                          "default_hooks). Trap: the sum is rounded, so training is no longer "
+                          "exact; fp16 overflows for gradients above 65504 x world_size"},
+    )
+
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
 

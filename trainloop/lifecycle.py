@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from trainloop import strategies
 from trainloop.config import resolve_config
 from trainloop.state import Hooks, RunState
 from trainloop.steps import flush_logs
@@ -42,7 +43,8 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
 
         if not any(isinstance(c, LossScale) for c in callbacks):
             callbacks = (LossScale(), *callbacks)  # fp16 gradients underflow without scaling
-    return RunState(topology=topology, config=config, callbacks=callbacks, hooks=Hooks.of(callbacks))
+    return RunState(topology=topology, config=config, callbacks=callbacks, hooks=Hooks.of(callbacks),
+                    strategy=strategies.create(config, topology))
 
 
 def attach(state: RunState, *callbacks: Any) -> RunState:

@@ -6,7 +6,6 @@ so that optimizers can be checked against (and, under FSDP, rebuilt for) the fin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader
 from trainloop import precision
 from trainloop.data import PreparedLoader
 from trainloop.state import RunState
+from trainloop.wrappers import unwrap, wrapper_layers  # noqa: F401 (their old home: re-exported)
 
 _SUPPORTED = "nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, torch.optim.lr_scheduler.LRScheduler"
 
@@ -26,14 +26,14 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
     Returns `(new_state, *prepared)`, the prepared objects in the order given:
 
     - `nn.Module`: moved to `state.device`; wrapped for the precision (autocast around its
-      forward) and, on many ranks, in DistributedDataParallel (rank 0's parameters and buffers
-      are broadcast, so every rank starts from the same model however it was built); with
-      `strategy="fsdp"` sharded in place with FSDP2 instead, on any number of ranks
-      (`trainloop.fsdp`).
+      forward) and for the run's strategy (`state.strategy`, `trainloop.strategies`): on many
+      ranks in DistributedDataParallel (rank 0's parameters and buffers are broadcast, so every
+      rank starts from the same model however it was built); with `strategy="fsdp"` sharded in
+      place with FSDP2 instead, on any number of ranks.
     - `Optimizer`: the same object, still bound to the (moved) parameters; under FSDP its param
       groups are pointed at the shards in place (prepare it with its model, before it steps).
-    - `DataLoader`: a `PreparedLoader`: sharded, batches on the device, seeded shuffling,
-      resumable position.
+    - `DataLoader`: a `PreparedLoader`: sharded over the data-parallel ranks, batches on the
+      device, seeded shuffling, resumable position.
     - LR scheduler: the same object; `tl.step` steps it once per optimizer step.
 
     Then the `on_prepare` hooks fire (a `Checkpoint(resume=True)` restores the run there).
@@ -49,26 +49,24 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
 
     prepared: dict[int, Any] = {}
     models, optimizers, schedulers, loaders = [], [], [], []
-    # FSDP replaces parameters by their shards: id(original) -> shard, to re-bind the optimizers.
+    # A strategy may replace parameters (FSDP: by their shards): id(original) -> replacement.
     replaced: dict[int, nn.Parameter] = {}
     for index, obj in enumerate(objects):
         if isinstance(obj, nn.Module):
             prepared[index], sharded = _prepare_model(state, obj)
             replaced.update(sharded)
             models.append(prepared[index])
+    dp_rank, dp_size = state.strategy.data_parallel()
     for index, obj in enumerate(objects):
         if isinstance(obj, torch.optim.Optimizer):
-            if state.config.strategy == "fsdp":
-                # Point the optimizer at the shards, in place, so the object the user holds
-                # (and any scheduler on it) stays the one that trains; refuse one that cannot be.
-                from trainloop import fsdp
-
-                fsdp.bind_optimizer(obj, replaced)
+            # Point the optimizer at the replacements in place, so the object the user holds (and
+            # any scheduler on it) stays the one that trains; refuse one that cannot be.
+            state.strategy.bind_optimizer(obj, replaced)
             prepared[index] = obj
             optimizers.append(obj)
         elif isinstance(obj, DataLoader):
-            prepared[index] = PreparedLoader(obj, device=state.device, rank=state.rank,
-                                             world_size=state.world_size, seed=state.config.seed)
+            prepared[index] = PreparedLoader(obj, device=state.device, rank=dp_rank,
+                                             world_size=dp_size, seed=state.config.seed)
             loaders.append(prepared[index])
     all_optimizers = (*state.optimizers, *optimizers)
     for index, obj in enumerate(objects):
@@ -117,36 +115,5 @@ def _prepare_model(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[i
         # backward. After cast_module: float8 layers are compiled too. Autocast stays outside:
         # dynamo guards on the autocast state and traces the casts into the graph.
         model = torch.compile(model)
-    model, replaced = _wrap_for_strategy(state, model)
+    model, replaced = state.strategy.wrap(state, model)
     return precision.wrap_forward(model, state.device, state.config.precision), replaced
-
-
-def _wrap_for_strategy(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
-    if state.config.strategy == "fsdp":
-        from trainloop import fsdp  # imports torch.distributed.fsdp (~0.6 s): FSDP runs only
-
-        # In place, also on one process; under compile, the user's module inside the wrapper.
-        return model, fsdp.shard(state, unwrap(model))
-    if state.world_size > 1 and state.config.strategy in ("auto", "ddp"):
-        device_ids = [state.device.index] if state.device.type != "cpu" else None
-        # DDP's constructor broadcasts rank 0's parameters and buffers to every rank.
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), {}
-    return model, {}
-
-
-def wrapper_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """`model`, then each module it wraps (DDP, autocast, compile), outermost first."""
-    while True:
-        yield model
-        if isinstance(model, (nn.parallel.DistributedDataParallel, precision.Autocast)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's own module inside what `prepare` returned (DDP, autocast, compile wrappers)."""
-    *_, innermost = wrapper_layers(model)
-    return innermost

@@ -25,6 +25,7 @@ from trainloop.topology import Topology
 if TYPE_CHECKING:
     from trainloop.callbacks import Callback
     from trainloop.data import PreparedLoader
+    from trainloop.strategies.base import Strategy
 
 
 @attrs.frozen
@@ -72,6 +73,7 @@ class RunState:
         window_items: the open window's summed `num_items` (None when not given).
         skip_step: set by an `on_before_step` hook to skip this optimizer step.
         pending_logs, logged_step: `log`'s buffer and the step it last flushed at.
+        strategy: how models are spread over the processes (`trainloop.strategies`).
     """
 
     topology: Topology
@@ -89,6 +91,7 @@ class RunState:
     skip_step: bool = False
     pending_logs: PendingLogs | None = attrs.field(default=None, eq=False)
     logged_step: int = 0
+    strategy: Strategy = attrs.field(kw_only=True, eq=False)  # set by `init`: strategies.create
 
     # -- where this process sits ---------------------------------------------------------------
 
@@ -155,6 +158,7 @@ class RunState:
         _set_field(new, "skip_step", self.skip_step)
         _set_field(new, "pending_logs", self.pending_logs)
         _set_field(new, "logged_step", self.logged_step)
+        _set_field(new, "strategy", self.strategy)
         for name, value in changes.items():
             if name not in _FIELD_SET:
                 raise TypeError(f"RunState has no field {name!r}")

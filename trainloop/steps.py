@@ -26,7 +26,6 @@ import torch.distributed as dist
 from torch import nn
 
 from trainloop.collectives import collective_device
-from trainloop.prepare import wrapper_layers
 from trainloop.state import RunState
 
 _NOTHING_TO_DO = contextlib.nullcontext()
@@ -36,40 +35,14 @@ def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.Ab
     """Context manager around a micro-step's forward and backward.
 
     On every micro-step but the window's last it turns off gradient synchronisation across ranks
-    (DDP `no_sync`, FSDP `set_requires_gradient_sync(False)`) for `model`, or for every prepared
-    model when None; gradients then accumulate locally and are synchronised once, on the last
-    micro-step. A window also closes at the last batch of a prepared loader's epoch. On one
-    process there is nothing to synchronise and this does nothing.
+    (the strategy's `no_sync`: DDP `no_sync`, FSDP `set_requires_gradient_sync(False)`) for
+    `model`, or for every prepared model when None; gradients then accumulate locally and are
+    synchronised once, on the last micro-step. A window also closes at the last batch of a
+    prepared loader's epoch. On one process there is nothing to synchronise and this does nothing.
     """
     if state.world_size == 1 or state.sync_now:
         return _NOTHING_TO_DO
-    models = state.models if model is None else (model,)
-    if len(models) == 1:  # the common case: the model's own context manager, nothing around it
-        inner = _sync_owner(models[0])
-        if isinstance(inner, nn.parallel.DistributedDataParallel):
-            return inner.no_sync()
-    return _no_sync(models)
-
-
-@contextlib.contextmanager
-def _no_sync(models: tuple[nn.Module, ...]):
-    with contextlib.ExitStack() as stack:
-        for model in models:
-            inner = _sync_owner(model)
-            if isinstance(inner, nn.parallel.DistributedDataParallel):
-                stack.enter_context(inner.no_sync())
-            elif hasattr(inner, "set_requires_gradient_sync"):  # an FSDP2 module
-                inner.set_requires_gradient_sync(False)
-                stack.callback(inner.set_requires_gradient_sync, True)
-        yield
-
-
-def _sync_owner(model: nn.Module) -> nn.Module:
-    """The DDP or FSDP module among the layers `prepare` wrapped the model in (else the model)."""
-    for layer in wrapper_layers(model):
-        if isinstance(layer, nn.parallel.DistributedDataParallel) or hasattr(layer, "set_requires_gradient_sync"):
-            return layer
-    return model
+    return state.strategy.no_sync(state.models if model is None else (model,))
 
 
 def backward(state: RunState, loss: torch.Tensor, *, num_items: Any = None) -> RunState:

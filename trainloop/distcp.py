@@ -1,0 +1,204 @@
+"""Sharded checkpoints through torch.distributed.checkpoint (DCP), read safely.
+
+A strategy whose checkpoints are sharded (`Strategy.sharded`: FSDP2) has every rank write its
+shards with `save_sharded`; a later run at any world size, sharded or not, reads the pieces it
+needs with `load_sharded`.
+
+DCP has no checksums and unpickles its `.metadata` with plain `pickle` (FIELD-NOTES), so
+`trainloop.checkpoint` hash-checks every file first and DCP reads them here only through
+`_VerifiedReader`: the metadata through an unpickler that knows DCP's few metadata classes and
+nothing else, data only from files the manifest lists. Only tensors go into DCP: non-tensor
+optimizer state (hyperparameters, counts) travels in the checkpoint's own `optimizer.pt`,
+loaded with `weights_only=True`, so DCP never reaches the unpickling load it uses for byte
+entries (weights_only off).
+
+This module imports torch.distributed.checkpoint (about 0.5 s): the checkpoint functions import
+it only for sharded checkpoints.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from trainloop.errors import CheckpointError
+
+METADATA = ".metadata"  # DCP's metadata file, written last: a checkpoint that holds one is sharded
+
+
+def save_sharded(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
+                 directory: Path) -> list[dict[str, Any]]:
+    """Write this rank's shards of the models' and optimizers' tensors into `directory` (DCP).
+
+    Call on every rank (a collective). Returns each optimizer's non-tensor state
+    (`{"state": ..., "param_groups": ...}`, parameters named by their fully qualified names),
+    the same on every rank: the caller stores it with the checkpoint's other plain state.
+    Raises DCP's CheckpointException (a BaseException) on every rank if a rank's write failed.
+    """
+    container = nn.ModuleList(models)
+    tensors: dict[str, Any] = {"model": get_model_state_dict(container)}
+    plain = []
+    for index, optimizer in enumerate(optimizers):
+        if optimizer.state:
+            state_dict = get_optimizer_state_dict(container, optimizer)
+        else:
+            # get_optimizer_state_dict would create the missing state with a zero step, and a
+            # run that saved before its first step would then train unlike one that did not.
+            state_dict = {"state": {}, "param_groups": _named_param_groups(container, optimizer)}
+        tensors[f"optimizer.{index}"] = {key: _tensors(values) for key, values in state_dict["state"].items()}
+        plain.append({
+            "state": {key: _non_tensors(values) for key, values in state_dict["state"].items()},
+            "param_groups": state_dict["param_groups"],
+        })
+    dcp.save(tensors, storage_writer=FileSystemWriter(directory))
+    return plain
+
+
+def load_sharded(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
+                 directory: Path, files: Iterable[str], plain_optimizers: Sequence[dict]) -> None:
+    """Load a sharded checkpoint into the models and optimizers, whatever the world size.
+
+    `directory`'s `files` (names) must already be verified against the manifest: DCP reads no
+    other file. `plain_optimizers` is what `save_sharded` returned when saving. Call on every
+    rank; the models may be sharded or plain (a single process). Raises CheckpointError for
+    metadata that is not plain DCP metadata, ValueError listing the tensors that do not fit.
+    """
+    container = nn.ModuleList(models)
+    # DCP loads into tensors allocated and sharded as this run needs them; for the optimizers,
+    # get_optimizer_state_dict creates them (with a zero step that the loaded state replaces).
+    tensors: dict[str, Any] = {"model": get_model_state_dict(container)}
+    for index, (optimizer, plain) in enumerate(zip(optimizers, plain_optimizers)):
+        state = get_optimizer_state_dict(container, optimizer)["state"]
+        tensors[f"optimizer.{index}"] = {key: _tensors(state.get(key, {})) for key in plain["state"]}
+    reader = _VerifiedReader(directory, files)
+    _check_fit(tensors, reader.read_metadata(), directory)
+    with warnings.catch_warnings():
+        # A single process without a process group loads on its own: that is intended.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=reader)
+    set_model_state_dict(container, tensors["model"])
+    for index, (optimizer, plain) in enumerate(zip(optimizers, plain_optimizers)):
+        loaded = tensors[f"optimizer.{index}"]
+        state = {key: {**values, **loaded[key]} for key, values in plain["state"].items()}
+        set_optimizer_state_dict(container, optimizer, {"state": state, "param_groups": plain["param_groups"]})
+
+
+def _tensors(values: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {name: value for name, value in values.items() if isinstance(value, torch.Tensor)}
+
+
+def _non_tensors(values: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in values.items() if not isinstance(value, torch.Tensor)}
+
+
+def _named_param_groups(container: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The param groups as get_optimizer_state_dict gives them: parameters by qualified name."""
+    names = {id(parameter): name for name, parameter in container.named_parameters()}
+    return [{**group, "params": [names[id(p)] for p in group["params"]]} for group in optimizer.param_groups]
+
+
+def _flat_shapes(tree: dict[str, Any], prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Tensor shapes by the dotted keys DCP stores them under."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            shapes.update(_flat_shapes(value, f"{prefix}{key}."))
+        else:
+            shapes[f"{prefix}{key}"] = tuple(value.shape)
+    return shapes
+
+
+def _check_fit(tensors: dict[str, Any], metadata: Metadata, directory: Path) -> None:
+    """Raise ValueError listing what differs between the checkpoint and the run.
+
+    Without this DCP would hang or fail deep inside on a key only some ranks miss; every rank
+    reaches the same verdict here, from the same metadata and the same model.
+    """
+    expected = _flat_shapes(tensors)
+    found = {key: tuple(entry.size) for key, entry in metadata.state_dict_metadata.items()}
+    problems = [f"{key}: checkpoint {shape}, run {expected[key]}"
+                for key, shape in found.items() if key in expected and expected[key] != shape]
+    problems += [f"{key}: in the checkpoint, not in the run" for key in found if key not in expected]
+    problems += [f"{key}: in the run, not in the checkpoint" for key in expected if key not in found]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"{directory} does not fit this run's models and optimizers: {shown}")
+
+
+# -- reading DCP's files safely ----------------------------------------------------------------
+
+# What DCP's own metadata pickles refer to (torch 2.10 - 2.13), and nothing else: no callable
+# that could run code. The checkpoint id is a path (pathlib._local on Python 3.13+).
+_METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", "Metadata"),
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    *((module, cls) for module in ("pathlib", "pathlib._local")
+      for cls in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata only: any other global (a `__reduce__` payload) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"refusing to read {METADATA}: it asks for {module}.{name}, which DCP metadata never "
+            "holds; a checkpoint must never run code"
+        )
+
+
+class _VerifiedReader(FileSystemReader):
+    """A FileSystemReader for a hash-verified checkpoint: safe metadata, listed files only."""
+
+    def __init__(self, path: Path, files: Iterable[str]):
+        super().__init__(path)
+        self._files = frozenset(files)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with open(Path(self.path) / METADATA, "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+        self._check(metadata)
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def _check(self, metadata: Any) -> None:
+        """Plain tensors from the verified files, untransformed: what `save_sharded` writes."""
+        where = Path(self.path) / METADATA
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+            raise CheckpointError(f"{where} is not DCP checkpoint metadata")
+        if not all(isinstance(e, TensorStorageMetadata) for e in metadata.state_dict_metadata.values()):
+            raise CheckpointError(f"{where} describes non-tensor entries, which trainloop never writes to DCP")
+        for info in metadata.storage_data.values():
+            if not isinstance(info, _StorageInfo) or info.relative_path not in self._files:
+                raise CheckpointError(f"{where} points at data outside the checkpoint's verified files")
+            if info.transform_descriptors:
+                raise CheckpointError(f"{where} asks for storage transforms, which trainloop never writes")

@@ -1,0 +1,83 @@
+"""The one seam between trainloop's core and the ways of spreading a model over processes.
+
+`prepare`, `accumulate`, the checkpoint functions and the callbacks call a run's strategy
+(`state.strategy`) through this protocol and never ask which strategy it is. Each strategy is
+one module of this package: `local` (one process, nothing to synchronise), `ddp`
+(DistributedDataParallel), `fsdp` (FSDP2 `fully_shard`). `trainloop.strategies.create` picks one
+from the settings, once, in `init`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from trainloop.state import RunState
+
+
+class Strategy(Protocol):
+    """What the core needs from a strategy. Methods that say "collective" run on every rank."""
+
+    #: The `strategy` setting this object implements ("local", "ddp", "fsdp").
+    name: str
+    #: True when checkpoints hold each rank's shards (torch.distributed.checkpoint) instead of
+    #: whole weights written by rank 0; a sharded run refuses to resume from whole weights.
+    sharded: bool
+
+    def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+        """Make `model` (on its device, precision-cast) ready for the strategy. Collective.
+
+        Returns the model to hand on (a wrapper, or the model sharded in place) and
+        id(parameter before) -> the parameter that replaced it, for `bind_optimizer`.
+        """
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:
+        """Point an optimizer built before `prepare` at the parameters `wrap` put in place."""
+
+    def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
+        """A context in which backward accumulates gradients locally, unsynchronised."""
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(rank, size) of this process among the data-parallel replicas: loaders shard by it."""
+
+    def grad_norm(self, grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+        """The total `norm_type` norm of the gradients of every rank's parameters (a plain tensor)."""
+
+    def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's whole state dict, ready to write on the main process. Collective.
+
+        Whole strategies return the user's module's own state dict (shared storage, no copy);
+        sharded ones gather it to rank 0's CPU (empty elsewhere).
+        """
+
+
+class WholeModel:
+    """Shared behaviour of the strategies that keep a whole copy of the model on every rank."""
+
+    name = "local"
+    sharded = False
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self._rank, self._world_size = rank, world_size
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:
+        """Nothing to do: the parameters are the ones the optimizer was built on."""
+
+    def data_parallel(self) -> tuple[int, int]:
+        return self._rank, self._world_size
+
+    def grad_norm(self, grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+        return torch.nn.utils.get_total_norm(grads, norm_type)
+
+    def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from trainloop.wrappers import unwrap
+
+        return unwrap(model).state_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

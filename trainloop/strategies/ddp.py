@@ -1,0 +1,80 @@
+"""DistributedDataParallel: a whole replica of the model per rank, gradients all-reduced.
+
+DDP's constructor broadcasts rank 0's parameters and buffers, so every rank starts from the same
+model however it was built. Its own options are settings (`ddp_*`, see `trainloop.config`):
+`find_unused_parameters`, `static_graph`, `gradient_as_bucket_view`, `bucket_cap_mb`, and a
+gradient-compression communication hook (`ddp_comm_hook="bf16"|"fp16"`, torch's
+`default_hooks`). The traps each one carries are in the settings' help and in docs/fsdp.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from trainloop.strategies.base import WholeModel
+from trainloop.wrappers import wrapper_layers
+
+if TYPE_CHECKING:
+    from trainloop.config import Config
+    from trainloop.state import RunState
+
+DDP = nn.parallel.DistributedDataParallel
+_NOTHING_TO_DO = contextlib.nullcontext()
+
+
+class DataParallel(WholeModel):
+    """The strategy of `strategy="auto"` or `"ddp"` on more than one process."""
+
+    name = "ddp"
+
+    def __init__(self, config: Config, rank: int, world_size: int):
+        super().__init__(rank, world_size)
+        self.options: dict[str, Any] = {
+            "find_unused_parameters": config.ddp_find_unused_parameters,
+            "static_graph": config.ddp_static_graph,
+            "gradient_as_bucket_view": config.ddp_gradient_as_bucket_view,
+            "bucket_cap_mb": config.ddp_bucket_cap_mb,
+        }
+        self.comm_hook = config.ddp_comm_hook
+
+    def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+        device_ids = [state.device.index] if state.device.type != "cpu" else None
+        # The constructor broadcasts rank 0's parameters and buffers to every rank.
+        wrapped = DDP(model, device_ids=device_ids, **self.options)
+        if self.comm_hook != "none":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            hook = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+            wrapped.register_comm_hook(None, hook[self.comm_hook])  # None: the default process group
+        return wrapped, {}
+
+    def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
+        if len(models) == 1:  # the common case: DDP's own context manager, nothing around it
+            owner = _ddp_layer(models[0])
+            return _NOTHING_TO_DO if owner is None else owner.no_sync()
+        return _all_no_sync(models)
+
+    def __repr__(self) -> str:
+        return f"DataParallel({self.options}, comm_hook={self.comm_hook!r})"
+
+
+def _ddp_layer(model: nn.Module) -> DDP | None:
+    """The DistributedDataParallel among the layers `prepare` wrapped the model in, if any."""
+    for layer in wrapper_layers(model):
+        if isinstance(layer, DDP):
+            return layer
+    return None
+
+
+@contextlib.contextmanager
+def _all_no_sync(models: Sequence[nn.Module]):
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            owner = _ddp_layer(model)
+            if owner is not None:
+                stack.enter_context(owner.no_sync())
+        yield

@@ -1,0 +1,28 @@
+"""One process: the model is used as it is; there is nothing to synchronise."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from trainloop.strategies.base import WholeModel
+
+if TYPE_CHECKING:
+    from trainloop.state import RunState
+
+_NOTHING_TO_DO = contextlib.nullcontext()
+
+
+class Local(WholeModel):
+    """The strategy of a single process with `strategy="auto"` or `"ddp"`."""
+
+    name = "local"
+
+    def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+        return model, {}
+
+    def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
+        return _NOTHING_TO_DO
