@@ -152,8 +152,9 @@ class Config:
         default=False,
         validator=_boolean,
         metadata={"help": "DDP: the set of used parameters and the graph never change between "
-                          "steps (allows reentrant activation checkpointing). Trap: a model whose "
-                          "control flow does change gets wrong or missing gradient syncs"},
+                          "steps (allows reentrant activation checkpointing). Traps: a model whose "
+                          "control flow does change gets wrong or missing gradient syncs; torch's "
+                          "DDP breaks with it under no_sync, so it is refused with accumulate > 1"},
     )
     ddp_gradient_as_bucket_view: bool = attrs.field(
         default=False,
@@ -166,15 +167,16 @@ class Config:
         default=25.0,
         converter=float,
         validator=_at_least(0.001),
-        metadata={"help": "DDP: megabytes of gradients per all-reduce bucket. Trap: tiny buckets "
-                          "mean many small collectives, huge ones mean no overlap with backward"},
+        metadata={"help": "DDP: megabytes of gradients per all-reduce bucket (25: torch's default, "
+                          "with a small first bucket). Trap: tiny buckets mean many small "
+                          "collectives, huge ones no overlap of the all-reduce with backward"},
     )
     ddp_comm_hook: str = attrs.field(
         default="none",
         validator=_one_of(("none", "bf16", "fp16")),
         metadata={"help": "DDP: all-reduce gradients compressed to bf16 or fp16 (torch's "
-                          "default_hooks). Trap: the sum is rounded, so training is no longer "
-                          "exact; fp16 overflows for gradients above 65504 x world_size"},
+                          "default_hooks; bf16 needs nccl). Traps: the sum is rounded, so training "
+                          "is no longer exact; fp16 overflows for gradients above 65504 x world_size"},
     )
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def create(config: Config, topology: Topology) -> Strategy:
     if topology.world_size > 1:  # "auto" and "ddp"
         from trainloop.strategies.ddp import DataParallel
 
-        return DataParallel(config, topology.rank, topology.world_size)
+        return DataParallel(config, topology)
     from trainloop.strategies.local import Local
 
     return Local()

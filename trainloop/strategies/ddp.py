@@ -21,6 +21,7 @@ from trainloop.wrappers import wrapper_layers
 if TYPE_CHECKING:
     from trainloop.config import Config
     from trainloop.state import RunState
+    from trainloop.topology import Topology
 
 DDP = nn.parallel.DistributedDataParallel
 _NOTHING_TO_DO = contextlib.nullcontext()
@@ -31,13 +32,27 @@ class DataParallel(WholeModel):
 
     name = "ddp"
 
-    def __init__(self, config: Config, rank: int, world_size: int):
-        super().__init__(rank, world_size)
+    def __init__(self, config: Config, topology: Topology):
+        if config.ddp_comm_hook == "bf16" and topology.backend not in ("nccl", "xccl"):
+            raise ValueError(
+                f"ddp_comm_hook='bf16' needs the nccl or xccl backend (torch's bf16_compress_hook), "
+                f"and this run uses {topology.backend}: use ddp_comm_hook='fp16' or 'none'"
+            )
+        if config.ddp_static_graph and config.accumulate > 1:
+            # torch's DDP asserts inside no_sync with static_graph, and once past that stops
+            # all-reducing from the second window on (pytorch#143580, accelerate#3679).
+            raise ValueError(
+                f"ddp_static_graph=True does not work with accumulate={config.accumulate}: torch's "
+                "DDP breaks inside no_sync with a static graph (pytorch/pytorch#143580). Use "
+                "accumulate=1, or leave ddp_static_graph off"
+            )
+        super().__init__(topology.rank, topology.world_size)
         self.options: dict[str, Any] = {
             "find_unused_parameters": config.ddp_find_unused_parameters,
             "static_graph": config.ddp_static_graph,
             "gradient_as_bucket_view": config.ddp_gradient_as_bucket_view,
-            "bucket_cap_mb": config.ddp_bucket_cap_mb,
+            # 25 is torch's default: passed as None, DDP keeps its small (1 MiB) first bucket.
+            "bucket_cap_mb": None if config.ddp_bucket_cap_mb == 25.0 else config.ddp_bucket_cap_mb,
         }
         self.comm_hook = config.ddp_comm_hook
 

@@ -1,0 +1,140 @@
+"""What runs inside the worker processes of tests/test_strategies.py (strategies and scale).
+
+`two_rank_checks` runs every 2-process check in one start-up; the tests assert on the plain
+data it returns, against plain PyTorch loops run in the test process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+import trainloop as tl
+from reference import mse, regression_data, tiny_model
+from trainloop.wrappers import wrapper_layers
+
+DDP = nn.parallel.DistributedDataParallel
+
+
+def train(state, model, optimizer, loader, epochs: int):
+    for _ in range(loader.epoch, epochs):
+        for x, y in loader:
+            with tl.accumulate(state, model):
+                state = tl.backward(state, mse(model, x, y))
+            state = tl.step(state, optimizer)
+    return state
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole parameters and buffers on every rank (a collective under FSDP)."""
+    found = {}
+    for name, value in tl.unwrap(model).state_dict().items():
+        full = getattr(value, "full_tensor", None)
+        found[name] = (full() if full is not None else value).detach().clone()
+    return found
+
+
+def trained(settings: dict, model: nn.Module, epochs: int = 2) -> tuple[dict, int]:
+    """AdamW on 40 samples, batch 4 per rank, shuffled, seed 3: the big batch is 16 on 2 ranks."""
+    state = tl.init(seed=3, **settings)
+    state, model, optimizer, loader = tl.prepare(
+        state, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+        DataLoader(regression_data(40), batch_size=4, shuffle=True))
+    state = train(state, model, optimizer, loader, epochs)
+    return weights(model), state.step
+
+
+class WithSpare(nn.Module):
+    """A tiny model with a `spare` layer that the forward uses only when told to."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.used = nn.Linear(6, 3)
+        self.spare = nn.Linear(6, 3)
+        self.use_spare = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.used(x)
+        return out + self.spare(x) if self.use_spare else out
+
+
+# -- DDP's own options ------------------------------------------------------------------------
+
+
+def _ddp_option_checks(results: dict) -> None:
+    state = tl.init(ddp_find_unused_parameters=True, ddp_gradient_as_bucket_view=True,
+                    ddp_bucket_cap_mb=1.5, ddp_static_graph=False)
+    state, model = tl.prepare(state, tiny_model())
+    ddp = next(layer for layer in wrapper_layers(model) if isinstance(layer, DDP))
+    results["ddp_attributes"] = (ddp.find_unused_parameters, ddp.gradient_as_bucket_view,
+                                 ddp.bucket_bytes_cap, ddp.static_graph)
+    state, model = tl.prepare(tl.init(), tiny_model())
+    ddp = next(layer for layer in wrapper_layers(model) if isinstance(layer, DDP))
+    results["ddp_default_attributes"] = (ddp.find_unused_parameters, ddp.gradient_as_bucket_view,
+                                         ddp.bucket_bytes_cap_default, ddp.static_graph)
+
+    # Exact with accumulation, whatever the option (no_sync composes with each).
+    for name, settings in {"bucket_view": {"ddp_gradient_as_bucket_view": True, "ddp_bucket_cap_mb": 0.001},
+                           "unused": {"ddp_find_unused_parameters": True}}.items():
+        results[f"{name}_weights"], results[f"{name}_steps"] = trained({"accumulate": 2, **settings}, tiny_model())
+    # static_graph only without accumulation (torch's DDP breaks under no_sync with it).
+    results["static_graph_weights"], results["static_graph_steps"] = trained({"ddp_static_graph": True}, tiny_model())
+    try:
+        tl.init(ddp_static_graph=True, accumulate=2)
+    except ValueError as error:
+        results["static_graph_with_accumulation"] = str(error)
+
+    # A parameter no rank uses: without find_unused_parameters DDP refuses at the next forward;
+    # with it, training goes on and the spare layer is never updated.
+    try:
+        trained({"accumulate": 2}, WithSpare(), epochs=1)
+        results["unused_without_setting"] = "trained"
+    except RuntimeError as error:
+        results["unused_without_setting"] = str(error)
+    results["spare_weights"], _ = trained({"accumulate": 2, "ddp_find_unused_parameters": True}, WithSpare())
+
+    # The trap: a parameter only rank 0 uses is averaged with rank 1's zeros.
+    state = tl.init(ddp_find_unused_parameters=True)
+    model = WithSpare()
+    state, model = tl.prepare(state, model)
+    tl.unwrap(model).use_spare = state.rank == 0
+    x = torch.ones(2, 6)
+    model(x).sum().backward()
+    local = torch.autograd.grad(tl.unwrap(model).spare(x).sum(), tl.unwrap(model).spare.weight)[0]
+    grads: list = [None] * state.world_size
+    dist.all_gather_object(grads, tl.unwrap(model).spare.weight.grad.clone())
+    results["rank0_only_grad"] = (grads, local)  # rank 0's local gradient
+
+    # Compression hooks: the gradient all-reduced in bf16 / fp16, as torch's default_hooks do.
+    try:
+        tl.init(ddp_comm_hook="bf16")
+    except ValueError as error:
+        results["bf16_hook_on_gloo"] = str(error)
+    hooks = [("fp16", torch.float16)]
+    if tl.init().topology.backend == "nccl":  # torch's bf16 hook needs nccl
+        hooks.append(("bf16", torch.bfloat16))
+    for hook, dtype in hooks:
+        state = tl.init(ddp_comm_hook=hook)
+        state, model = tl.prepare(state, tiny_model())
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(state.rank))
+        local = torch.autograd.grad(mse(tl.unwrap(model), x, torch.zeros(8, 3)),
+                                    list(tl.unwrap(model).parameters()))
+        mse(model, x, torch.zeros(8, 3)).backward()
+        synced = [p.grad.clone() for p in tl.unwrap(model).parameters()]
+        everyone = [[torch.empty_like(g) for g in local] for _ in range(state.world_size)]
+        for slot, grad in enumerate(local):
+            dist.all_gather([rank_grads[slot] for rank_grads in everyone], grad)
+        compressed = [sum((rank_grads[slot] / state.world_size).to(dtype) for rank_grads in everyone).float()
+                      for slot in range(len(local))]
+        exact = [sum(rank_grads[slot] for rank_grads in everyone) / state.world_size for slot in range(len(local))]
+        results[f"{hook}_hook"] = (synced, compressed, exact)
+        results[f"{hook}_hook_weights"], _ = trained({"accumulate": 2, "ddp_comm_hook": hook}, tiny_model())
+
+
+def two_rank_checks(directory: str) -> dict:
+    results: dict = {}
+    _ddp_option_checks(results)
+    return results

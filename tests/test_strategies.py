@@ -1,0 +1,90 @@
+"""The strategies on real processes (gloo, CPU): DDP's own options, and the scale features.
+
+One `spawn.run(two_rank_checks, n=2)` runs every 2-process check (tests/scale_workers.py); the
+references are plain PyTorch loops on one process, run here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scale_workers import WithSpare, two_rank_checks
+
+import trainloop as tl
+from reference import big_batch_reference, regression_data, tiny_model
+from trainloop import spawn
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> dict:
+    return spawn.run(two_rank_checks, str(tmp_path_factory.mktemp("scale")), n=2)
+
+
+def big_batch(model: torch.nn.Module, epochs: int = 2, size: int = 16) -> dict[str, torch.Tensor]:
+    """What `scale_workers.trained` must equal: one process, the 16-sample batch (8 without accumulation)."""
+    big_batch_reference(model, torch.optim.AdamW(model.parameters(), lr=1e-2), regression_data(40),
+                        big_batch=size, epochs=epochs, seed=3, shuffle=True)
+    return model.state_dict()
+
+
+def assert_weights(found: list | dict, expected: dict, atol: float = 1e-6) -> None:
+    assert found.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(found[name], value, atol=atol, rtol=0, msg=f"{name} differs")
+
+
+# -- DDP's own options (issue 12, item 17) ---------------------------------------------------
+
+
+def test_ddp_options_reach_distributed_data_parallel(job):
+    assert job["ddp_attributes"] == (True, True, int(1.5 * 1024 * 1024), False)
+    # The defaults are torch's own, its small first bucket included.
+    assert job["ddp_default_attributes"] == (False, False, True, False)
+
+
+@pytest.mark.parametrize("name", ["bucket_view", "unused"])
+def test_ddp_options_keep_accumulation_exact(job, name):
+    assert job[f"{name}_steps"] == 6
+    assert_weights(job[f"{name}_weights"], big_batch(tiny_model()))
+
+
+def test_ddp_static_graph_is_exact_and_refused_with_accumulation(job):
+    assert job["static_graph_steps"] == 10
+    assert_weights(job["static_graph_weights"], big_batch(tiny_model(), size=8))
+    assert "pytorch/pytorch#143580" in job["static_graph_with_accumulation"]
+
+
+def test_an_unused_parameter_needs_find_unused_parameters(job):
+    assert "find_unused_parameters" in job["unused_without_setting"]
+    expected = big_batch(WithSpare())
+    assert_weights(job["spare_weights"], expected)
+    torch.testing.assert_close(expected["spare.weight"], WithSpare().spare.weight.detach(), rtol=0, atol=0)
+
+
+def test_find_unused_parameters_averages_a_parameter_one_rank_used_with_zeros(job):
+    """The documented trap: the gradient of a layer only rank 0 used arrives halved."""
+    (grad, on_rank1), local = job["rank0_only_grad"]
+    torch.testing.assert_close(grad, local / 2, rtol=0, atol=0)
+    assert torch.equal(on_rank1, grad)
+
+
+def test_ddp_bf16_comm_hook_is_refused_on_gloo(job):
+    assert "ddp_comm_hook='bf16' needs the nccl or xccl backend" in job["bf16_hook_on_gloo"]
+
+
+@pytest.mark.parametrize("hook", ["fp16"])  # bf16: torch's hook runs on nccl only (a GPU machine)
+def test_ddp_comm_hook_all_reduces_compressed_gradients(job, hook):
+    synced, compressed, exact = job[f"{hook}_hook"]
+    for got, rounded in zip(synced, compressed):
+        torch.testing.assert_close(got, rounded, rtol=0, atol=0)
+    assert any(not torch.equal(got, true) for got, true in zip(synced, exact))  # really rounded
+    assert_weights(job[f"{hook}_hook_weights"], big_batch(tiny_model()), atol=2e-2)
+
+
+def test_ddp_option_values_are_checked():
+    with pytest.raises(ValueError, match="ddp_comm_hook must be one of 'none', 'bf16', 'fp16'"):
+        tl.init(ddp_comm_hook="powersgd")
+    with pytest.raises(ValueError, match="ddp_static_graph must be True or False"):
+        tl.init(ddp_static_graph="yes")
