@@ -12,7 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import trainloop as tl
+from fsdp_workers import BlockModel
 from reference import mse, regression_data, tiny_model
+from trainloop.bigmodel import empty_weights
 from trainloop.wrappers import wrapper_layers
 
 DDP = nn.parallel.DistributedDataParallel
@@ -134,7 +136,73 @@ def _ddp_option_checks(results: dict) -> None:
         results[f"{hook}_hook_weights"], _ = trained({"accumulate": 2, "ddp_comm_hook": hook}, tiny_model())
 
 
+# -- models built on the meta device ----------------------------------------------------------
+
+
+class Rotary(nn.Module):
+    """A non-persistent buffer computed in __init__ (as rotary embeddings' inv_freq is)."""
+
+    def __init__(self, dim: int = 8, recompute: bool = False):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("inv_freq", self._frequencies(), persistent=False)
+        if recompute:
+            self.reset_parameters = self._reset
+
+    def _frequencies(self) -> torch.Tensor:
+        return 1.0 / (10000 ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+
+    def _reset(self) -> None:
+        self.inv_freq.copy_(self._frequencies())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.cos(self.inv_freq).repeat(2)
+
+
+class RotaryModel(BlockModel):
+    def __init__(self, recompute: bool = False):
+        super().__init__()
+        self.rotary = Rotary(recompute=recompute)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.rotary(torch.ones(8)).sum()
+
+
+def _meta_init_checks(results: dict) -> None:
+    for strategy in ("fsdp", "ddp"):
+        state = tl.init(strategy=strategy, seed=3, accumulate=2)
+        with empty_weights():
+            model = RotaryModel()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # on meta parameters
+        was_meta = all(p.is_meta for p in model.parameters())
+        state, model, optimizer, loader = tl.prepare(
+            state, model, optimizer, DataLoader(regression_data(40), batch_size=4, shuffle=True))
+        local = [getattr(p, "to_local", lambda p=p: p)() for p in model.parameters()]
+        results[f"meta_{strategy}"] = {
+            "was_meta": was_meta,
+            "initial": weights(model),
+            "local_numel": sum(t.numel() for t in local),
+            "local_storage": sum(t.untyped_storage().nbytes() for t in local),
+            "optimizer_bound": all(a is b for a, b in zip(optimizer.param_groups[0]["params"], model.parameters())),
+            "inv_freq": tl.unwrap(model).rotary.inv_freq.clone(),
+        }
+        state = train(state, model, optimizer, loader, epochs=2)
+        results[f"meta_{strategy}"]["trained"] = weights(model)
+
+    # Buffers built on meta too: recomputed by a reset_parameters, else refused by name.
+    for recompute in (True, False):
+        state = tl.init(strategy="fsdp", seed=3)
+        with empty_weights(include_buffers=True):
+            model = RotaryModel(recompute=recompute)
+        try:
+            state, model = tl.prepare(state, model)
+            results[f"meta_buffers_recompute_{recompute}"] = tl.unwrap(model).rotary.inv_freq.clone()
+        except ValueError as error:
+            results[f"meta_buffers_recompute_{recompute}"] = str(error)
+
+
 def two_rank_checks(directory: str) -> dict:
     results: dict = {}
     _ddp_option_checks(results)
+    _meta_init_checks(results)
     return results

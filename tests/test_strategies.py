@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scale_workers import WithSpare, two_rank_checks
+from fsdp_workers import BlockModel
+from scale_workers import Rotary, RotaryModel, WithSpare, two_rank_checks
 
 import trainloop as tl
 from reference import big_batch_reference, regression_data, tiny_model
@@ -88,3 +89,63 @@ def test_ddp_option_values_are_checked():
         tl.init(ddp_comm_hook="powersgd")
     with pytest.raises(ValueError, match="ddp_static_graph must be True or False"):
         tl.init(ddp_static_graph="yes")
+
+
+# -- meta-device init (issue 13, item 2) -----------------------------------------------------
+
+
+def whole_built(seed: int = 3) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = RotaryModel()
+    model.load_state_dict(BlockModel(seed=seed).state_dict(), strict=False)  # BlockModel seeds itself
+    return model
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_meta_model_is_initialised_by_reset_parameters_from_the_seed(job, strategy):
+    found = job[f"meta_{strategy}"]
+    assert found["was_meta"] and found["optimizer_bound"]
+    assert_weights(found["initial"], BlockModel(seed=3).state_dict(), atol=0)
+    torch.testing.assert_close(found["inv_freq"], Rotary().inv_freq, rtol=0, atol=0)  # kept real
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_meta_model_trains_like_the_model_built_whole(job, strategy):
+    assert_weights(job[f"meta_{strategy}"]["trained"], big_batch(whole_built()))
+
+
+def test_fsdp_materialises_only_this_ranks_shards(job):
+    total = sum(p.numel() for p in BlockModel().parameters())
+    fsdp, ddp = job["meta_fsdp"], job["meta_ddp"]
+    assert ddp["local_numel"] == total
+    # Every parameter is split in two (the 3-row head unevenly): about half each, never the whole.
+    assert fsdp["local_numel"] <= total // 2 + 20
+    assert fsdp["local_storage"] <= 4 * (total // 2 + 20)
+
+
+def test_meta_buffers_are_recomputed_by_reset_parameters_or_refused_by_name(job):
+    torch.testing.assert_close(job["meta_buffers_recompute_True"], Rotary().inv_freq, rtol=0, atol=0)
+    refused = job["meta_buffers_recompute_False"]
+    assert "rotary.inv_freq" in refused and "reset_parameters()" in refused
+
+
+def test_a_meta_model_on_one_process_is_materialised_whole():
+    from trainloop.bigmodel import empty_weights
+
+    state = tl.init(seed=3)
+    with empty_weights():
+        model = BlockModel()
+    state, model = tl.prepare(state, model)
+    assert_weights(tl.unwrap(model).state_dict(), BlockModel(seed=3).state_dict(), atol=0)
+
+
+def test_an_optimizer_left_on_meta_parameters_is_refused():
+    from trainloop.bigmodel import empty_weights
+
+    state = tl.init(seed=3)
+    with empty_weights():
+        model = BlockModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state, model = tl.prepare(state, model)
+    with pytest.raises(ValueError, match="still on the meta device: pass the optimizer to the same tl.prepare"):
+        tl.prepare(state, optimizer)

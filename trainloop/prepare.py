@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from trainloop import precision
 from trainloop.data import PreparedLoader
 from trainloop.state import RunState
+from trainloop.strategies.meta_init import move_real_tensors
 from trainloop.wrappers import unwrap, wrapper_layers  # noqa: F401 (their old home: re-exported)
 
 _SUPPORTED = "nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, torch.optim.lr_scheduler.LRScheduler"
@@ -107,7 +108,8 @@ def _prepare_model(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[i
 
     Returns the prepared model and the parameters the strategy replaced (id -> replacement).
     """
-    model = precision.cast_module(model.to(state.device), state.config.precision)
+    # A model built under tl.empty_weights() keeps its meta tensors: the strategy allocates them.
+    model = precision.cast_module(move_real_tensors(model, state.device), state.config.precision)
     if state.config.compile:
         # Compile the module, then wrap it, as torch's "Where to apply torch.compile?" advises
         # (dynamo does not trace DDP/FSDP wrappers well). Inside DDP's forward, dynamo still splits

@@ -56,6 +56,24 @@ class Strategy(Protocol):
         """
 
 
+def rebind(optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:
+    """Point `optimizer`'s param groups at the replacements (id -> parameter), in place.
+
+    Raises ValueError, changing nothing, if a parameter would stay on the meta device: it
+    would never get a gradient, so the optimizer would silently not train it.
+    """
+    left = sum(p.is_meta and id(p) not in replaced for group in optimizer.param_groups for p in group["params"])
+    if left:
+        raise ValueError(
+            f"{type(optimizer).__name__} holds {left} parameter(s) still on the meta device: pass the "
+            "optimizer to the same tl.prepare call as its model (built under tl.empty_weights()), "
+            "or build it after prepare"
+        )
+    for group in optimizer.param_groups:
+        # In place: optimizers that keep this list (LBFGS) see the new parameters.
+        group["params"][:] = [replaced.get(id(p), p) for p in group["params"]]
+
+
 class WholeModel:
     """Shared behaviour of the strategies that keep a whole copy of the model on every rank."""
 
@@ -66,7 +84,8 @@ class WholeModel:
         self._rank, self._world_size = rank, world_size
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:
-        """Nothing to do: the parameters are the ones the optimizer was built on."""
+        """Swap in the parameters a meta model's materialisation replaced; others stay."""
+        rebind(optimizer, replaced)
 
     def data_parallel(self) -> tuple[int, int]:
         return self._rank, self._world_size

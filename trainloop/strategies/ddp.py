@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from trainloop.strategies.base import WholeModel
+from trainloop.strategies.meta_init import materialize
 from trainloop.wrappers import wrapper_layers
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class DataParallel(WholeModel):
         self.comm_hook = config.ddp_comm_hook
 
     def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+        replaced = materialize(model, state.device, state.config.seed)  # built under tl.empty_weights()
         device_ids = [state.device.index] if state.device.type != "cpu" else None
         # The constructor broadcasts rank 0's parameters and buffers to every rank.
         wrapped = DDP(model, device_ids=device_ids, **self.options)
@@ -65,7 +67,7 @@ class DataParallel(WholeModel):
 
             hook = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
             wrapped.register_comm_hook(None, hook[self.comm_hook])  # None: the default process group
-        return wrapped, {}
+        return wrapped, replaced
 
     def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
         if len(models) == 1:  # the common case: DDP's own context manager, nothing around it

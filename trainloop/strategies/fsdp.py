@@ -37,6 +37,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from trainloop.precision import AUTOCAST_DTYPES
+from trainloop.strategies.base import rebind
+from trainloop.strategies.meta_init import materialize
 from trainloop.topology import leave_process_group
 from trainloop.wrappers import unwrap
 
@@ -111,7 +113,8 @@ def shard(state: RunState, model: nn.Module) -> dict[int, nn.Parameter]:
     Returns id(parameter before sharding) -> the shard that replaced it, for `bind_optimizer`.
 
     Afterwards its parameters are `DTensor` shards over all ranks. Parameters and
-    buffers are rank 0's on every rank. Mixed precision follows `state.config.precision`: under
+    buffers are rank 0's on every rank; a model built on the meta device gets storage for its
+    shards only, initialised by each module's `reset_parameters()` (`meta_init.materialize`). Mixed precision follows `state.config.precision`: under
     bf16 (and fp8) and fp16 the gathered parameters and the compute are in that dtype while the
     sharded parameters, the optimizer and the gradient reduction stay fp32. On one process a
     single-rank process group is joined, so the run is the same FSDP program at any world size.
@@ -133,6 +136,8 @@ def shard(state: RunState, model: nn.Module) -> dict[int, nn.Parameter]:
         fully_shard(block, reshard_after_forward=config.fsdp_reshard_after_forward, **options)
     # The root's parameters are needed again as soon as backward starts: keep them gathered.
     fully_shard(model, reshard_after_forward=False, **options)
+    # Built under tl.empty_weights(): allocate and initialise this rank's shards only.
+    materialize(model, state.device, config.seed)
     return {key: model.get_parameter(name) for key, name in names.items()}
 
 
@@ -199,7 +204,8 @@ def _broadcast_from_rank0(model: nn.Module) -> None:
     """Make every rank's parameters and buffers rank 0's, as DDP's constructor does."""
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
-            dist.broadcast(tensor.detach(), src=0)
+            if not tensor.is_meta:  # meta tensors get the same values on every rank later
+                dist.broadcast(tensor.detach(), src=0)
 
 
 # -- optimizers --------------------------------------------------------------------------------
@@ -220,7 +226,6 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Para
             f"{name} has already taken steps: its state cannot be moved onto FSDP's shards. "
             "Prepare the optimizer before its first step"
         )
-    bound = []
     for group in optimizer.param_groups:
         stray = sum(id(p) not in replaced and not isinstance(p, DTensor) for p in group["params"])
         if stray:
@@ -230,8 +235,6 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Para
                 "get a synchronised gradient). Build the optimizer from model.parameters() and pass "
                 "it to the same tl.prepare call as its model, or build it after prepare"
             )
-        bound.append([replaced.get(id(p), p) for p in group["params"]])
-    for group, params in zip(optimizer.param_groups, bound):
-        group["params"][:] = params  # in place: optimizers that keep this list (LBFGS) see the shards
+    rebind(optimizer, replaced)
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from trainloop.strategies.base import WholeModel
+from trainloop.strategies.meta_init import materialize
 
 if TYPE_CHECKING:
     from trainloop.state import RunState
@@ -22,7 +23,7 @@ class Local(WholeModel):
     name = "local"
 
     def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
-        return model, {}
+        return model, materialize(model, state.device, state.config.seed)  # built under tl.empty_weights()
 
     def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
         return _NOTHING_TO_DO
