@@ -201,8 +201,39 @@ def _meta_init_checks(results: dict) -> None:
             results[f"meta_buffers_recompute_{recompute}"] = str(error)
 
 
+# -- activation checkpointing ------------------------------------------------------------------
+
+
+def saved_tensor_count(model: nn.Module, x: torch.Tensor) -> int:
+    """How many tensors autograd keeps for backward during one forward."""
+    count = 0
+
+    def pack(tensor):
+        nonlocal count
+        count += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x).sum()
+    return count
+
+
+def _activation_checkpointing_checks(results: dict) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    for checkpointing in ("blocks", "none"):
+        settings = {"strategy": "fsdp", "accumulate": 2, "activation_checkpointing": checkpointing}
+        state = tl.init(seed=3, **settings)
+        state, model = tl.prepare(state, BlockModel(seed=3, depth=4))
+        results[f"ac_{checkpointing}_wrappers"] = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+        results[f"ac_{checkpointing}_saved"] = saved_tensor_count(model, torch.randn(4, 6))
+    results["ac_weights"], results["ac_steps"] = trained(
+        {"strategy": "fsdp", "accumulate": 2, "activation_checkpointing": "blocks"}, BlockModel(seed=3, depth=4))
+
+
 def two_rank_checks(directory: str) -> dict:
     results: dict = {}
     _ddp_option_checks(results)
     _meta_init_checks(results)
+    _activation_checkpointing_checks(results)
     return results

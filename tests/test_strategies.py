@@ -149,3 +149,52 @@ def test_an_optimizer_left_on_meta_parameters_is_refused():
     state, model = tl.prepare(state, model)
     with pytest.raises(ValueError, match="still on the meta device: pass the optimizer to the same tl.prepare"):
         tl.prepare(state, optimizer)
+
+
+# -- activation checkpointing (issue 13, item 3) ---------------------------------------------
+
+
+def test_activation_checkpointing_wraps_each_block_and_keeps_fewer_tensors(job):
+    assert (job["ac_blocks_wrappers"], job["ac_none_wrappers"]) == (4, 0)
+    assert job["ac_blocks_saved"] < job["ac_none_saved"]
+
+
+def test_fsdp_with_activation_checkpointing_equals_the_big_batch(job):
+    assert job["ac_steps"] == 6
+    assert_weights(job["ac_weights"], big_batch(BlockModel(seed=3, depth=4)), atol=1e-5)
+
+
+def test_activation_checkpointing_needs_blocks():
+    state = tl.init(activation_checkpointing="blocks")
+    with pytest.raises(ValueError, match="activation_checkpointing='blocks' found no blocks in Sequential"):
+        tl.prepare(state, tiny_model())
+
+
+# -- compile="blocks" (issue 13, item 5) -----------------------------------------------------
+
+
+def test_compile_blocks_compiles_each_block_and_matches_eager():
+    """Inductor on CPU: each block compiled, the root left eager; the same numbers as eager."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    state = tl.init(compile="blocks", seed=3)
+    state, model = tl.prepare(state, BlockModel(seed=3))
+    reference = BlockModel(seed=3)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    out, expected = model(x), reference(x)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert type(tl.unwrap(model)) is BlockModel  # the root is not compiled
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks are
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    for (name, p), q in zip(tl.unwrap(model).named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_compile_setting_takes_blocks_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TRAINLOOP_COMPILE", "blocks")
+    assert tl.init().config.compile == "blocks"
+    monkeypatch.delenv("TRAINLOOP_COMPILE")
+    with pytest.raises(ValueError, match="compile must be True, False or 'blocks'"):
+        tl.init(compile="regions")

@@ -72,6 +72,11 @@ def _class_names(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         )
 
 
+def _compile_choice(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool) and value != "blocks":
+        raise ValueError(f"compile must be True, False or 'blocks' (got {value!r})")
+
+
 @attrs.frozen
 class Config:
     """The settings of a run. Every field is a keyword of `tl.init` and a `--flag` of spawn."""
@@ -103,10 +108,11 @@ class Config:
         validator=[_integer, _at_least(1)],
         metadata={"help": "optimizer steps between metric flushes to the trackers"},
     )
-    compile: bool = attrs.field(
+    compile: bool | str = attrs.field(
         default=False,
-        validator=_boolean,
-        metadata={"help": "apply torch.compile to the prepared models"},
+        validator=_compile_choice,
+        metadata={"help": "torch.compile: False, True (the whole model), or 'blocks' (each block "
+                          "on its own: regional compilation, a fraction of the compile time)"},
     )
     timeout: float = attrs.field(
         default=600.0,
@@ -140,6 +146,13 @@ class Config:
     )
 
     # -- strategies (issue 13) and DDP's own options (issue 12, item 17) ----------------------
+    activation_checkpointing: str = attrs.field(
+        default="none",
+        validator=_one_of(("none", "blocks")),
+        metadata={"help": "'blocks': recompute each block's activations in backward instead of "
+                          "keeping them (torch's checkpoint_wrapper on the blocks fsdp_blocks "
+                          "names, before sharding); less memory, about one more forward of compute"},
+    )
     ddp_find_unused_parameters: bool = attrs.field(
         default=False,
         validator=_boolean,
@@ -197,6 +210,8 @@ def parse_setting(name: str, text: str) -> Any:
     kind = attrs.fields_dict(Config)[name].default
     if isinstance(kind, bool):
         lowered = text.strip().lower()
+        if name == "compile" and lowered == "blocks":
+            return "blocks"
         if lowered in ("1", "true", "yes", "on"):
             return True
         if lowered in ("0", "false", "no", "off"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from trainloop.precision import AUTOCAST_DTYPES
 from trainloop.strategies.base import rebind
+from trainloop.strategies.blocks import find_blocks
 from trainloop.strategies.meta_init import materialize
 from trainloop.topology import leave_process_group
 from trainloop.wrappers import unwrap
@@ -139,41 +139,6 @@ def shard(state: RunState, model: nn.Module) -> dict[int, nn.Parameter]:
     # Built under tl.empty_weights(): allocate and initialise this rank's shards only.
     materialize(model, state.device, config.seed)
     return {key: model.get_parameter(name) for key, name in names.items()}
-
-
-def find_blocks(model: nn.Module, class_names: str = "") -> list[nn.Module]:
-    """The submodules that `fully_shard` wraps one by one, innermost first.
-
-    `class_names` ("Block" or "Block,Head"): every submodule of those classes. Empty: the
-    children that hold parameters of the model's largest `nn.ModuleList` (by parameter count),
-    and none (a warning: the root alone is sharded, and gathered whole) when it has none.
-    Raises ValueError naming the classes the model does not contain.
-    """
-    if class_names:
-        wanted = {name.strip() for name in class_names.split(",")}
-        found = [m for m in model.modules() if m is not model and type(m).__name__ in wanted]
-        missing = wanted - {type(m).__name__ for m in found}
-        if missing:
-            present = sorted({type(m).__name__ for m in model.modules()})
-            raise ValueError(
-                f"fsdp_blocks names {sorted(missing)}, but {type(model).__name__} has no submodule "
-                f"of that class; its module classes are {present}"
-            )
-        return found[::-1]  # modules() is pre-order: reversed, inner blocks come before outer ones
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    largest = max(lists, key=_parameter_count, default=None)
-    if largest is None or _parameter_count(largest) == 0:
-        warnings.warn(
-            f"strategy='fsdp' found no blocks in {type(model).__name__} (no nn.ModuleList holding "
-            "parameters): only the root is sharded, so forward and backward gather the whole model "
-            "at once. Name the block classes with init(fsdp_blocks='MyBlock') to shard per block.",
-            UserWarning, stacklevel=2)
-        return []
-    return [child for child in largest if _parameter_count(child) > 0]
-
-
-def _parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
