@@ -19,7 +19,7 @@ from reference import mse, regression_data, tiny_model
         ("strategy", "zero3", r"strategy must be one of 'auto', 'ddp', 'fsdp' \(got 'zero3'\)"),
         ("log_every", 0, r"log_every must be a number >= 1"),
         ("seed", -1, r"seed must be a number >= 0"),
-        ("compile", "yes", r"compile must be True or False"),
+        ("compile", "yes", r"compile must be True, False or 'blocks'"),
         ("device", "gpu7", r"device must be a device string"),
     ],
 )
