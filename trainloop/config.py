@@ -76,7 +76,8 @@ def _class_names(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 
 # Tensor-parallel styles, in Hugging Face's vocabulary (`base_model_tp_plan`); trainloop.tensor_parallel
 # maps each to torch's ParallelStyle.
-TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "rowwise_rep", "replicate")
+TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "colwise_gather_output",
+             "rowwise_rep", "embedding_rowwise", "replicate")
 
 
 def _minus_one_or_at_least_one(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
