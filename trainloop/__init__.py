@@ -25,6 +25,18 @@ from trainloop.topology import Topology
 
 __all__ = [
     "Config", "PreparedLoader", "RunState", "Topology", "__version__",
-    "accumulate", "attach", "backward", "barrier", "broadcast", "export", "finish", "gather",
-    "init", "load", "log", "main_first", "prepare", "reduce", "save", "split", "step", "unwrap",
+    "accumulate", "attach", "backward", "barrier", "broadcast", "empty_weights", "export", "finish",
+    "gather", "init", "load", "load_weights", "log", "main_first", "prepare", "reduce", "save", "split",
+    "step", "unwrap",
 ]
+
+# Imported on first use: trainloop.bigmodel and safetensors would slow every `import trainloop`.
+_LAZY = {"empty_weights": "trainloop.bigmodel.meta", "load_weights": "trainloop.weights"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'trainloop' has no attribute {name!r}")

@@ -77,6 +77,42 @@ def _compile_choice(instance: Any, attribute: attrs.Attribute, value: Any) -> No
         raise ValueError(f"compile must be True, False or 'blocks' (got {value!r})")
 
 
+# -- meshes ------------------------------------------------------------------------------------
+
+# Tensor-parallel styles, in Hugging Face's vocabulary (`base_model_tp_plan`); trainloop.tensor_parallel
+# maps each to torch's ParallelStyle.
+TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "colwise_gather_output",
+             "rowwise_rep", "embedding_rowwise", "replicate")
+
+
+def _minus_one_or_at_least_one(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value != -1 and value < 1:
+        raise ValueError(f"{attribute.name} must be -1 (what is left) or an integer >= 1 (got {value!r})")
+
+
+def _json_object(value: Any) -> Any:
+    """A setting given as text (a `TRAINLOOP_*` variable, a spawn flag) is JSON: parse it."""
+    if not isinstance(value, str):
+        return value
+    import json
+
+    try:
+        return json.loads(value) if value.strip() else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"tp_plan must be a JSON object such as "
+                         f'\'{{"blocks.*.up": "colwise"}}\' (got {value!r}: {error})') from None
+
+
+def _optional_tp_plan(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"tp_plan must be a dict of module-name pattern -> style (got {value!r})")
+    unknown = {pattern: style for pattern, style in value.items() if style not in TP_STYLES}
+    if unknown:
+        raise ValueError(f"tp_plan has unknown style(s) {unknown}; the styles are {', '.join(TP_STYLES)}")
+
+
 @attrs.frozen
 class Config:
     """The settings of a run. Every field is a keyword of `tl.init` and a `--flag` of spawn."""
@@ -190,6 +226,34 @@ class Config:
         metadata={"help": "DDP: all-reduce gradients compressed to bf16 or fp16 (torch's "
                           "default_hooks; bf16 needs nccl). Traps: the sum is rounded, so training "
                           "is no longer exact; fp16 overflows for gradients above 65504 x world_size"},
+    )
+
+    # -- meshes: data-parallel replication x sharding x tensor parallelism (trainloop.mesh) --
+    dp_replicate: int = attrs.field(
+        default=1,
+        validator=[_integer, _at_least(1)],
+        metadata={"help": "mesh: data-parallel replicas (strategy fsdp: > 1 is HSDP, the model "
+                          "sharded within each replica and replicated across them)"},
+    )
+    dp_shard: int = attrs.field(
+        default=-1,
+        validator=[_integer, _minus_one_or_at_least_one],
+        metadata={"help": "mesh: ranks each replica's model is sharded over (-1: the world size "
+                          "divided by dp_replicate and tp); dp_replicate x dp_shard x tp = world size"},
+    )
+    tp: int = attrs.field(
+        default=1,
+        validator=[_integer, _at_least(1)],
+        metadata={"help": "mesh: tensor-parallel ranks (the innermost mesh dimension: neighbouring "
+                          "ranks, one machine); they see the same batches"},
+    )
+    tp_plan: dict[str, str] | None = attrs.field(
+        default=None,
+        converter=_json_object,
+        validator=_optional_tp_plan,
+        metadata={"help": "tp > 1: module-name patterns -> 'colwise' | 'rowwise' | "
+                          "'sequence_parallel' (JSON, e.g. '{\"blocks.*.up\": \"colwise\"}'); "
+                          "none: a Hugging Face model's own base_model_tp_plan"},
     )
 
     def to_dict(self) -> dict[str, Any]:

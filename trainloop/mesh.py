@@ -1,0 +1,158 @@
+"""The device mesh of a run: data-parallel replication x data-parallel sharding x tensor parallelism.
+
+Settings `dp_replicate`, `dp_shard` and `tp` (trainloop.config) give the sizes of the three mesh
+dimensions; their product is the world size, and `dp_shard=-1` (the default) takes what the
+other two leave. Ranks are laid out row-major over `("dp_replicate", "dp_shard", "tp")`, so `tp`
+is the innermost dimension: the ranks of one tensor-parallel group are neighbours (one machine,
+the fastest links), and `dp_replicate` the outermost (across machines, where HSDP's all-reduce
+of already-reduced shards is the only traffic).
+
+    shape = mesh_shape(state.config, state.world_size)  # validates; resolves dp_shard=-1
+    mesh = build_mesh(shape, state.device.type)          # a `Mesh`: torch DeviceMeshes
+    fully_shard(block, mesh=mesh.fsdp_mesh)              # 1-D dp_shard, or 2-D for HSDP
+    apply_tp_plan(model, mesh.tp_mesh, plan)             # trainloop.tensor_parallel
+    mesh.data_parallel_rank, mesh.data_parallel_size     # what the loaders shard by
+    mesh.data_parallel_group                             # what metrics are reduced over
+
+The data-parallel dimensions together (`dp_replicate` x `dp_shard`) are flattened into one
+1-D mesh, "dp": its ranks see different batches, while the `tp` ranks of one group see
+the same batch and compute the same loss. So loaders shard by the data-parallel rank, and sums
+over ranks (`num_items`, logged metrics) go over the "dp" group, never the whole world, where
+each tensor-parallel rank would count the same batch again.
+
+This module imports torch.distributed.device_mesh only when a mesh is built.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+DIMENSIONS = ("dp_replicate", "dp_shard", "tp")  # outermost first
+DATA_PARALLEL = "dp"  # the flattened dp_replicate x dp_shard dimension
+
+
+@attrs.frozen
+class MeshShape:
+    """The size of each mesh dimension, resolved and checked against the world size."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that see different batches."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """The sizes in `DIMENSIONS` order, as `init_device_mesh` takes them."""
+        return (self.dp_replicate, self.dp_shard, self.tp)
+
+
+def mesh_shape(config: Any, world_size: int) -> MeshShape:
+    """The mesh for `config.dp_replicate`, `.dp_shard` and `.tp` on `world_size` ranks.
+
+    `dp_shard=-1` becomes `world_size // (dp_replicate * tp)`. Raises ValueError naming all
+    three sizes and the world size when their product is not the world size (or, for -1, when
+    `dp_replicate * tp` does not divide it).
+    """
+    dp_replicate, dp_shard, tp = config.dp_replicate, config.dp_shard, config.tp
+    others = dp_replicate * tp
+    if dp_shard == -1:
+        if world_size % others:
+            raise ValueError(
+                f"dp_replicate={dp_replicate} x tp={tp} = {others} does not divide the world size "
+                f"{world_size}, so dp_shard=-1 (what is left) has no integer size: choose "
+                f"dp_replicate and tp whose product divides {world_size}"
+            )
+        dp_shard = world_size // others
+    if dp_replicate * dp_shard * tp != world_size:
+        raise ValueError(
+            f"dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} = "
+            f"{dp_replicate * dp_shard * tp}, but the world size is {world_size}: the three must "
+            f"multiply to the world size (dp_shard=-1 takes what dp_replicate and tp leave)"
+        )
+    return MeshShape(dp_replicate, dp_shard, tp)
+
+
+@attrs.frozen(eq=False)
+class Mesh:
+    """A run's device meshes: the 3-D root and its flattened data-parallel dimension.
+
+    `device_mesh` has dimensions "dp_replicate", "dp_shard", "tp" (size-1 ones kept, so every
+    name always exists); `data_parallel` is the 1-D "dp" mesh (dp_replicate x dp_shard) that
+    holds this rank. Kept here because torch deprecates slicing a flattened dimension from the
+    root mesh (`mesh["dp"]`): the flattened mesh must be book-kept by its maker.
+    """
+
+    shape: MeshShape
+    device_mesh: DeviceMesh
+    data_parallel: DeviceMesh
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The mesh to give `fully_shard`: 1-D "dp_shard", or 2-D ("dp_replicate", "dp_shard") for HSDP.
+
+        With the 2-D mesh FSDP2 shards over the inner dimension and replicates over the outer
+        one (reduce-scatter within a replica, then all-reduce of the shards across replicas).
+        """
+        if self.shape.dp_replicate == 1:
+            return self.device_mesh["dp_shard"]
+        return self.device_mesh["dp_replicate", "dp_shard"]
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        """The 1-D "tp" mesh of this rank's tensor-parallel group (size 1 when tp=1)."""
+        return self.device_mesh["tp"]
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's place among the ranks that see different batches (the same for a TP group)."""
+        return self.data_parallel.get_local_rank()
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many different batches one step sees: dp_replicate x dp_shard."""
+        return self.shape.data_parallel_size
+
+    @property
+    def data_parallel_group(self) -> dist.ProcessGroup:
+        """The process group to reduce metrics and item counts over: this rank's "dp" ranks.
+
+        Tensor-parallel ranks of one group hold the same loss; a sum over the whole world would
+        count it `tp` times.
+        """
+        return self.data_parallel.get_group()
+
+
+def build_mesh(shape: MeshShape, device_type: str) -> Mesh:
+    """The meshes of `shape` over the default process group, on `device_type` ("cpu", "cuda").
+
+    A collective: every rank of the default process group (which must be joined, also for one
+    process) calls it with the same shape. Raises ValueError when the shape does not cover the
+    process group.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shape.world_size != dist.get_world_size():
+        raise ValueError(
+            f"the mesh dp_replicate={shape.dp_replicate} x dp_shard={shape.dp_shard} x tp={shape.tp} "
+            f"has {shape.world_size} ranks, but the process group has {dist.get_world_size()}"
+        )
+    device_mesh = init_device_mesh(device_type, shape.sizes, mesh_dim_names=DIMENSIONS)
+    # `_flatten` (private, in torch since 2.4; torchtitan uses it too) makes one group of the
+    # data-parallel ranks out of the mesh's own layout, without a hand-made `new_group`.
+    data_parallel = device_mesh["dp_replicate", "dp_shard"]._flatten(DATA_PARALLEL)
+    return Mesh(shape, device_mesh, data_parallel)
