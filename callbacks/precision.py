@@ -164,7 +164,7 @@ class ClipGradNorm(Callback):
         total = state.strategy.grad_norm(grads, self.norm_type)  # over every rank's shards
         self.last_norm = total
         if not state.skip_step:
-            torch.nn.utils.clip_grads_with_norm_(parameters, self.max_norm, total)
+            state.strategy.clip_grads_(grads, self.max_norm, total)
         return None
 
     def __repr__(self) -> str:

@@ -1,18 +1,20 @@
 """The strategies on real processes (gloo, CPU): DDP's own options, and the scale features.
 
-One `spawn.run(two_rank_checks, n=2)` runs every 2-process check (tests/scale_workers.py); the
-references are plain PyTorch loops on one process, run here.
+One `spawn.run(two_rank_checks, n=2)` runs every 2-process check and one
+`spawn.run(four_rank_checks, n=4)` every 4-process one (tests/scale_workers.py); the references
+are plain PyTorch loops on one process, run here.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from fsdp_workers import BlockModel
-from scale_workers import Rotary, RotaryModel, WithSpare, two_rank_checks
+from scale_workers import MESH_SAMPLES, MeshModel, Rotary, RotaryModel, WithSpare, four_rank_checks, two_rank_checks
 
 import trainloop as tl
-from reference import big_batch_reference, regression_data, tiny_model
+from reference import big_batch_reference, epoch_order, mse, regression_data, tiny_model
 from trainloop import spawn
 
 pytestmark = pytest.mark.multiprocess
@@ -198,3 +200,80 @@ def test_compile_setting_takes_blocks_from_the_environment(monkeypatch):
     monkeypatch.delenv("TRAINLOOP_COMPILE")
     with pytest.raises(ValueError, match="compile must be True, False or 'blocks'"):
         tl.init(compile="regions")
+
+
+# -- meshes on 4 processes (issue 13, item 4) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory) -> dict:
+    return spawn.run(four_rank_checks, str(tmp_path_factory.mktemp("mesh")), n=4)
+
+
+def mesh_reference(big: int, *, sgd: bool = False, clip: float | None = None, epochs: int = 2):
+    """One process, the big batch, the same shuffled order; clipping as clip_grad_norm_ does it."""
+    model = MeshModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1) if sgd else torch.optim.AdamW(model.parameters(), lr=1e-2)
+    dataset, norms = regression_data(MESH_SAMPLES), []
+    for epoch in range(epochs):
+        order = epoch_order(MESH_SAMPLES, seed=3, epoch=epoch, shuffle=True)
+        for start in range(0, MESH_SAMPLES, big):
+            x, y = (torch.stack(c) for c in zip(*(dataset[i] for i in order[start:start + big].tolist())))
+            mse(model, x, y).backward()
+            if clip:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+            optimizer.step()
+            optimizer.zero_grad()
+    return model.state_dict(), norms
+
+
+@pytest.mark.parametrize(("run", "big"), [("hsdp", 32), ("tp", 16)])
+def test_hsdp_and_tensor_parallel_with_accumulation_equal_the_big_batch(four, run, big):
+    expected, _ = mesh_reference(big)
+    assert four[run]["steps"] == 2 * MESH_SAMPLES // big
+    assert_weights(four[run]["weights"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("run", "big"), [("hsdp_clip", 32), ("tp_clip", 16)])
+def test_clipping_under_hsdp_and_tensor_parallel_equals_clipping_the_big_batch(four, run, big):
+    expected, norms = mesh_reference(big, sgd=True, clip=0.05)
+    assert min(norms) > 0.05  # every step really clipped
+    torch.testing.assert_close(four[run]["norms"], norms, rtol=1e-5, atol=1e-6)
+    assert_weights(four[run]["weights"], expected, atol=1e-5)
+
+
+def test_loaders_shard_by_the_data_parallel_ranks_only(four):
+    """tp=2 x dp_shard=2: ranks 0,1 are one TP group (dp rank 0), ranks 2,3 the other."""
+    seen = four["tp"]["seen"]
+    assert [dp for dp, _ in seen] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert torch.equal(seen[0][1], seen[1][1]) and torch.equal(seen[2][1], seen[3][1])
+    assert not torch.equal(seen[0][1], seen[2][1])
+    assert [dp for dp, _ in four["hsdp"]["seen"]] == [(r, 4) for r in range(4)]
+
+
+def test_a_checkpoint_saved_on_2x2_resumes_on_4x1_and_on_one_process_exactly(four):
+    expected, _ = mesh_reference(32)
+    assert four["saved_on_2x2"]["steps"] == 2
+    assert four["resumed_on_4x1"]["steps"] == 4
+    assert_weights(four["resumed_on_4x1"]["weights"], expected, atol=1e-5)
+    # One process, no process group: accumulate 8 of batch 4 is the same 32-sample step.
+    state = tl.init(seed=3, accumulate=8)
+    model = MeshModel(seed=1)  # other initial weights: the checkpoint's must replace them
+    state, model, optimizer, loader = tl.prepare(
+        state, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+        DataLoader(regression_data(MESH_SAMPLES), batch_size=4, shuffle=True))
+    state = tl.load(state, four["checkpoint"])
+    assert (state.step, loader.epoch) == (2, 1)
+    for x, y in loader:
+        with tl.accumulate(state, model):
+            state = tl.backward(state, mse(model, x, y))
+        state = tl.step(state, optimizer)
+    assert state.step == 4
+    assert_weights(tl.unwrap(model).state_dict(), expected, atol=1e-5)
+
+
+def test_mesh_settings_are_checked_against_the_strategy_and_world_size():
+    with pytest.raises(ValueError, match="dp_replicate=1 and tp=2 need strategy='fsdp'"):
+        tl.init(tp=2)
+    with pytest.raises(ValueError, match="dp_replicate=2 x dp_shard=1 x tp=1 = 2, but the world size is 1"):
+        tl.init(strategy="fsdp", dp_replicate=2, dp_shard=1)

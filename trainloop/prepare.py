@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 from trainloop import precision
 from trainloop.data import PreparedLoader
 from trainloop.state import RunState
-from trainloop.strategies import blocks
 from trainloop.strategies.meta_init import move_real_tensors
 from trainloop.wrappers import unwrap, wrapper_layers  # noqa: F401 (their old home: re-exported)
 
@@ -109,16 +108,11 @@ def _prepare_model(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[i
 
     Returns the prepared model and the parameters the strategy replaced (id -> replacement).
     """
-    config = state.config
     # A model built under tl.empty_weights() keeps its meta tensors: the strategy allocates them.
-    model = precision.cast_module(move_real_tensors(model, state.device), config.precision)
-    if config.activation_checkpointing == "blocks":
-        model = blocks.checkpoint_blocks(model, config.fsdp_blocks)  # before sharding, as FSDP2 needs
-    if config.compile == "blocks":
-        # Each block compiled on its own (checkpointed blocks included), the rest eager; then the
-        # strategy shards or wraps the model, as torchtitan does.
-        model = blocks.compile_blocks(model, config.fsdp_blocks)
-    elif config.compile:
+    model = precision.cast_module(move_real_tensors(model, state.device), state.config.precision)
+    # Activation checkpointing and compile="blocks" act on the blocks: the strategy applies them
+    # (after tensor parallelism, before sharding or DDP, as torchtitan orders them).
+    if state.config.compile is True:
         # Compile the module, then wrap it, as torch's "Where to apply torch.compile?" advises
         # (dynamo does not trace DDP/FSDP wrappers well). Inside DDP's forward, dynamo still splits
         # the graph at DDP's bucket boundaries (DDPOptimizer), so the all-reduce overlaps the

@@ -149,7 +149,7 @@ def _normalise_gradients(state: RunState, optimizers: tuple) -> None:
         return
     if isinstance(factor, torch.Tensor):
         factor = factor.to(grads[0].device)
-    torch._foreach_mul_(grads, factor)
+    state.strategy.scale_grads_(grads, factor)
 
 
 def log(state: RunState, metrics: dict[str, Any] | None = None, **values: Any) -> RunState:

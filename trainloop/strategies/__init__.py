@@ -28,11 +28,13 @@ def create(config: Config, topology: Topology) -> Strategy:
     if config.strategy == "fsdp":
         from trainloop.strategies.fsdp import FullyShard
 
-        return FullyShard(config, topology.rank, topology.world_size)
+        return FullyShard(config, topology)
     if topology.world_size > 1:  # "auto" and "ddp"
         from trainloop.strategies.ddp import DataParallel
 
         return DataParallel(config, topology)
+    from trainloop.strategies.base import refuse_mesh
     from trainloop.strategies.local import Local
 
+    refuse_mesh(config, config.strategy)
     return Local()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -48,6 +48,12 @@ class Strategy(Protocol):
     def grad_norm(self, grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         """The total `norm_type` norm of the gradients of every rank's parameters (a plain tensor)."""
 
+    def scale_grads_(self, grads: list[torch.Tensor], factor: float | torch.Tensor) -> None:
+        """Multiply the gradients by `factor` (a number or a scalar tensor), in place."""
+
+    def clip_grads_(self, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+        """Scale the gradients so that their total norm `total_norm` is at most `max_norm`."""
+
     def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's whole state dict, ready to write on the main process. Collective.
 
@@ -74,6 +80,22 @@ def rebind(optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) 
         group["params"][:] = [replaced.get(id(p), p) for p in group["params"]]
 
 
+def refuse_mesh(config: Any, strategy: str) -> None:
+    """Raise ValueError for mesh settings that only `strategy="fsdp"` implements."""
+    if config.tp != 1 or config.dp_replicate != 1:
+        raise ValueError(
+            f"dp_replicate={config.dp_replicate} and tp={config.tp} need strategy='fsdp' (HSDP and "
+            f"tensor parallelism compose with FSDP2); strategy={strategy!r} replicates the whole model: "
+            "use strategy='fsdp', or leave dp_replicate and tp at 1"
+        )
+
+
+def clip(strategy: Strategy, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """`torch.nn.utils.clip_grads_with_norm_`'s arithmetic, scaling through the strategy."""
+    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    strategy.scale_grads_(grads, coefficient)
+
+
 class WholeModel:
     """Shared behaviour of the strategies that keep a whole copy of the model on every rank."""
 
@@ -92,6 +114,14 @@ class WholeModel:
 
     def grad_norm(self, grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         return torch.nn.utils.get_total_norm(grads, norm_type)
+
+    def scale_grads_(self, grads: list[torch.Tensor], factor: float | torch.Tensor) -> None:
+        if isinstance(factor, torch.Tensor):
+            factor = factor.to(grads[0].device)
+        torch._foreach_mul_(grads, factor)
+
+    def clip_grads_(self, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+        clip(self, grads, max_norm, total_norm)
 
     def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         from trainloop.wrappers import unwrap

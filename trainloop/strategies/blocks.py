@@ -10,9 +10,12 @@ The blocks are the same for all three: `find_blocks`.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from trainloop.config import Config
 
 
 def find_blocks(model: nn.Module, class_names: str = "") -> list[nn.Module]:
@@ -52,6 +55,17 @@ def _parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def apply(model: nn.Module, config: Config) -> None:
+    """What the settings ask of the blocks, in torchtitan's order: checkpoint, then compile.
+
+    Strategies call it on the user's module before they shard or wrap it.
+    """
+    if config.activation_checkpointing == "blocks":
+        checkpoint_blocks(model, config.fsdp_blocks)
+    if config.compile == "blocks":
+        compile_blocks(model, config.fsdp_blocks)
+
+
 def checkpoint_blocks(model: nn.Module, class_names: str = "") -> nn.Module:
     """Wrap each block in torch's (non-reentrant) `checkpoint_wrapper`, in place; return `model`.
 
@@ -75,7 +89,9 @@ def checkpoint_blocks(model: nn.Module, class_names: str = "") -> nn.Module:
 def compile_blocks(model: nn.Module, class_names: str = "") -> nn.Module:
     """`torch.compile` each block in place (`module.compile()`); return `model`.
 
-    The rest of the model runs eagerly. Raises ValueError for a model without blocks.
+    The rest of the model runs eagerly. In place, so parameter names and state dict keys stay
+    those of the model (`torch.compile(block)` would insert `_orig_mod.`). Raises ValueError
+    for a model without blocks.
     """
     for block in _blocks_or_refuse(model, class_names, "compile='blocks'"):
         block.compile()

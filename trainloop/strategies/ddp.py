@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from trainloop.strategies.base import WholeModel
+from trainloop.strategies import blocks
+from trainloop.strategies.base import WholeModel, refuse_mesh
 from trainloop.strategies.meta_init import materialize
-from trainloop.wrappers import wrapper_layers
+from trainloop.wrappers import unwrap, wrapper_layers
 
 if TYPE_CHECKING:
     from trainloop.config import Config
@@ -47,6 +48,7 @@ class DataParallel(WholeModel):
                 "DDP breaks inside no_sync with a static graph (pytorch/pytorch#143580). Use "
                 "accumulate=1, or leave ddp_static_graph off"
             )
+        refuse_mesh(config, "ddp")
         super().__init__(topology.rank, topology.world_size)
         self.options: dict[str, Any] = {
             "find_unused_parameters": config.ddp_find_unused_parameters,
@@ -58,6 +60,7 @@ class DataParallel(WholeModel):
         self.comm_hook = config.ddp_comm_hook
 
     def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+        blocks.apply(unwrap(model), state.config)
         replaced = materialize(model, state.device, state.config.seed)  # built under tl.empty_weights()
         device_ids = [state.device.index] if state.device.type != "cpu" else None
         # The constructor broadcasts rank 0's parameters and buffers to every rank.

@@ -31,12 +31,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from trainloop.precision import AUTOCAST_DTYPES
-from trainloop.strategies.base import rebind
+from trainloop.strategies.base import clip, rebind
+from trainloop.mesh import Mesh, build_mesh, mesh_shape
+from trainloop.strategies import blocks
 from trainloop.strategies.blocks import find_blocks
 from trainloop.strategies.meta_init import materialize
 from trainloop.topology import leave_process_group
@@ -45,6 +46,7 @@ from trainloop.wrappers import unwrap
 if TYPE_CHECKING:
     from trainloop.config import Config
     from trainloop.state import RunState
+    from trainloop.topology import Topology
 
 
 class FullyShard:
@@ -53,13 +55,22 @@ class FullyShard:
     name = "fsdp"
     sharded = True
 
-    def __init__(self, config: Config, rank: int, world_size: int):
+    def __init__(self, config: Config, topology: Topology):
         self.config = config
-        self._rank, self._world_size = rank, world_size
+        self.shape = mesh_shape(config, topology.world_size)  # checked in init, built on first use
+        self._rank = topology.rank
+        self._mesh: Mesh | None = None
+
+    def mesh(self, device: torch.device) -> Mesh:
+        """The run's device meshes (a collective the first time: every rank builds them)."""
+        if self._mesh is None:
+            _join_single_process_group(device)
+            self._mesh = build_mesh(self.shape, device.type)
+        return self._mesh
 
     def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
         # In place, also on one process; under compile, the user's module inside the wrapper.
-        return model, shard(state, unwrap(model))
+        return model, shard(state, unwrap(model), self.mesh(state.device))
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:
         bind_optimizer(optimizer, replaced)
@@ -68,18 +79,42 @@ class FullyShard:
         return _no_gradient_sync([unwrap(model) for model in models])
 
     def data_parallel(self) -> tuple[int, int]:
-        return self._rank, self._world_size
+        # Ranks are laid out row-major over (dp_replicate, dp_shard, tp): a tensor-parallel group
+        # is `tp` neighbours, who share one data-parallel rank (mesh.data_parallel_rank, unbuilt).
+        return self._rank // self.shape.tp, self.shape.data_parallel_size
 
     def grad_norm(self, grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-        total = torch.nn.utils.get_total_norm(grads, norm_type)
-        # Each rank's norm of its shards is a partial DTensor: full_tensor reduces it over ranks.
-        return total.full_tensor() if isinstance(total, DTensor) else total
+        # Gradients live on up to two meshes (with TP: the 2-D one of the TP-sharded layers, the
+        # dp one of the others): the norm of each group, reduced over its ranks (full_tensor),
+        # then the norm of those norms, which is the total norm for any p (max for inf).
+        norms = []
+        for group in _by_mesh(grads).values():
+            norm = torch.nn.utils.get_total_norm(group, norm_type)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        return norms[0] if len(norms) == 1 else torch.nn.utils.get_total_norm(norms, norm_type)
+
+    def scale_grads_(self, grads: list[torch.Tensor], factor: float | torch.Tensor) -> None:
+        # One foreach per mesh: DTensor ops refuse operands on different meshes (TP + FSDP).
+        if isinstance(factor, torch.Tensor):
+            factor = factor.to(grads[0].device)
+        for group in _by_mesh(grads).values():
+            torch._foreach_mul_(group, factor)
+
+    def clip_grads_(self, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+        clip(self, grads, max_norm, total_norm)
 
     def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return full_state_dict(unwrap(model))
 
     def __repr__(self) -> str:
         return "FullyShard()"
+
+
+def _by_mesh(grads: list[torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for grad in grads:
+        groups.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
+    return groups
 
 
 @contextlib.contextmanager
@@ -107,38 +142,55 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # -- sharding ----------------------------------------------------------------------------------
 
 
-def shard(state: RunState, model: nn.Module) -> dict[int, nn.Parameter]:
-    """Apply FSDP2 to `model` (already on `state.device`), in place: each block, then the root.
+def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Parameter]:
+    """Parallelise `model` (on `state.device`) over `mesh`, in place: TP, blocks, FSDP2, storage.
+
+    In this order (torchtitan's): tensor parallelism over the "tp" dimension when tp > 1
+    (`trainloop.tensor_parallel`, the plan `tp_plan` or the Hugging Face model's own); the
+    blocks' activation checkpointing and compile (`blocks.apply`); FSDP2 on each block, then the
+    root, over the data-parallel dimensions (HSDP when dp_replicate > 1: sharded within a
+    replica, replicated across them); a meta model's storage.
 
     Returns id(parameter before sharding) -> the shard that replaced it, for `bind_optimizer`.
 
-    Afterwards its parameters are `DTensor` shards over all ranks. Parameters and
-    buffers are rank 0's on every rank; a model built on the meta device gets storage for its
-    shards only, initialised by each module's `reset_parameters()` (`meta_init.materialize`). Mixed precision follows `state.config.precision`: under
-    bf16 (and fp8) and fp16 the gathered parameters and the compute are in that dtype while the
+    Afterwards its parameters are `DTensor` shards. Parameters and buffers are rank 0's on every
+    rank; a model built on the meta device gets storage for its shards only, initialised by each
+    module's `reset_parameters()` (`meta_init.materialize`). Mixed precision follows
+    `state.config.precision`: under bf16 (and fp8) and fp16 the gathered parameters and the compute are in that dtype while the
     sharded parameters, the optimizer and the gradient reduction stay fp32. On one process a
     single-rank process group is joined, so the run is the same FSDP program at any world size.
     Raises ValueError if `fsdp_blocks` names a class the model does not contain.
     """
     config = state.config
-    blocks = find_blocks(model, config.fsdp_blocks)
-    _join_single_process_group(state.device)
     if state.world_size > 1:
         _broadcast_from_rank0(model)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
+    if mesh.shape.tp > 1:
+        from trainloop.tensor_parallel import apply_tp_plan
+
+        apply_tp_plan(model, mesh.tp_mesh, config.tp_plan)
+    blocks.apply(model, config)
+    found = find_blocks(model, config.fsdp_blocks)
     options: dict[str, Any] = {
-        "mesh": init_device_mesh(state.device.type, (dist.get_world_size(),)),
+        "mesh": mesh.fsdp_mesh,
         "mp_policy": mixed_precision(config.precision),
         "offload_policy": (CPUOffloadPolicy(pin_memory=state.device.type != "cpu")
                            if config.fsdp_cpu_offload else OffloadPolicy()),
     }
-    for block in blocks:
+    for block in found:
         fully_shard(block, reshard_after_forward=config.fsdp_reshard_after_forward, **options)
     # The root's parameters are needed again as soon as backward starts: keep them gathered.
     fully_shard(model, reshard_after_forward=False, **options)
     # Built under tl.empty_weights(): allocate and initialise this rank's shards only.
     materialize(model, state.device, config.seed)
-    return {key: model.get_parameter(name) for key, name in names.items()}
+    # Tensor parallelism and FSDP replaced the parameters; checkpoint_wrapper renamed their paths.
+    now = {_without_wrappers(name): parameter for name, parameter in model.named_parameters()}
+    return {key: now[name] for key, name in names.items()}
+
+
+def _without_wrappers(name: str) -> str:
+    """A parameter's name without the `_checkpoint_wrapped_module.` that checkpoint_wrapper inserts."""
+    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:

@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from trainloop.wrappers import unwrap
+
+from trainloop.strategies import blocks
 from trainloop.strategies.base import WholeModel
 from trainloop.strategies.meta_init import materialize
 
@@ -23,6 +26,7 @@ class Local(WholeModel):
     name = "local"
 
     def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+        blocks.apply(unwrap(model), state.config)
         return model, materialize(model, state.device, state.config.seed)  # built under tl.empty_weights()
 
     def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
