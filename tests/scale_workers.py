@@ -6,6 +6,8 @@ data it returns, against plain PyTorch loops run in the test process.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -231,11 +233,36 @@ def _activation_checkpointing_checks(results: dict) -> None:
         {"strategy": "fsdp", "accumulate": 2, "activation_checkpointing": "blocks"}, BlockModel(seed=3, depth=4))
 
 
+def _activation_checkpointing_resume_checks(results: dict, directory: str) -> None:
+    """Sharded checkpoints of checkpoint-wrapped blocks: saved before any step and after one epoch."""
+    from pathlib import Path
+
+    runs: list = []
+    directory = Path(directory)
+    for kind in ("saved", "resumed"):
+        state = tl.init(seed=3, strategy="fsdp", accumulate=2, activation_checkpointing="blocks")
+        model = BlockModel(seed=3 if kind == "saved" else 9, depth=4)
+        state, model, optimizer, loader = tl.prepare(
+            state, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+            DataLoader(regression_data(40), batch_size=4, shuffle=True))
+        if kind == "saved":
+            tl.save(state, directory / "ac-step-0")  # no optimizer state yet
+            state = train(state, model, optimizer, loader, epochs=1)
+            tl.save(state, directory / "ac-epoch-1")
+        else:
+            state = tl.load(state, directory / "ac-step-0")
+            state = tl.load(state, directory / "ac-epoch-1")
+            state = train(state, model, optimizer, loader, epochs=2)
+            results["ac_resumed_weights"], results["ac_resumed_steps"] = weights(model), state.step
+        runs.append(kind)
+
+
 def two_rank_checks(directory: str) -> dict:
     results: dict = {}
     _ddp_option_checks(results)
     _meta_init_checks(results)
     _activation_checkpointing_checks(results)
+    _activation_checkpointing_resume_checks(results, directory)
     return results
 
 
@@ -275,13 +302,17 @@ class MeshModel(nn.Module):
 
 
 def mesh_run(settings: dict, *, sgd: bool = False, clip: float | None = None, epochs: int = 2,
-             resume: str | None = None, save: str | None = None) -> dict:
-    """64 samples, batch 4 per data-parallel rank, shuffled, seed 3, accumulate 2."""
+             resume: str | None = None, save: str | None = None, meta: bool = False) -> dict:
+    """64 samples, batch 4 per data-parallel rank, shuffled, seed 3, accumulate 2.
+
+    `meta`: the model built under empty_weights(), so initialised from the seed (3) in prepare.
+    """
     from trainloop.callbacks import ClipGradNorm
 
     clipper = ClipGradNorm(clip) if clip else None
     state = tl.init(seed=3, accumulate=2, callbacks=[clipper] if clipper else [], **settings)
-    model = MeshModel()
+    with empty_weights() if meta else contextlib.nullcontext():
+        model = MeshModel()
     optimizer = (torch.optim.SGD(model.parameters(), lr=0.1) if sgd
                  else torch.optim.AdamW(model.parameters(), lr=1e-2))
     state, model, optimizer, loader = tl.prepare(
@@ -303,7 +334,8 @@ def mesh_run(settings: dict, *, sgd: bool = False, clip: float | None = None, ep
         tl.save(state, save)
     seen: list = [None] * state.world_size
     dist.all_gather_object(seen, (state.strategy.data_parallel(), first_batches[0] if first_batches else None))
-    return {"weights": weights(model), "steps": state.step, "norms": norms, "seen": seen}
+    return {"weights": weights(model), "steps": state.step, "norms": norms, "seen": seen,
+            "local_numel": sum(p.to_local().numel() for p in model.parameters())}
 
 
 def four_rank_checks(directory: str) -> dict:
@@ -314,6 +346,7 @@ def four_rank_checks(directory: str) -> dict:
     results["hsdp_clip"] = mesh_run(HSDP, sgd=True, clip=0.05)
     results["tp"] = mesh_run(TP)
     results["tp_clip"] = mesh_run(TP, sgd=True, clip=0.05)
+    results["tp_meta"] = mesh_run(TP, meta=True)
     # Saved on the 2x2 mesh after one epoch; resumed on 4x1 (here) and on one process (the test).
     saved = str(Path(directory) / "hsdp-2x2")
     results["saved_on_2x2"] = mesh_run(HSDP, epochs=1, save=saved)

@@ -210,9 +210,9 @@ def four(tmp_path_factory) -> dict:
     return spawn.run(four_rank_checks, str(tmp_path_factory.mktemp("mesh")), n=4)
 
 
-def mesh_reference(big: int, *, sgd: bool = False, clip: float | None = None, epochs: int = 2):
+def mesh_reference(big: int, *, sgd: bool = False, clip: float | None = None, epochs: int = 2, seed: int = 0):
     """One process, the big batch, the same shuffled order; clipping as clip_grad_norm_ does it."""
-    model = MeshModel()
+    model = MeshModel(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1) if sgd else torch.optim.AdamW(model.parameters(), lr=1e-2)
     dataset, norms = regression_data(MESH_SAMPLES), []
     for epoch in range(epochs):
@@ -240,6 +240,14 @@ def test_clipping_under_hsdp_and_tensor_parallel_equals_clipping_the_big_batch(f
     assert min(norms) > 0.05  # every step really clipped
     torch.testing.assert_close(four[run]["norms"], norms, rtol=1e-5, atol=1e-6)
     assert_weights(four[run]["weights"], expected, atol=1e-5)
+
+
+def test_a_meta_model_under_tensor_parallelism_and_fsdp_initialises_its_shards_from_the_seed(four):
+    """Built under empty_weights(), TP 2 x dp_shard 2: the seed-3 model, each rank a quarter of it."""
+    expected, _ = mesh_reference(16, seed=3)
+    assert_weights(four["tp_meta"]["weights"], expected, atol=1e-5)
+    total = sum(p.numel() for p in MeshModel().parameters())
+    assert four["tp_meta"]["local_numel"] == four["tp"]["local_numel"] < total // 2
 
 
 def test_loaders_shard_by_the_data_parallel_ranks_only(four):
@@ -277,3 +285,22 @@ def test_mesh_settings_are_checked_against_the_strategy_and_world_size():
         tl.init(tp=2)
     with pytest.raises(ValueError, match="dp_replicate=2 x dp_shard=1 x tp=1 = 2, but the world size is 1"):
         tl.init(strategy="fsdp", dp_replicate=2, dp_shard=1)
+
+
+def test_fsdp_with_activation_checkpointing_resumes_from_sharded_checkpoints(job):
+    assert job["ac_resumed_steps"] == 6
+    assert_weights(job["ac_resumed_weights"], big_batch(BlockModel(seed=3, depth=4)), atol=1e-5)
+
+
+def test_every_strategy_implements_the_whole_protocol():
+    from trainloop.strategies.base import Strategy
+    from trainloop.strategies.ddp import DataParallel
+    from trainloop.strategies.fsdp import FullyShard
+    from trainloop.strategies.local import Local
+
+    members = {name for name in vars(Strategy) if not name.startswith("_")} | set(Strategy.__annotations__)
+    assert {"wrap", "no_sync", "data_parallel", "grad_norm", "scale_grads_", "clip_grads_",
+            "export_state_dict", "bind_optimizer", "sharded", "name"} <= members
+    for strategy in (Local, DataParallel, FullyShard):
+        missing = [name for name in members if not hasattr(strategy, name)]
+        assert missing == [], f"{strategy.__name__} lacks {missing}"
