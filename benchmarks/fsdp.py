@@ -15,6 +15,8 @@ What is measured, and why it is fair:
   whose order alternates, after a warm-up; ms/step is rank 0's median over rounds and the ratio
   the median of the per-round ratios (which cancels the machine's drift), with its
   interquartile range as the spread.
+- HSDP. The same pair again on a 2-D mesh of (replicate 2, shard 1), as HSDP across two
+  machines of one rank each: `fully_shard(mesh=...)` by hand against `dp_replicate=2`.
 - Memory. The bytes each rank holds for parameters, gradients and optimizer state after a
   backward, counted from the tensors themselves (under FSDP the local shards): trainloop's
   FSDP against trainloop's DDP for the same model and optimizer. On top of this FSDP gathers
@@ -60,6 +62,7 @@ from common import (
 DEPTH, OUT, BATCH_SIZE, NPROC = 4, 16, 32, 2
 STEP_TARGET = 1.05
 RAW, TRAINLOOP = "raw fully_shard", "trainloop fsdp"
+RAW_HSDP, TRAINLOOP_HSDP = "raw HSDP 2x1", "trainloop HSDP 2x1"
 
 
 class Net(nn.Module):
@@ -84,13 +87,17 @@ def make_batches(count: int, width: int, rank: int) -> list[tuple[torch.Tensor, 
 # -- the variants ------------------------------------------------------------------------------
 
 
-def raw_fully_shard(accumulate: int, width: int) -> Loop:
+def raw_fully_shard(accumulate: int, width: int, hsdp: bool = False) -> Loop:
+    """torchtitan's loop; `hsdp`: over a 2-D (replicate 2, shard 1) mesh, as HSDP across 2 machines."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = Net(width)
+    mesh = init_device_mesh("cpu", (NPROC, 1) if hsdp else (NPROC,),
+                            mesh_dim_names=("dp_replicate", "dp_shard") if hsdp else ("dp_shard",))
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
     optimizer = adamw(model)
     micro_steps = 0
 
@@ -109,8 +116,9 @@ def raw_fully_shard(accumulate: int, width: int) -> Loop:
     return run
 
 
-def trainloop_fsdp(accumulate: int, width: int) -> Loop:
-    state = tl.init(strategy="fsdp", accumulate=accumulate)
+def trainloop_fsdp(accumulate: int, width: int, hsdp: bool = False) -> Loop:
+    mesh = {"dp_replicate": NPROC, "dp_shard": 1} if hsdp else {}
+    state = tl.init(strategy="fsdp", accumulate=accumulate, **mesh)
     model = Net(width)
     state, model, optimizer = tl.prepare(state, model, adamw(model))
 
@@ -160,12 +168,15 @@ def benchmark(steps: int, rounds: int, warmup: int, width: int) -> dict:
     """Runs on every rank; rank 0's result is returned by spawn.run."""
     job = tl.init(strategy="fsdp")
     batches = make_batches(steps, width, job.rank)
-    results: dict = {"times": {}, "memory": {}}
+    results: dict = {"times": {}, "hsdp_times": {}, "memory": {}}
     for accumulate in (1, 4):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loops = {RAW: raw_fully_shard(accumulate, width), TRAINLOOP: trainloop_fsdp(accumulate, width)}
+            hsdp = {RAW_HSDP: raw_fully_shard(accumulate, width, hsdp=True),
+                    TRAINLOOP_HSDP: trainloop_fsdp(accumulate, width, hsdp=True)}
         results["times"][accumulate] = measure(loops, batches, rounds, warmup)
+        results["hsdp_times"][accumulate] = measure(hsdp, batches, rounds, warmup)
     for label, strategy in (("DDP", "ddp"), ("FSDP", "fsdp")):
         results["memory"][label] = memory_after_backward(strategy, width)
     tl.finish(job)
@@ -175,17 +186,15 @@ def benchmark(steps: int, rounds: int, warmup: int, width: int) -> dict:
 # -- the report --------------------------------------------------------------------------------
 
 
-def print_times(times: dict[int, dict[str, list[float]]]) -> dict[int, float]:
-    print(f"{'accumulate':>10}  {'variant':<18}{'ms/step':>9}{'vs raw':>9}{'spread':>9}")
+def print_times(times: dict[int, dict[str, list[float]]], raw: str, ours: str) -> dict[int, float]:
+    """One row per variant and accumulation; returns `ours`'s ratio to `raw` by accumulation."""
     ratios = {}
     for accumulate, by_variant in times.items():
         for name, values in by_variant.items():
-            median, ratio, spread = ratio_summary(values, by_variant[RAW])
-            print(f"{accumulate:>10}  {name:<18}{ratio_cells(median, ratio, spread, digits=2)}")
-            if name == TRAINLOOP:
+            median, ratio, spread = ratio_summary(values, by_variant[raw])
+            print(f"{accumulate:>10}  {name:<20}{ratio_cells(median, ratio, spread, digits=2)}")
+            if name == ours:
                 ratios[accumulate] = ratio
-    print("  ms/step: rank 0's median time per micro-step; vs raw: median of the per-round ratios; "
-          "spread: their interquartile range")
     return ratios
 
 
@@ -219,11 +228,17 @@ def main() -> int:
           f"processes (gloo, CPU): {DEPTH} blocks of Linear {args.width}-{args.width} + Tanh, batch {BATCH_SIZE} "
           f"per rank, AdamW; {args.steps} micro-steps x {args.rounds} interleaved rounds, medians")
     results = spawn.run(benchmark, args.steps, args.rounds, warmup, args.width, n=NPROC)
-    ratios = print_times(results["times"])
+    print(f"{'accumulate':>10}  {'variant':<20}{'ms/step':>9}{'vs raw':>9}{'spread':>9}")
+    ratios = print_times(results["times"], RAW, TRAINLOOP)
+    hsdp_ratios = print_times(results["hsdp_times"], RAW_HSDP, TRAINLOOP_HSDP)
+    print("  ms/step: rank 0's median time per micro-step; vs raw: median of the per-round ratios "
+          "to the raw loop on the same mesh; spread: their interquartile range")
     print_memory(results["memory"])
     print("\ntarget:")
     for accumulate, ratio in ratios.items():
         print(target_line(f"per-step, accumulate {accumulate}", ratio, STEP_TARGET))
+    for accumulate, ratio in hsdp_ratios.items():
+        print(target_line(f"HSDP per-step, accumulate {accumulate}", ratio, STEP_TARGET))
     if args.quick:
         print(quick_note())
     return 0
