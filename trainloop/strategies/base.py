@@ -45,6 +45,13 @@ class Strategy(Protocol):
     def data_parallel(self) -> tuple[int, int]:
         """(rank, size) of this process among the data-parallel replicas: loaders shard by it."""
 
+    def data_parallel_group(self) -> Any:
+        """The process group of the ranks that see different batches, with this one; None: all ranks.
+
+        Not None only under tensor parallelism, whose ranks of one group see the same batch:
+        gathering over every rank would count each of its rows once per tensor-parallel rank.
+        """
+
     def grad_norm(self, grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         """The total `norm_type` norm of the gradients of every rank's parameters (a plain tensor)."""
 
@@ -111,6 +118,9 @@ class WholeModel:
 
     def data_parallel(self) -> tuple[int, int]:
         return self._rank, self._world_size
+
+    def data_parallel_group(self) -> Any:
+        return None
 
     def grad_norm(self, grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         return torch.nn.utils.get_total_norm(grads, norm_type)

@@ -58,7 +58,7 @@ class FullyShard:
     def __init__(self, config: Config, topology: Topology):
         self.config = config
         self.shape = mesh_shape(config, topology.world_size)  # checked in init, built on first use
-        self._rank = topology.rank
+        self._rank, self._device = topology.rank, topology.device
         self._mesh: Mesh | None = None
 
     def mesh(self, device: torch.device) -> Mesh:
@@ -82,6 +82,11 @@ class FullyShard:
         # Ranks are laid out row-major over (dp_replicate, dp_shard, tp): a tensor-parallel group
         # is `tp` neighbours, who share one data-parallel rank (mesh.data_parallel_rank, unbuilt).
         return self._rank // self.shape.tp, self.shape.data_parallel_size
+
+    def data_parallel_group(self) -> Any:
+        if self.shape.tp == 1:
+            return None
+        return self.mesh(self._device).data_parallel_group  # a collective the first time, as callers are
 
     def grad_norm(self, grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         # Gradients live on up to two meshes (with TP: the 2-D one of the TP-sharded layers, the
