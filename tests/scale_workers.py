@@ -231,6 +231,10 @@ def _activation_checkpointing_checks(results: dict) -> None:
         results[f"ac_{checkpointing}_saved"] = saved_tensor_count(model, torch.randn(4, 6))
     results["ac_weights"], results["ac_steps"] = trained(
         {"strategy": "fsdp", "accumulate": 2, "activation_checkpointing": "blocks"}, BlockModel(seed=3, depth=4))
+    # The torchtitan stack: checkpointed blocks, each compiled (inductor on the CPU), FSDP2.
+    results["ac_compiled_weights"], _ = trained(
+        {"strategy": "fsdp", "accumulate": 2, "activation_checkpointing": "blocks", "compile": "blocks"},
+        BlockModel(seed=3, depth=4))
 
 
 def _activation_checkpointing_resume_checks(results: dict, directory: str) -> None:

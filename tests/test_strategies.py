@@ -166,6 +166,10 @@ def test_fsdp_with_activation_checkpointing_equals_the_big_batch(job):
     assert_weights(job["ac_weights"], big_batch(BlockModel(seed=3, depth=4)), atol=1e-5)
 
 
+def test_fsdp_with_checkpointed_compiled_blocks_equals_the_big_batch(job):
+    assert_weights(job["ac_compiled_weights"], big_batch(BlockModel(seed=3, depth=4)), atol=1e-5)
+
+
 def test_activation_checkpointing_needs_blocks():
     state = tl.init(activation_checkpointing="blocks")
     with pytest.raises(ValueError, match="activation_checkpointing='blocks' found no blocks in Sequential"):
