@@ -68,7 +68,8 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
             optimizers.append(obj)
         elif isinstance(obj, DataLoader):
             prepared[index] = PreparedLoader(obj, device=state.device, rank=state.rank,
-                                             world_size=state.world_size, seed=state.config.seed)
+                                             world_size=state.world_size, seed=state.config.seed,
+                                             even_batches=state.config.even_batches)
             loaders.append(prepared[index])
     all_optimizers = (*state.optimizers, *optimizers)
     for index, obj in enumerate(objects):
