@@ -86,6 +86,12 @@ def _error(call) -> str | None:
     return None
 
 
+def _on_every_rank(state, call) -> list[str | None]:
+    """The ValueError `call` raised on each rank (None where it raised nothing)."""
+    error = _error(call)
+    return [tl.broadcast(state, error, src=r) for r in range(state.world_size)]
+
+
 def _gather_checks(results: dict) -> None:
     state = tl.init(seed=9)
     rank = state.rank
@@ -117,9 +123,9 @@ def _gather_checks(results: dict) -> None:
 
     # Rows that are not one per sample of the last batch or of the epoch: refused on every rank.
     collected = torch.cat([batch for batch in nine])
-    results["gather_unmatched"] = _error(lambda: tl.gather(state, collected.repeat(2), loader=nine))
-    results["gather_unmatched_one_rank"] = _error(
-        lambda: tl.gather(state, collected if rank == 0 else collected[:2], loader=nine))
+    results["gather_unmatched"] = _on_every_rank(state, lambda: tl.gather(state, collected.repeat(2), loader=nine))
+    results["gather_unmatched_one_rank"] = _on_every_rank(
+        state, lambda: tl.gather(state, collected if rank == 0 else collected[:2], loader=nine))
     results["gather_after_error_works"] = tl.gather(state, collected, loader=nine).tolist()
 
     # An IterableDataset read through DataLoader workers: the padding is known in the main process.
@@ -188,7 +194,12 @@ def _batch_sampler_checks(results: dict) -> None:
     # A sampler whose ranks draw different batches is refused on every rank.
     state, bad = tl.prepare(state, DataLoader(CountingDataset(41),
                                               batch_sampler=UnseededBatches(lengths, 4, state.rank)))
-    results["bucketing_unseeded"] = _error(lambda: next(iter(bad)))
+    results["bucketing_unseeded"] = _on_every_rank(state, lambda: next(iter(bad)))
+    # A DistributedSampler shards by itself: every rank's order differs, refused as well.
+    dataset = CountingDataset(10)
+    state, double = tl.prepare(state, DataLoader(dataset, batch_size=2,
+                                                 sampler=torch.utils.data.DistributedSampler(dataset)))
+    results["distributed_sampler"] = _on_every_rank(state, lambda: next(iter(double)))
 
 
 def data_checks() -> dict:

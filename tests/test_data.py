@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from data_workers import LengthBucketing, token_lengths
 from torch.utils.data import DataLoader, IterableDataset, WeightedRandomSampler
 
 import trainloop as tl
-from data_workers import LengthBucketing, token_lengths
 from reference import CountingDataset, TokenData, epoch_order, mse, tiny_model
 from trainloop.data import PreparedLoader, empty_like
 

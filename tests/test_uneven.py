@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from data_workers import LengthBucketing, data_checks, token_lengths
+
 from reference import TokenData, epoch_order, tiny_model, token_loss_sum
 from trainloop import spawn
 
@@ -74,9 +74,10 @@ def test_gather_with_loader_mid_epoch_drops_nothing(data):
 
 
 def test_gather_with_loader_refuses_rows_that_do_not_match_the_samples_on_every_rank(data):
-    assert "do not match that loader's samples" in data["gather_unmatched"]
-    assert "10 rows" in data["gather_unmatched"]
-    assert "rank(s) [1]" in data["gather_unmatched_one_rank"]  # raised on rank 0 too: no hang
+    on_rank0, on_rank1 = data["gather_unmatched"]
+    assert "do not match that loader's samples" in on_rank0 and "10 rows" in on_rank0
+    assert "do not match that loader's samples" in on_rank1
+    assert all("rank(s) [1]" in error for error in data["gather_unmatched_one_rank"])  # no hang
     assert sorted(data["gather_after_error_works"]) == list(range(9))
 
 
@@ -151,7 +152,12 @@ def test_a_batch_sampler_resumes_mid_epoch_exactly_without_reading_the_skipped_b
 
 
 def test_a_batch_sampler_drawing_different_batches_per_rank_is_refused(data):
-    assert "differs between ranks" in data["bucketing_unseeded"]
+    assert all("differs between ranks" in error for error in data["bucketing_unseeded"])
+
+
+def test_a_distributed_sampler_is_refused_on_every_rank(data):
+    assert all("DistributedSampler" in error and "differs between ranks" in error
+               for error in data["distributed_sampler"])
 
 
 def test_an_uneven_batch_sampler_with_num_items_equals_one_process_with_both_batches(data):

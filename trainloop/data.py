@@ -33,6 +33,7 @@ never read. A different world size on resume re-shards the rest of the epoch fro
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import random
@@ -118,11 +119,23 @@ def _check_same_on_every_rank(values: torch.Tensor, device: torch.device, what: 
         )
 
 
+def _feed(plan: _SamplePlan | _BatchPlan) -> Iterator[list[int]]:
+    """The indices a plan deals, for the DataLoader; what each batch is waits in `plan.dealt`.
+
+    The DataLoader iterates its batch sampler ahead of the batches it hands out (prefetching,
+    workers), in order; the PreparedLoader takes one record off `plan.dealt` per batch it yields.
+    """
+    dealt = plan.dealt
+    for batch in plan.deal():
+        dealt.append(batch)
+        yield batch.indices.tolist()
+
+
 class _SamplePlan:
     """Which indices this rank reads, batch by batch: a per-sample sampler and a batch size.
 
     It is the re-built DataLoader's batch sampler: `begin(epoch, start)` sets up a pass, then the
-    DataLoader iterates it (indices) while the PreparedLoader reads `deal()` (what each batch is).
+    DataLoader iterates it (`_feed`).
     """
 
     def __init__(self, loader: DataLoader, *, rank: int, world_size: int, seed: int,
@@ -165,13 +178,13 @@ class _SamplePlan:
     def begin(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, start
         self._order = self.order(epoch)
+        self.dealt: collections.deque[_Dealt] = collections.deque()
 
     def __len__(self) -> int:
         return self.num_batches(self.epoch, self.start)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for dealt in self.deal():
-            yield dealt.indices.tolist()
+        return _feed(self)
 
     def deal(self) -> Iterator[_Dealt]:
         order, rank, world = self._order, self.rank, self.world_size
@@ -235,6 +248,7 @@ class _BatchPlan:
 
     def begin(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, start
+        self.dealt: collections.deque[_Dealt] = collections.deque()
         indices, offsets = self.batches(epoch)
         if self._checked_epoch != epoch:  # here, not in len(): every rank iterates, not all ask len()
             _check_same_on_every_rank(torch.cat([offsets, indices]), self.device,
@@ -245,8 +259,7 @@ class _BatchPlan:
         return self.num_batches(self.epoch, self.start)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for dealt in self.deal():
-            yield dealt.indices.tolist()
+        return _feed(self)
 
     def deal(self) -> Iterator[_Dealt]:
         indices, offsets = self.batches(self.epoch)
@@ -377,7 +390,8 @@ class PreparedLoader:
     - `epoch` is the epoch the next (or current) pass belongs to; a pass that runs to the end
       advances it. A pass that is broken off continues where it stopped on the next `iter()`.
     - `state_dict()` / `load_state_dict()` save and restore the position: a restored loader
-      yields exactly the batches not yet seen, in the same order, without reading the others.
+      yields exactly the batches not yet seen, in the same order, without reading the others;
+      `check_state_dict()` says whether a position fits this loader without restoring it.
     - `padding_rows(num_rows)` tells `gather(..., loader=)` which rows sharding repeated.
     """
 
@@ -492,8 +506,8 @@ class PreparedLoader:
         plan.begin(self.epoch, self._position)
         remaining = len(plan)
         try:
-            # The DataLoader iterates the plan ahead (prefetching); deal() says what each batch is.
-            for batch, dealt in zip(self._loader, plan.deal()):
+            for batch in self._loader:
+                dealt = plan.dealt.popleft()  # what this batch is (the feed dealt it, in order)
                 remaining -= 1
                 self._position += dealt.advance
                 self.samples_seen += dealt.samples
@@ -532,8 +546,8 @@ class PreparedLoader:
             state["batches_seen"] = position
         return state
 
-    def load_state_dict(self, state_dict: dict[str, int | None]) -> None:
-        """Continue at the position `state_dict` recorded (possibly saved at another world size)."""
+    def check_state_dict(self, state_dict: dict[str, int | None]) -> None:
+        """Raise ValueError if `state_dict` cannot be restored into this loader; change nothing."""
         deals_batches = isinstance(self._plan, _BatchPlan)
         if deals_batches != ("batches_seen" in state_dict):
             saved = "a batch sampler's batches" if "batches_seen" in state_dict else "samples"
@@ -542,16 +556,21 @@ class PreparedLoader:
                 f"this loader position counts {saved}, but the loader being restored deals {mine}: "
                 "prepare the loader the checkpoint was saved with (the same batch_sampler or batch_size)"
             )
-        self.epoch = int(state_dict["epoch"])
-        self.samples_seen = int(state_dict["samples_seen"])
-        self._position = int(state_dict["batches_seen"]) if deals_batches else self.samples_seen
-        self._yielded_epoch, self._batch_rows, self._batch_padding, self._epoch_rows = None, 0, 0, 0
-        if self._stream is not None and self.samples_seen % (self.batch_size * self.world_size):
+        if self._stream is not None and int(state_dict["samples_seen"]) % (self.batch_size * self.world_size):
             raise ValueError(
                 "cannot resume an IterableDataset loader at a different world size or batch size "
-                f"mid-epoch: {self.samples_seen} samples seen is not a whole number of global "
+                f"mid-epoch: {state_dict['samples_seen']} samples seen is not a whole number of global "
                 f"batches of {self.batch_size * self.world_size}"
             )
+
+    def load_state_dict(self, state_dict: dict[str, int | None]) -> None:
+        """Continue at the position `state_dict` recorded (possibly saved at another world size)."""
+        self.check_state_dict(state_dict)
+        self.epoch = int(state_dict["epoch"])
+        self.samples_seen = int(state_dict["samples_seen"])
+        batches_seen = state_dict.get("batches_seen")
+        self._position = self.samples_seen if batches_seen is None else int(batches_seen)
+        self._yielded_epoch, self._batch_rows, self._batch_padding, self._epoch_rows = None, 0, 0, 0
 
     def __repr__(self) -> str:
         return (f"PreparedLoader(epoch={self.epoch}, samples_seen={self.samples_seen}, "
