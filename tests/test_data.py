@@ -336,3 +336,14 @@ def test_checkpoint_resumes_a_batch_sampler_mid_epoch(tmp_path):
     assert before + after == all_sizes
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_streams_last_batch_is_padded_or_split_and_its_padding_known_with_workers(num_workers):
+    def rank_batches(rank, even):
+        loader = prepared(Stream(9), 2, rank, even_batches=even, batch_size=4, num_workers=num_workers)
+        return [(b.tolist(), loader.padding) for b in loader]
+
+    assert rank_batches(1, True) == [([4, 5, 6, 7], 0), ([8], 1)]  # wrapped within the last group
+    assert rank_batches(0, True) == [([0, 1, 2, 3], 0), ([8], 0)]
+    assert rank_batches(1, False) == [([4, 5, 6, 7], 0), ([], 0)]
