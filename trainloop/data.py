@@ -150,6 +150,7 @@ class _SamplePlan:
         self.even_batches, self.device = even_batches, device
         self.num_samples = len(self.sampler)
         self.epoch, self.start = 0, 0
+        self.dealt: collections.deque[_Dealt] = collections.deque()  # dealt, not yet yielded
         self._order: torch.Tensor | None = None
         self._checked_epoch: int | None = None
 
@@ -178,7 +179,7 @@ class _SamplePlan:
     def begin(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, start
         self._order = self.order(epoch)
-        self.dealt: collections.deque[_Dealt] = collections.deque()
+        self.dealt = collections.deque()
 
     def __len__(self) -> int:
         return self.num_batches(self.epoch, self.start)
@@ -224,6 +225,7 @@ class _BatchPlan:
         self.even_batches, self.device = even_batches, device
         self.batch_size = None  # the sampler decides each batch's size
         self.epoch, self.start = 0, 0
+        self.dealt: collections.deque[_Dealt] = collections.deque()  # dealt, not yet yielded
         self._drawn: tuple[int, torch.Tensor, torch.Tensor] | None = None  # epoch, indices, offsets
         self._checked_epoch: int | None = None
 
@@ -248,7 +250,7 @@ class _BatchPlan:
 
     def begin(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, start
-        self.dealt: collections.deque[_Dealt] = collections.deque()
+        self.dealt = collections.deque()
         indices, offsets = self.batches(epoch)
         if self._checked_epoch != epoch:  # here, not in len(): every rank iterates, not all ask len()
             _check_same_on_every_rank(torch.cat([offsets, indices]), self.device,
