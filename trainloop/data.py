@@ -131,6 +131,24 @@ def _feed(plan: _SamplePlan | _BatchPlan) -> Iterator[list[int]]:
         yield batch.indices.tolist()
 
 
+def _share_of_last(real: int, rank: int, world_size: int, even: bool) -> tuple[int, int, int, int]:
+    """This rank's share of a last, partial global batch of `real` samples.
+
+    Returns `(start, stop, padding, total_padding)`: the share is positions `start:stop` of the
+    global batch once `total_padding` repeated samples are appended to it, and its last `padding`
+    positions are such repeats. Even: every rank takes `ceil(real / world_size)` positions, so the
+    repeats end the last ranks' shares. Uneven: no repeats; the first ranks take one sample more
+    and a rank may take none (`start == stop`).
+    """
+    if even:
+        per_rank = math.ceil(real / world_size)
+        start, stop = rank * per_rank, (rank + 1) * per_rank
+        return start, stop, stop - min(max(real, start), stop), per_rank * world_size - real
+    base, extra = divmod(real, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra), 0, 0
+
+
 class _SamplePlan:
     """Which indices this rank reads, batch by batch: a per-sample sampler and a batch size.
 
@@ -195,19 +213,14 @@ class _SamplePlan:
             real = len(chunk)
             if real == size:
                 yield _Dealt(chunk[rank * batch_size:(rank + 1) * batch_size], batch_size, 0, size, size)
-            elif self.even_batches:  # split evenly; the last ranks' chunks end in wrapped-around samples
-                per_rank = math.ceil(real / world)
-                padding = per_rank * world - real
-                chunk = torch.cat([chunk, order.repeat(math.ceil(padding / len(order)) + 1)[:padding]])
-                mine_real = min(max(real - rank * per_rank, 0), per_rank)
-                yield _Dealt(chunk[rank * per_rank:(rank + 1) * per_rank], per_rank,
-                             per_rank - mine_real, real, real)
-            else:  # split unevenly, the first ranks taking one more; a rank may get none
-                base, extra = divmod(real, world)
-                first = rank * base + min(rank, extra)
-                count = base + (rank < extra)
-                indices = chunk[first:first + count] if count else chunk[:1]
-                yield _Dealt(indices, count, 0, real, real)
+                continue
+            start, stop, padding, total_padding = _share_of_last(real, rank, world, self.even_batches)
+            if total_padding:  # wrap around to the start of the epoch's order
+                chunk = torch.cat([chunk, order.repeat(math.ceil(total_padding / len(order)) + 1)[:total_padding]])
+            if start == stop:  # no sample left for this rank: one index, read for its structure only
+                yield _Dealt(chunk[:1], 0, 0, real, real)
+            else:
+                yield _Dealt(chunk[start:stop], stop - start, padding, real, real)
 
 
 class _BatchPlan:
@@ -319,18 +332,12 @@ class _ShardedStream(IterableDataset):
                 group, index = [], index + 1
         if group and not self.drop_last and index >= self.skip_batches and index % num_workers == worker:
             real = len(group)
-            if self.even_batches:
-                per_rank = math.ceil(real / self.world_size)
-                group = group + [group[i % real] for i in range(per_rank * self.world_size - real)]
-                mine_real = min(max(real - rank * per_rank, 0), per_rank)
-                yield self.collate_fn(group[rank * per_rank:(rank + 1) * per_rank]), per_rank, per_rank - mine_real
+            start, stop, padding, total_padding = _share_of_last(real, rank, self.world_size, self.even_batches)
+            group = group + [group[i % real] for i in range(total_padding)]  # wraps within the group
+            if start == stop:
+                yield empty_like(self.collate_fn(group[:1])), 0, 0
             else:
-                base, extra = divmod(real, self.world_size)
-                first, count = rank * base + min(rank, extra), base + (rank < extra)
-                if count:
-                    yield self.collate_fn(group[first:first + count]), count, 0
-                else:
-                    yield empty_like(self.collate_fn(group[:1])), 0, 0
+                yield self.collate_fn(group[start:stop]), stop - start, padding
 
 
 def empty_like(batch: Any) -> Any:
