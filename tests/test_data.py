@@ -347,3 +347,10 @@ def test_a_streams_last_batch_is_padded_or_split_and_its_padding_known_with_work
     assert rank_batches(1, True) == [([4, 5, 6, 7], 0), ([8], 1)]  # wrapped within the last group
     assert rank_batches(0, True) == [([0, 1, 2, 3], 0), ([8], 0)]
     assert rank_batches(1, False) == [([4, 5, 6, 7], 0), ([], 0)]
+
+
+def test_even_batches_is_a_setting_validated_by_name_and_passed_to_the_loaders():
+    with pytest.raises(ValueError, match="even_batches must be True or False"):
+        tl.init(even_batches="no")
+    state, loader = tl.prepare(tl.init(even_batches=False), DataLoader(CountingDataset(3), batch_size=2))
+    assert state.config.even_batches is False and loader.even_batches is False
