@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import trainloop as tl
 from trainloop.callbacks import Checkpoint, JSONLines, Progress, TensorBoard, Throughput
 
-IGNORE = -100  # the target of a byte position past the end of a file: not scored
+IGNORE = -100  # the target of a position past the end of a file: not scored (cross_entropy's default ignore_index)
 
 # -- data ------------------------------------------------------------------------------------
 
