@@ -19,6 +19,7 @@ given another device's peak: that is how a wrong MFU gets reported as a right on
 from __future__ import annotations
 
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,7 +88,10 @@ class Throughput(Callback):
         flops_per_step: FLOPs of one optimizer step on one process (forward and backward over
             its micro-batches). Default: counted once with `FlopCounterMode`, from the first
             forward of a prepared model to the end of the first optimizer step, and taken as the
-            same for every step (fixed shapes). That step runs slower while it is counted.
+            same for every step (fixed shapes). That step runs slower while it is counted. When
+            nothing could be counted (0 FLOPs), and under `torch.compile` (whose compiled backward
+            the counter does not see: it would count the forward alone), TFLOP/s and MFU are not
+            reported rather than reported wrong: give `flops_per_step` then.
         peak_flops: the device's peak FLOP/s for MFU; default: `PEAK_BF16_FLOPS`.
 
     Timing waits for the device (`torch.accelerator.synchronize`) at report steps only.
@@ -123,7 +127,11 @@ class Throughput(Callback):
             self.batch_size = state.loaders[0].batch_size
         if self.peak_flops is None:
             self.peak_flops = peak_bf16_flops(state.device)
-        if self.flops_per_step is None:
+        if self.flops_per_step is None and _compiled(state):
+            warnings.warn("Throughput: FLOPs cannot be counted under torch.compile (FlopCounterMode does "
+                          "not see the compiled backward); TFLOP/s and MFU are not reported unless "
+                          "flops_per_step= is given", stacklevel=2)
+        elif self.flops_per_step is None:
             from trainloop.prepare import unwrap
 
             # On the user's own module: it runs whichever wrapper the forward goes through.
@@ -201,8 +209,9 @@ class Throughput(Callback):
             metrics["throughput/tflops_per_sec"] = flops_per_sec / 1e12
             if self.peak_flops is not None:
                 metrics["throughput/mfu"] = flops_per_sec / self.peak_flops
-        if state.device.type != "cpu":
-            metrics["memory/max_allocated_gb"] = torch.accelerator.max_memory_allocated(state.device) / 2**30
+        peak_memory = getattr(torch.accelerator, "max_memory_allocated", None)  # not in every torch trainloop supports
+        if state.device.type != "cpu" and peak_memory is not None:
+            metrics["memory/max_allocated_gb"] = peak_memory(state.device) / 2**30
         return metrics
 
     def on_finish(self, state: RunState) -> None:
@@ -213,6 +222,13 @@ class Throughput(Callback):
     def __repr__(self) -> str:
         return (f"Throughput(batch_size={self.batch_size}, tokens={self.tokens!r}, "
                 f"flops_per_step={self.flops_per_step}, peak_flops={self.peak_flops})")
+
+
+def _compiled(state: RunState) -> bool:
+    from trainloop.prepare import wrapper_layers
+
+    return bool(state.config.compile) or any(
+        hasattr(layer, "_orig_mod") for model in state.models for layer in wrapper_layers(model))
 
 
 def _synchronize(device: torch.device) -> None:

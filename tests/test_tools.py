@@ -209,8 +209,9 @@ def test_env_reports_versions_devices_backends_and_the_launch_variables():
 
 
 def test_env_as_json_holds_the_same_facts_and_imports_no_optional_library():
-    code = ("import json, sys; from trainloop import env; report = env.collect(); "
-            "print(json.dumps({'report': report, 'imported': sorted(m for m in "
+    code = ("import contextlib, io, json, sys; from trainloop import env; out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out): env.main(['--json'])\n"
+            "print(json.dumps({'report': json.loads(out.getvalue()), 'imported': sorted(m for m in "
             "('transformers', 'tensorboard', 'wandb', 'mlflow', 'torchao', 'accelerate') if m in sys.modules)}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                           timeout=120, check=True)
@@ -220,9 +221,6 @@ def test_env_as_json_holds_the_same_facts_and_imports_no_optional_library():
     assert report["versions"]["torch"] == torch.__version__
     assert report["backends"]["gloo"] is True
     assert report["devices"]["accelerator"] in (None, "cuda", "mps", "xpu", "hpu", "mtia")
-    as_json = subprocess.run([sys.executable, "-m", "trainloop", "env", "--json"], capture_output=True,
-                             text=True, cwd=REPO, timeout=120, check=True)
-    assert json.loads(as_json.stdout)["versions"]["torch"] == torch.__version__
 
 
 # -- two processes ----------------------------------------------------------------------------
@@ -290,3 +288,12 @@ def test_throughput_reports_the_whole_jobs_samples_and_the_per_device_flops(two_
 def test_profile_traces_on_the_main_process_only(two_ranks):
     files = two_ranks["ranks"][0]["profile_files"]
     assert len(files) == 1 and files[0].endswith(".pt.trace.json"), files
+
+
+def test_throughput_does_not_guess_flops_under_torch_compile():
+    state = tl.init(compile=True)
+    throughput = Throughput()
+    state = tl.attach(state, throughput)
+    with pytest.warns(UserWarning, match="FLOPs cannot be counted under torch.compile"):
+        tl.prepare(state, tiny_model())
+    assert throughput.flops_per_step is None and throughput._hooks == []

@@ -81,5 +81,8 @@ def _where(failure: str | None) -> str:
 
 def _release_memory() -> None:
     gc.collect()
-    if torch.accelerator.is_available():
-        torch.accelerator.empty_cache()
+    empty_cache = getattr(torch.accelerator, "empty_cache", None)  # not in every torch trainloop supports
+    if empty_cache is not None and torch.accelerator.is_available():
+        empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
