@@ -106,9 +106,10 @@ def test_stdlib_gpt_killed_with_sigkill_resumes_and_ends_as_if_never_killed(tmp_
 
 @pytest.mark.multiprocess
 def test_stdlib_gpt_runs_under_spawn_with_fsdp(tmp_path):
-    out = run_example("-m", "trainloop.spawn", "-n", "2", "--strategy", "fsdp", *TINY_GPT, "--run-dir", str(tmp_path))
-    assert "2 process(es)" in out and bits_per_byte(out) < 6.5, out
-    assert (tmp_path / "checkpoints" / "step-00000016" / "__1_0.distcp").exists()  # sharded by 2 ranks
+    out = run_example("-m", "trainloop.spawn", "-n", "2", "--strategy", "fsdp", *TINY_GPT, "--steps", "12",
+                      "--run-dir", str(tmp_path))
+    assert "2 process(es)" in out and bits_per_byte(out) < 7.5, out  # 8.0 is a uniform guess
+    assert (tmp_path / "checkpoints" / "step-00000012" / "__1_0.distcp").exists()  # sharded by 2 ranks
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
