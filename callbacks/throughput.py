@@ -94,7 +94,9 @@ class Throughput(Callback):
             reported rather than reported wrong: give `flops_per_step` then.
         peak_flops: the device's peak FLOP/s for MFU; default: `PEAK_BF16_FLOPS`.
 
-    Timing waits for the device (`torch.accelerator.synchronize`) at report steps only.
+    Timing waits for the device (`torch.accelerator.synchronize`) at report steps only. One
+    optimizer step per iteration is assumed: every `tl.step` call that ends a window counts as
+    a step's work (a GAN's two calls per iteration would count its samples twice).
     """
 
     def __init__(self, *, batch_size: int | None = None, tokens: str | int | None = "num_items",

@@ -68,6 +68,7 @@ def find_batch_size(fn: Callable[[int], R], start: int, *,
             fits = all_ranks(state, fits)
         if fits:
             return batch_size, result
+        result = None  # what this rank computed while another rank failed: dropped before the next try
         _release_memory()
         if batch_size == 1:
             raise torch.OutOfMemoryError(

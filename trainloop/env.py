@@ -80,7 +80,8 @@ def _devices(torch: Any) -> dict[str, Any]:
         found["cudnn"] = torch.backends.cudnn.version()
         found["bf16 supported"] = torch.cuda.is_bf16_supported()
         if torch.distributed.is_available() and torch.distributed.is_nccl_available():
-            found["nccl"] = ".".join(str(part) for part in torch.cuda.nccl.version())
+            version = torch.cuda.nccl.version()  # a tuple; an int in older torch
+            found["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
     return found
 
 
