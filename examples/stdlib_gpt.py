@@ -45,9 +45,11 @@ def stdlib_files() -> tuple[list[Path], list[Path]]:
     """(training files, held-out files): the standard library's .py files in sorted order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
-    held_out = [p for p in files if zlib.crc32(str(p.relative_to(root)).encode()) % 10 == 0]
-    train = [p for p in files if zlib.crc32(str(p.relative_to(root)).encode()) % 10 != 0]
-    return train, held_out
+
+    def held_out(path: Path) -> bool:  # by the path's name, not by chance: the same on every machine
+        return zlib.crc32(path.relative_to(root).as_posix().encode()) % 10 == 0
+
+    return [p for p in files if not held_out(p)], [p for p in files if held_out(p)]
 
 
 class ByteWindows(Dataset):
