@@ -70,6 +70,15 @@ def curve(run_dir) -> dict[int, float]:
     return {record["step"]: record["bits_per_byte"] for record in map(json.loads, lines)}
 
 
+def reported_at_a_checkpoint(run_dir) -> bool:
+    saved = {int(p.name[len("step-"):]) for p in (run_dir / "checkpoints").glob("step-*")}
+    metrics = run_dir / "metrics.jsonl"
+    if not saved or not metrics.exists():
+        return False
+    reported = {json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.endswith("}")}
+    return bool(saved & reported)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_gpt(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("gpt")
@@ -89,9 +98,11 @@ def test_stdlib_gpt_killed_with_sigkill_resumes_and_ends_as_if_never_killed(tmp_
     running = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 240
-    while not list((tmp_path / "checkpoints").glob("step-*")):  # the first checkpoint is in place
+    # Killed once the first checkpoint is in place and the report of its step is written: the
+    # report comes right after the save, and one killed in between is not made again on resume.
+    while not reported_at_a_checkpoint(tmp_path):
         assert running.poll() is None and time.monotonic() < deadline, running.stdout.read().decode()
-        time.sleep(0.02)
+        time.sleep(0.01)
     running.send_signal(signal.SIGKILL)
     assert running.wait(timeout=60) == -signal.SIGKILL
     running.stdout.close()
