@@ -209,3 +209,87 @@ def _describe(leaf: Any) -> str:
     if isinstance(leaf, torch.Tensor):
         return f"a {leaf.dim()}-dim tensor"
     return type(leaf).__name__
+
+
+# -- The small tools: one rank's flag to all, any object from every rank, padding before a gather.
+# Named `any_rank` and `all_ranks` here because `gather` above calls the builtin `any`; the
+# package exports them as `tl.any` and `tl.all`.
+
+
+def any_rank(state: RunState, flag: bool | torch.Tensor) -> bool:
+    """True on every rank if `flag` is true on any rank (one rank's early stop reaches all).
+
+    `flag` is a bool or a bool tensor (any shape: true if any element is). Every rank must call
+    it, at the same point of the loop; the answer is the same plain bool everywhere. This is
+    Accelerate's `set_trigger`/`check_trigger` pair in one call.
+    """
+    return _agree(state, flag, dist.ReduceOp.MAX, "any")
+
+
+def all_ranks(state: RunState, flag: bool | torch.Tensor) -> bool:
+    """True on every rank if `flag` is true on every rank (a bool tensor: all its elements)."""
+    return _agree(state, flag, dist.ReduceOp.MIN, "all")
+
+
+def _agree(state: RunState, flag: bool | torch.Tensor, op: dist.ReduceOp, name: str) -> bool:
+    if isinstance(flag, torch.Tensor):
+        if flag.dtype != torch.bool:
+            raise TypeError(f"tl.{name} needs a bool or a bool tensor (got a {flag.dtype} tensor); "
+                            "compare it first, e.g. loss.isnan()")
+        local = bool(flag.any() if name == "any" else flag.all())
+    elif isinstance(flag, bool):
+        local = flag
+    else:
+        raise TypeError(f"tl.{name} needs a bool or a bool tensor (got {type(flag).__name__})")
+    if state.world_size == 1:
+        return local
+    vote = torch.tensor(int(local), device=collective_device(state))
+    dist.all_reduce(vote, op=op)
+    return bool(vote.item())
+
+
+def gather_object(state: RunState, obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` on one process).
+
+    Any picklable object (a dict of per-rank statistics, a list of strings). It is pickled here
+    and unpickled on the other ranks: use it only between the ranks of this one job, never for
+    data read from a file or a socket of anyone else (unpickling runs code). For tensors,
+    `gather` is faster and keeps them on the device.
+    """
+    if state.world_size == 1:
+        return [obj]
+    objects: list[Any] = [None] * state.world_size
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def pad(state: RunState, tensor: torch.Tensor, dim: int = 0, value: float = 0) -> torch.Tensor:
+    """`tensor` padded with `value` along `dim` to the largest size any rank has there.
+
+    For gathering what differs in length along a dim other than 0 (generated sequences of
+    different lengths: pad along dim 1, then `gather` along dim 0). The padding goes at the end;
+    the other dims are left as they are. Every rank passes a tensor with the same number of dims
+    (else ValueError on every rank). One small collective; on one process `tensor` itself.
+    """
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        got = f"a {tensor.dim()}-dim tensor" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise TypeError(f"pad needs a tensor with at least one dim (got {got})")
+    if not -tensor.dim() <= dim < tensor.dim():
+        raise ValueError(f"pad: dim {dim} is out of range for a {tensor.dim()}-dim tensor")
+    dim %= tensor.dim()
+    if state.world_size == 1:
+        return tensor
+    header = torch.tensor([tensor.dim(), dim, tensor.shape[dim]], device=collective_device(state))
+    headers = torch.stack(_all_gather_equal(header, state.world_size)).tolist()
+    if any(h[:2] != headers[0][:2] for h in headers):
+        raise ValueError(
+            "pad: the ranks passed tensors with different numbers of dims or a different dim "
+            f"(rank: (dims, dim) = {[(h[0], h[1]) for h in headers]}); every rank pads the same dim")
+    longest = max(h[2] for h in headers)
+    if longest == tensor.shape[dim]:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = longest
+    padded = tensor.new_full(shape, value)
+    padded.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+    return padded
