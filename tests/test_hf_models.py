@@ -1,0 +1,123 @@
+"""Hugging Face models through trainloop: the prepared model behaves like the user's model.
+
+Tiny GPT-2 and Llama models built from configs (tests/hf_models.py), never downloaded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import BUILDERS, CLASSES, greedy, prompt, tiny_gpt2
+from torch import nn
+from transformers.modeling_outputs import ModelOutput
+
+import trainloop as tl
+from trainloop.precision import Autocast
+
+
+def compute_dtypes(model: nn.Module) -> list[tuple[torch.dtype, bool]]:
+    """Forward hooks on every Linear-like leaf recording (output dtype, autocast on?) per call."""
+    seen: list[tuple[torch.dtype, bool]] = []
+    for module in model.modules():
+        if type(module).__name__ in ("Linear", "Conv1D"):  # GPT-2's projections are Conv1D
+            module.register_forward_hook(
+                lambda _module, _args, output: seen.append((output.dtype, torch.is_autocast_enabled("cpu"))))
+    return seen
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_on_the_prepared_model_runs_under_the_bf16_policy(name):
+    _, model = tl.prepare(tl.init(precision="bf16"), BUILDERS[name]())
+    assert isinstance(model, Autocast)
+    users = tl.unwrap(model)
+    seen = compute_dtypes(users)
+    ids = prompt()
+    tokens = greedy(model, ids)
+    assert seen and set(seen) == {(torch.bfloat16, True)}  # every projection computed in bf16
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = greedy(users, ids)  # what PyTorch's own recipe gives
+    assert torch.equal(tokens, expected)
+    assert model.generate.__name__ == "generate" and "generate" in dir(model)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_config_device_dtype_and_save_pretrained_reach_the_users_model(name, tmp_path):
+    _, model = tl.prepare(tl.init(precision="bf16"), BUILDERS[name]())
+    users = tl.unwrap(model)
+    assert model.config is users.config
+    assert model.device == torch.device("cpu")
+    assert model.dtype == torch.float32  # the model's parameter dtype, not the policy's bf16
+    assert model.lm_head is users.lm_head  # submodules are the user's own objects
+    output = model(prompt())
+    assert isinstance(output, ModelOutput) and output.logits.dtype == torch.float32  # .logits, widened
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = CLASSES[name].from_pretrained(tmp_path)
+    for key, value in users.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_assigning_an_attribute_the_model_has_sets_it_on_the_model():
+    _, model = tl.prepare(tl.init(precision="bf16"), tiny_gpt2())
+    users = tl.unwrap(model)
+    config = users.config.__class__.from_dict(users.config.to_dict())
+    model.config = config  # what generate reads: it must reach the user's model
+    assert users.config is config and model.config is config
+    model.generation_config.max_new_tokens = 3
+    assert users.generation_config.max_new_tokens == 3
+    model.brand_new = 1  # a name the model does not have stays on the wrapper
+    assert model.brand_new == 1 and not hasattr(users, "brand_new")
+    del model.brand_new
+    assert not hasattr(model, "brand_new")
+
+
+class Encoder(nn.Module):
+    """A user's model with a method of its own beside forward, and a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.temperature = 2.0
+        self._private = "internal"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+    def embed(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        return self.proj(x) * scale / self.temperature
+
+
+def test_a_users_own_method_runs_under_the_policy_and_returns_fp32():
+    _, model = tl.prepare(tl.init(precision="bf16"), Encoder())
+    users = tl.unwrap(model)
+    x = torch.randn(4, 8)
+    seen = []
+    users.proj.register_forward_hook(lambda _m, _a, out: seen.append((out.dtype, torch.is_autocast_enabled("cpu"))))
+    embedded = model.embed(x, scale=3.0)
+    assert seen == [(torch.bfloat16, True)]
+    assert embedded.dtype == torch.float32  # widened at the boundary, as the forward's outputs are
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = users.embed(x, scale=3.0)
+    assert torch.equal(embedded, expected.float())
+    assert model.temperature == 2.0
+    model.temperature = 4.0
+    assert users.temperature == 4.0
+    with pytest.raises(AttributeError, match="_private"):
+        model._private  # noqa: B018 (private names are not forwarded: reach them through tl.unwrap)
+    with pytest.raises(AttributeError, match=r"Autocast \(prepared Encoder\) has no attribute 'missing'"):
+        model.missing  # noqa: B018
+    assert type(users) is Encoder and "embed" not in vars(users)  # nothing patched
+
+
+def test_bf16_true_methods_cast_floating_inputs_as_the_forward_does():
+    _, model = tl.prepare(tl.init(precision="bf16-true"), Encoder())
+    embedded = model.embed(torch.randn(4, 8))  # fp32 data meets bf16 weights
+    assert embedded.dtype == torch.float32
+
+
+def test_the_policy_settings_do_not_hide_the_models_attributes():
+    class HasDtype(Encoder):
+        device_type = "mine"
+
+    _, model = tl.prepare(tl.init(precision="bf16"), HasDtype())
+    assert model.device_type == "mine"
