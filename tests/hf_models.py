@@ -17,9 +17,10 @@ def gpt2_config(layers: int = 2) -> GPT2Config:
     return GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=layers, n_head=2, **TOKENS)
 
 
-def llama_config(layers: int = 2) -> LlamaConfig:
+def llama_config(layers: int = 2, tied: bool = False) -> LlamaConfig:
     return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, **TOKENS)
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                       tie_word_embeddings=tied, **TOKENS)
 
 
 def tiny_gpt2(seed: int = 0, layers: int = 2) -> GPT2LMHeadModel:
@@ -27,9 +28,9 @@ def tiny_gpt2(seed: int = 0, layers: int = 2) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(gpt2_config(layers)).eval()
 
 
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, layers: int = 2, tied: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(layers)).eval()
+    return LlamaForCausalLM(llama_config(layers, tied)).eval()
 
 
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}

@@ -7,11 +7,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import BUILDERS, CLASSES, greedy, prompt, tiny_gpt2
+from hf_models import (
+    BUILDERS,
+    CLASSES,
+    CONFIGS,
+    gpt2_config,
+    greedy,
+    llama_config,
+    prompt,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
+from transformers import GPT2LMHeadModel, GPT2Model, LlamaForCausalLM, LlamaModel
 from transformers.modeling_outputs import ModelOutput
 
 import trainloop as tl
+from trainloop.bigmodel import device_map, empty_weights, load_and_dispatch
 from trainloop.precision import Autocast
 
 
@@ -121,3 +133,87 @@ def test_the_policy_settings_do_not_hide_the_models_attributes():
 
     _, model = tl.prepare(tl.init(precision="bf16"), HasDtype())
     assert model.device_type == "mine"
+
+
+# -- big models: load_and_dispatch, key remapping, no_split from the model ---------------------
+
+BASE_CLASSES = {"gpt2": GPT2Model, "llama": LlamaModel}
+
+
+def sharded_checkpoint(module: nn.Module, directory) -> list[str]:
+    """`save_pretrained` in small shards; returns the shard names (checking there are several)."""
+    module.save_pretrained(directory, safe_serialization=True, max_shard_size="20KB")
+    shards = sorted(path.name for path in directory.glob("*.safetensors"))
+    assert len(shards) > 2 and (directory / "model.safetensors.index.json").is_file()
+    return shards
+
+
+def build_tied(name: str):
+    """The model with a head tied to its embedding (a base checkpoint then holds every weight)."""
+    return tiny_gpt2() if name == "gpt2" else tiny_llama(tied=True)
+
+
+def config_tied(name: str):
+    return gpt2_config() if name == "gpt2" else llama_config(tied=True)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_base_models_sharded_checkpoint_loads_into_the_causal_lm_with_cpu_and_disk_offload(name, tmp_path):
+    full = build_tied(name)
+    ids = prompt()
+    with torch.no_grad():
+        expected = full(ids).logits
+    expected_tokens = greedy(full, ids)
+    sharded_checkpoint(full.base_model, tmp_path)  # keys without `transformer.` / `model.`
+
+    model = load_and_dispatch(lambda: CLASSES[name](config_tied(name)), tmp_path,
+                              max_memory={"cpu": 40_000, "disk": "1GB"})
+    placement = device_map(model, max_memory={"cpu": 40_000, "disk": "1GB"})
+    assert {"cpu", "disk"} <= set(placement.values())
+    blocks = "transformer.h" if name == "gpt2" else "model.layers"
+    assert f"{blocks}.0" in placement and not any(key.startswith(f"{blocks}.0.") for key in placement)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    assert torch.equal(greedy(model, ids), expected_tokens)
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # still tied
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_causal_lms_checkpoint_loads_into_its_base_model(name, tmp_path):
+    full = BUILDERS[name]()
+    ids = prompt()
+    with torch.no_grad():
+        expected = full.base_model(ids).last_hidden_state
+    sharded_checkpoint(full, tmp_path)  # keys with `transformer.` / `model.`, and lm_head
+    second_block = "h.1" if name == "gpt2" else "layers.1"
+    base = load_and_dispatch(lambda: BASE_CLASSES[name](CONFIGS[name]()), tmp_path,
+                             {"": "cpu", second_block: "disk"})
+    assert all(p.is_meta for p in base.get_submodule(second_block).parameters())  # streamed from disk
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, expected)
+
+
+def test_an_untied_llamas_full_checkpoint_on_one_device_and_with_disk_offload(tmp_path):
+    full = tiny_llama()
+    ids = prompt()
+    expected_tokens = greedy(full, ids)
+    sharded_checkpoint(full, tmp_path)
+    on_cpu = load_and_dispatch(lambda: LlamaForCausalLM(llama_config()), tmp_path, "cpu")
+    assert on_cpu.lm_head.weight is not on_cpu.model.embed_tokens.weight
+    assert torch.equal(greedy(on_cpu, ids), expected_tokens)
+    with empty_weights():
+        model = LlamaForCausalLM(llama_config())
+    offloaded = load_and_dispatch(model, tmp_path, {"": "cpu", "model.layers": "disk", "lm_head": "disk"})
+    assert offloaded is model and model.model.layers[0].mlp.up_proj.weight.is_meta
+    assert torch.equal(greedy(offloaded, ids), expected_tokens)
+
+
+def test_device_map_keeps_the_models_no_split_modules_whole_by_default():
+    with empty_weights():
+        model = GPT2LMHeadModel(gpt2_config())
+    block = sum(t.numel() * 4 for t in [*model.transformer.h[0].parameters(), *model.transformer.h[0].buffers()])
+    budget = {"cpu": 2 * block // 3 + 64 * 32 * 4 + 32 * 32 * 4, "disk": "1GB"}  # embeddings and part of a block
+    default = device_map(model, max_memory=budget)
+    assert default["transformer.h.0"] == "disk"  # GPT2Block, from GPT2LMHeadModel._no_split_modules
+    free = device_map(model, max_memory=budget, no_split=())
+    assert any(key.startswith("transformer.h.0.") for key in free)  # () splits freely
