@@ -9,6 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests build models from conf
 import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+# torch caches its list of factory functions (`torch.utils._device._device_constructors`) on the
+# first call under a `torch.device(...)` context. transformers' from_pretrained swaps in its own
+# `torch.linspace` while it builds on meta: if that is the process's first such call, the cache
+# holds the wrapper, and later `torch.device("meta")` blocks create linspace tensors on the CPU
+# (empty_weights(include_buffers=True) in test_bigmodel saw it). Fill the cache first.
+with torch.device("meta"):
+    torch.empty(0)
+
 VOCAB = 64
 TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}  # inside the tiny vocabulary
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_workers import two_rank_hf_checks
 from hf_models import (
     BUILDERS,
     CLASSES,
@@ -23,6 +24,7 @@ from transformers import GPT2LMHeadModel, GPT2Model, LlamaForCausalLM, LlamaMode
 from transformers.modeling_outputs import ModelOutput
 
 import trainloop as tl
+from trainloop import spawn
 from trainloop.bigmodel import device_map, empty_weights, load_and_dispatch
 from trainloop.precision import Autocast
 
@@ -217,3 +219,42 @@ def test_device_map_keeps_the_models_no_split_modules_whole_by_default():
     assert default["transformer.h.0"] == "disk"  # GPT2Block, from GPT2LMHeadModel._no_split_modules
     free = device_map(model, max_memory=budget, no_split=())
     assert any(key.startswith("transformer.h.0.") for key in free)  # () splits freely
+
+
+# -- two ranks: DDP and pipeline inference ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf")
+    sharded_checkpoint(tiny_gpt2().base_model, directory / "gpt2-base")  # keys without `transformer.`
+    sharded_checkpoint(tiny_llama(), directory / "llama")
+    checkpoints = {"gpt2": str(directory / "gpt2-base"), "llama": str(directory / "llama")}
+    return spawn.run(two_rank_hf_checks, checkpoints, n=2)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_generate_and_config_reach_the_model_through_ddp(two_ranks, precision):
+    checks = two_ranks[precision]
+    assert checks["is_ddp"]
+    assert checks["wrappers"][0] == ("Autocast" if precision == "bf16" else "DistributedDataParallel")
+    assert checks["generate_equal"] and checks["config_is_users"] and checks["ddp_keeps_its_own"]
+    assert checks["config_set_reaches_users"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_pipeline_on_two_ranks_gives_the_plain_models_logits_and_output_type(two_ranks, name):
+    result = two_ranks[name]
+    full = BUILDERS[name]()
+    ids = prompt(batch=4)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        expected = full(ids, attention_mask=mask).logits
+        unmasked = full(ids).logits
+    assert result["type"] == result["unmasked_type"] == type(full(ids)).__name__
+    assert torch.equal(result["logits"], expected)  # a meta model, loaded stage by stage
+    assert torch.equal(result["unmasked"], unmasked)  # the model's own weights
+    assert not torch.equal(expected, unmasked)  # the mask was really used

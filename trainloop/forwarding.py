@@ -18,7 +18,8 @@ the user's module, so `model.generate(...)`, `model.config`, `model.device`,
   sets it on the user's module (`model.config = new_config` reaches `generate`). Any other
   assignment sets it on the wrapper, as on any module: torch's own wrappers set new attributes
   on themselves after construction (DDP does), so sending unknown names down would break them.
-  `del model.name` follows the same rule.
+  While a wrapper is being constructed, every write is its own. `del model.name` follows the
+  same rule.
 
 Nothing of the user's class or instance is patched.
 """
@@ -76,9 +77,17 @@ class ForwardsAttributes:
         """The user's bound `method` as the wrapper hands it out; as it is, unless a wrapper says otherwise."""
         return method
 
+    def _forward_writes(self) -> None:
+        """Call at the end of the wrapper's `__init__`: from then on, writes may reach the user's module.
+
+        Until then every write is the wrapper's own: a constructor sets attributes that the
+        user's module may also have (DDP sets `self.device`, a property of Hugging Face models).
+        """
+        self.__dict__["_writes_forwarded"] = True
+
     def _forwarded_to(self, name: str) -> nn.Module | None:
         """The user's module when assigning or deleting `name` is for it, else None (the wrapper's)."""
-        if name.startswith("_"):
+        if name.startswith("_") or not self.__dict__.get("_writes_forwarded", False):
             return None
         users = _users_module(self)
         if users is None or _has_own(self, name):
@@ -107,4 +116,8 @@ class DistributedDataParallel(ForwardsAttributes, nn.parallel.DistributedDataPar
     gradient synchronisation is set up for them): right for `generate` and other inference, as
     `tl.unwrap(model).method()` would be.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._forward_writes()
 

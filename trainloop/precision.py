@@ -72,6 +72,7 @@ class Autocast(ForwardsAttributes, nn.Module):
         self._device_type = device_type
         self._dtype = dtype
         self._autocast = autocast
+        self._forward_writes()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(self.module, args, kwargs)
