@@ -56,10 +56,43 @@ def _full_state_dict(name: str) -> dict[str, torch.Tensor]:
     return BUILDERS[name]().state_dict()  # seeded: the model the checkpoints were written from
 
 
+class Scaled(nn.Module):
+    """A model with keyword inputs, one a tensor and one a number, and a dict output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0) -> dict:
+        x = x * mask  # used by the first stage: torch's pipelining feeds inputs to it alone
+        for layer in self.layers:
+            x = layer(x)
+        return {"scaled": x * scale, "total": x.sum(-1)}
+
+
+def _keyword_inputs(state) -> dict:
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    x, mask = torch.randn(4, 8), (torch.arange(8) % 3 != 0).float().expand(4, 8)
+    runner = pipeline(state, model, (x,), {"mask": mask, "scale": 2.0}, broadcast=True)
+    output = runner(x, mask=mask, scale=2.0)  # the fixed value may be repeated
+    with torch.no_grad():
+        expected = model(x, mask=mask, scale=2.0)
+    refusals = []
+    for bad in ({"mask": mask, "scale": 3.0}, {"mask": mask[:, :4]}):
+        try:
+            runner(x, **bad)
+        except ValueError as error:
+            refusals.append(str(error))
+    return {"type": type(output).__name__, "equal": all(torch.equal(output[k], expected[k]) for k in expected),
+            "refusals": refusals}
+
+
 def two_rank_hf_checks(checkpoints: dict[str, str]) -> dict:
     bf16 = tl.init(precision="bf16")
     fp32 = tl.init()  # the process group is joined once; two states coexist
     results = {"bf16": _prepared_model_checks(bf16), "fp32": _prepared_model_checks(fp32)}
+    results["keywords"] = _keyword_inputs(fp32)
     for name, checkpoint in checkpoints.items():
         results[name] = _pipelined_logits(fp32, name, checkpoint)
     tl.finish(bf16)

@@ -258,3 +258,12 @@ def test_pipeline_on_two_ranks_gives_the_plain_models_logits_and_output_type(two
     assert torch.equal(result["logits"], expected)  # a meta model, loaded stage by stage
     assert torch.equal(result["unmasked"], unmasked)  # the model's own weights
     assert not torch.equal(expected, unmasked)  # the mask was really used
+
+
+@pytest.mark.multiprocess
+def test_pipeline_takes_keyword_inputs_and_refuses_values_it_was_not_traced_for(two_ranks):
+    checks = two_ranks["keywords"]
+    assert checks["type"] == "dict" and checks["equal"]
+    scale, shape = checks["refusals"]
+    assert "traced with scale=2.0, got scale=3.0" in scale
+    assert "traced for inputs float32[4, 8], mask=float32[4, 8], got float32[4, 8], mask=float32[4, 4]" in shape

@@ -97,6 +97,7 @@ def pipeline(state: RunState, model: nn.Module, example_args: Sequence[Any] = ()
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             pipe = trace_pipeline(model, fake_args, fake_kwargs,
                                   split_spec={name: SplitPoint.BEGINNING for name in cuts})
+    _check_first_stage_takes(pipe.get_stage_module(0), inputs)
     stage = pipe.get_stage_module(state.rank)
     if checkpoint is not None:
         reader = _open_checkpoint(checkpoint)
@@ -165,6 +166,17 @@ def _split_kwargs(model: nn.Module, example_kwargs: Mapping[str, Any] | None) ->
     if "use_cache" not in kwargs and "use_cache" in inspect.signature(model.forward).parameters:
         constants["use_cache"] = False
     return inputs, constants
+
+
+def _check_first_stage_takes(first_stage: nn.Module, inputs: Mapping[str, torch.Tensor]) -> None:
+    """torch's pipelining feeds the inputs to the first stage only, which keeps the keyword names
+    only when it takes every input: refuse keyword inputs it cannot take, naming them."""
+    takes = inspect.signature(first_stage.forward).parameters
+    unused = [name for name in inputs if name not in takes]
+    if unused:
+        raise ValueError(f"keyword input(s) {unused} are not used by the first pipeline stage: "
+                         "torch.distributed.pipelining gives the inputs to the first stage only, so every "
+                         "input must be used before the first split point (or left out)")
 
 
 def _restore_type(output: Any, spec: TreeSpec) -> Any:
