@@ -6,8 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests build models from configs: never reach the hub
 
-import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 # torch caches its list of factory functions (`torch.utils._device._device_constructors`) on the
 # first call under a `torch.device(...)` context. transformers' from_pretrained swaps in its own

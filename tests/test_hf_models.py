@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_workers import two_rank_hf_checks
 from hf_models import (
     BUILDERS,
     CLASSES,
@@ -19,6 +18,7 @@ from hf_models import (
     tiny_gpt2,
     tiny_llama,
 )
+from hf_workers import two_rank_hf_checks
 from torch import nn
 from transformers import GPT2LMHeadModel, GPT2Model, LlamaForCausalLM, LlamaModel
 from transformers.modeling_outputs import ModelOutput
