@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainloop import precision
+from trainloop import forwarding, precision
 from trainloop.data import PreparedLoader
 from trainloop.state import RunState
 
@@ -130,8 +130,9 @@ def _wrap_for_strategy(state: RunState, model: nn.Module) -> tuple[nn.Module, di
         return model, fsdp.shard(state, unwrap(model))
     if state.world_size > 1 and state.config.strategy in ("auto", "ddp"):
         device_ids = [state.device.index] if state.device.type != "cpu" else None
-        # DDP's constructor broadcasts rank 0's parameters and buffers to every rank.
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), {}
+        # DDP's constructor broadcasts rank 0's parameters and buffers to every rank; the
+        # subclass only adds reading the user's attributes through it (trainloop.forwarding).
+        return forwarding.DistributedDataParallel(model, device_ids=device_ids), {}
     return model, {}
 
 
