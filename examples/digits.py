@@ -50,9 +50,9 @@ def evaluate(state: tl.RunState, model: nn.Module, loader: tl.PreparedLoader) ->
     correct = total = 0
     for images, labels in loader:
         predictions = model(images).argmax(dim=1)
-        # Every rank gets every rank's predictions. On the last batch gather drops the samples
-        # that sharding repeated to even out the ranks, so each image is counted exactly once.
-        predictions, labels = tl.gather(state, (predictions, labels))
+        # Every rank gets every rank's predictions. With loader= gather drops the images that
+        # sharding repeated on the last batch to even out the ranks: each is counted exactly once.
+        predictions, labels = tl.gather(state, (predictions, labels), loader=loader)
         correct += (predictions == labels).sum().item()
         total += labels.numel()
     model.train()

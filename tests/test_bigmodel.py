@@ -223,6 +223,29 @@ def test_dispatch_writes_disk_weights_of_a_torch_checkpoint_to_offload_dir(refer
         torch.testing.assert_close(model(ids), expected)
 
 
+def test_dispatch_renames_checkpoint_keys_with_key_map(reference, tmp_path):
+    full, _, ids, expected = reference
+    prefixed = {f"decoder.{key}": value.contiguous() for key, value in full.state_dict().items() if key != "head.weight"}
+    save_file(prefixed, tmp_path / "prefixed.safetensors")
+    for key_map in ({r"^decoder\.": ""}, lambda key: key.removeprefix("decoder.")):
+        with empty_weights():
+            model = TinyLM()
+        dispatch(model, tmp_path / "prefixed.safetensors", {"": "cpu", "layers.3": "disk"}, key_map=key_map)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), expected)
+    with empty_weights():
+        model = TinyLM()
+    with pytest.raises(ValueError, match=r"keys look like decoder\.embed\.weight.*pass key_map="):
+        dispatch(model, tmp_path / "prefixed.safetensors", {"": "cpu"})
+    skip_layer_3 = lambda key: None if key.startswith("decoder.layers.3.") else key.removeprefix("decoder.")  # noqa: E731
+    with pytest.raises(ValueError, match=r"missing 6 of the model's tensors: layers\.3\."):
+        dispatch(model, tmp_path / "prefixed.safetensors", {"": "cpu"}, key_map=skip_layer_3)
+    with pytest.raises(ValueError, match=r"maps two checkpoint keys to 'embed\.weight'"):
+        dispatch(model, tmp_path / "prefixed.safetensors", {"": "cpu"}, key_map=lambda key: "embed.weight")
+    with pytest.raises(TypeError, match="key_map must be a callable"):
+        dispatch(model, tmp_path / "prefixed.safetensors", {"": "cpu"}, key_map=["decoder."])
+
+
 def test_dispatch_casts_weights_to_dtype(reference):
     full, checkpoint, ids, _ = reference
     with empty_weights():

@@ -36,7 +36,7 @@ def _gathered_indices(state, n: int, batch_size: int, shuffle: bool) -> list[int
     state, loader = tl.prepare(state, DataLoader(CountingDataset(n), batch_size=batch_size, shuffle=shuffle))
     seen: list[int] = []
     for batch in loader:
-        seen.extend(tl.gather(state, batch).tolist())
+        seen.extend(tl.gather(state, batch, loader=loader).tolist())
     return seen
 
 
@@ -83,7 +83,7 @@ def ddp_checks(tmp_dir: str) -> dict:
         results[f"gather_{n}"] = _gathered_indices(plain, n, 4, shuffle=False)
     # An IterableDataset: every rank reads the stream and keeps its chunk of each global batch.
     plain, stream = tl.prepare(plain, DataLoader(_Stream(11), batch_size=2))
-    results["gather_stream_11"] = [i for batch in stream for i in tl.gather(plain, batch).tolist()]
+    results["gather_stream_11"] = [i for batch in stream for i in tl.gather(plain, batch, loader=stream).tolist()]
     shuffled = _gathered_indices(plain, 99, 4, shuffle=True)
     results["gather_shuffled"] = shuffled
     results["gather_shuffled_same_on_every_rank"] = shuffled == tl.broadcast(plain, shuffled, src=1)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from trainloop.data import PreparedLoader
 from trainloop.state import RunState
 
 T = TypeVar("T")
@@ -28,20 +29,38 @@ _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
         "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def gather(state: RunState, tree: T) -> T:
+def gather(state: RunState, tree: T, *, loader: PreparedLoader | None = None) -> T:
     """All-gather every tensor of `tree` along dim 0, in rank order, on every rank.
 
     Sizes along dim 0 may differ per rank; the other dims and the dtypes must agree (a mismatch
-    raises ValueError on every rank). Called while a prepared loader is on the last batch of its
-    epoch, it drops the samples that sharding repeated to pad that batch, so gathering each
-    batch's predictions counts every sample of the dataset exactly once.
+    raises ValueError on every rank). Without `loader` nothing is ever dropped.
+
+    With `loader=` (a prepared loader the rows come from, one row per sample) the rows that
+    sharding repeated to pad that loader's last batch (`even_batches=True`) are dropped, so each
+    sample of the dataset counts exactly once. The rows of every leaf must be, on each rank,
+    those of the batch the loader yielded last (gather per batch) or of every batch it yielded
+    this epoch (collect over the pass, gather once after the loop: rank r's trailing padded rows
+    are dropped). Called mid-epoch there is no padding yet and nothing is dropped. Any other
+    number of rows (several epochs collected, one row per token, per-batch values) cannot be
+    matched to the samples: ValueError on every rank, naming the rank and the rows expected.
     """
-    if state.world_size == 1:
-        return tree
+    if loader is not None and not isinstance(loader, PreparedLoader):
+        raise TypeError(
+            f"gather(loader=) needs the loader prepare returned (a PreparedLoader), not a "
+            f"{type(loader).__name__}"
+        )
     leaves, spec = tree_flatten(tree)
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
             raise TypeError(f"gather needs tensors with a batch dim 0 at every leaf (got {_describe(leaf)})")
+    # Each leaf's trailing padding rows on this rank; -1 where its rows do not match the loader.
+    paddings = [0] * len(leaves)
+    if loader is not None:
+        paddings = [_padding_or_unmatched(loader, leaf.shape[0]) for leaf in leaves]
+    if state.world_size == 1:
+        if -1 in paddings:
+            raise ValueError(_unmatched_message(state, leaves, paddings, loader, [state.rank]))
+        return tree  # one process: no sharding, so never any padding
     device = collective_device(state)
     signature = repr((str(spec), [(tuple(t.shape[1:]), str(t.dtype)) for t in leaves]))
     header = torch.tensor([len(leaves), zlib.crc32(signature.encode())], device=device)
@@ -51,29 +70,38 @@ def gather(state: RunState, tree: T) -> T:
             "gather: the ranks passed trees of different structure, trailing shapes or dtypes "
             f"(this rank {state.rank}: {signature}); every rank must gather the same kind of data"
         )
-    sizes = torch.stack(_all_gather_equal(
-        torch.tensor([t.shape[0] for t in leaves], device=device), state.world_size)).tolist()
-    padding = _loader_padding(state, sizes)
+    # One collective for every rank's sizes and paddings, leaf by leaf.
+    counts = torch.tensor([t.shape[0] for t in leaves] + paddings, device=device)
+    rows = torch.stack(_all_gather_equal(counts, state.world_size)).tolist()
+    unmatched = [rank for rank, row in enumerate(rows) if -1 in row[len(leaves):]]
+    if unmatched:
+        raise ValueError(_unmatched_message(state, leaves, paddings, loader, unmatched))
     gathered = []
     for index, leaf in enumerate(leaves):
-        per_rank = [row[index] for row in sizes]
-        longest = max(per_rank)
-        padded = leaf.new_zeros((longest, *leaf.shape[1:]))
+        per_rank = [row[index] for row in rows]
+        kept = [row[index] - row[len(leaves) + index] for row in rows]
+        padded = leaf.new_zeros((max(per_rank), *leaf.shape[1:]))
         padded[: leaf.shape[0]] = leaf
         parts = _all_gather_equal(padded.to(device), state.world_size)
-        joined = torch.cat([part[:n] for part, n in zip(parts, per_rank)]).to(leaf.device)
-        gathered.append(joined[: joined.shape[0] - padding] if padding else joined)
+        gathered.append(torch.cat([part[:n] for part, n in zip(parts, kept)]).to(leaf.device))
     return tree_unflatten(gathered, spec)
 
 
-def _loader_padding(state: RunState, sizes: list[list[int]]) -> int:
-    """The padding to drop: a loader is on its padded last batch and this is that batch's data."""
-    for loader in state.loaders:
-        if loader.at_last_batch and loader.padding:
-            first_leaf = [row[0] for row in sizes]
-            if len(set(first_leaf)) == 1 and first_leaf[0] * state.world_size > loader.padding:
-                return loader.padding
-    return 0
+def _padding_or_unmatched(loader: PreparedLoader, num_rows: int) -> int:
+    padding = loader.padding_rows(num_rows)
+    return -1 if padding is None else padding
+
+
+def _unmatched_message(state: RunState, leaves: list, paddings: list[int], loader: PreparedLoader,
+                       ranks: list[int]) -> str:
+    mine = [f"leaf {i}: {leaf.shape[0]} rows" for i, (leaf, p) in enumerate(zip(leaves, paddings)) if p == -1]
+    here = f"; on this rank {state.rank}: {', '.join(mine)}" if mine else ""
+    return (
+        f"gather(loader=): the rows on rank(s) {ranks} do not match that loader's samples{here}; "
+        f"this rank's loader yielded {loader.describe_rows()}. Pass loader= only with one row per "
+        "sample of the loader's last batch or of its whole epoch so far, or leave it out "
+        "(nothing is dropped then)"
+    )
 
 
 def reduce(state: RunState, tree: T, op: str = "mean") -> T:
@@ -181,3 +209,87 @@ def _describe(leaf: Any) -> str:
     if isinstance(leaf, torch.Tensor):
         return f"a {leaf.dim()}-dim tensor"
     return type(leaf).__name__
+
+
+# -- The small tools: one rank's flag to all, any object from every rank, padding before a gather.
+# Named `any_rank` and `all_ranks` here because `gather` above calls the builtin `any`; the
+# package exports them as `tl.any` and `tl.all`.
+
+
+def any_rank(state: RunState, flag: bool | torch.Tensor) -> bool:
+    """True on every rank if `flag` is true on any rank (one rank's early stop reaches all).
+
+    `flag` is a bool or a bool tensor (any shape: true if any element is). Every rank must call
+    it, at the same point of the loop; the answer is the same plain bool everywhere. This is
+    Accelerate's `set_trigger`/`check_trigger` pair in one call.
+    """
+    return _agree(state, flag, dist.ReduceOp.MAX, "any")
+
+
+def all_ranks(state: RunState, flag: bool | torch.Tensor) -> bool:
+    """True on every rank if `flag` is true on every rank (a bool tensor: all its elements)."""
+    return _agree(state, flag, dist.ReduceOp.MIN, "all")
+
+
+def _agree(state: RunState, flag: bool | torch.Tensor, op: dist.ReduceOp, name: str) -> bool:
+    if isinstance(flag, torch.Tensor):
+        if flag.dtype != torch.bool:
+            raise TypeError(f"tl.{name} needs a bool or a bool tensor (got a {flag.dtype} tensor); "
+                            "compare it first, e.g. loss.isnan()")
+        local = bool(flag.any() if name == "any" else flag.all())
+    elif isinstance(flag, bool):
+        local = flag
+    else:
+        raise TypeError(f"tl.{name} needs a bool or a bool tensor (got {type(flag).__name__})")
+    if state.world_size == 1:
+        return local
+    vote = torch.tensor(int(local), device=collective_device(state))
+    dist.all_reduce(vote, op=op)
+    return bool(vote.item())
+
+
+def gather_object(state: RunState, obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` on one process).
+
+    Any picklable object (a dict of per-rank statistics, a list of strings). It is pickled here
+    and unpickled on the other ranks: use it only between the ranks of this one job, never for
+    data read from a file or a socket of anyone else (unpickling runs code). For tensors,
+    `gather` is faster and keeps them on the device.
+    """
+    if state.world_size == 1:
+        return [obj]
+    objects: list[Any] = [None] * state.world_size
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def pad(state: RunState, tensor: torch.Tensor, dim: int = 0, value: float = 0) -> torch.Tensor:
+    """`tensor` padded with `value` along `dim` to the largest size any rank has there.
+
+    For gathering what differs in length along a dim other than 0 (generated sequences of
+    different lengths: pad along dim 1, then `gather` along dim 0). The padding goes at the end;
+    the other dims are left as they are. Every rank passes a tensor with the same number of dims
+    (else ValueError on every rank). One small collective; on one process `tensor` itself.
+    """
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        got = f"a {tensor.dim()}-dim tensor" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise TypeError(f"pad needs a tensor with at least one dim (got {got})")
+    if not -tensor.dim() <= dim < tensor.dim():
+        raise ValueError(f"pad: dim {dim} is out of range for a {tensor.dim()}-dim tensor")
+    dim %= tensor.dim()
+    if state.world_size == 1:
+        return tensor
+    header = torch.tensor([tensor.dim(), dim, tensor.shape[dim]], device=collective_device(state))
+    headers = torch.stack(_all_gather_equal(header, state.world_size)).tolist()
+    if any(h[:2] != headers[0][:2] for h in headers):
+        raise ValueError(
+            "pad: the ranks passed tensors with different numbers of dims or a different dim "
+            f"(rank: (dims, dim) = {[(h[0], h[1]) for h in headers]}); every rank pads the same dim")
+    longest = max(h[2] for h in headers)
+    if longest == tensor.shape[dim]:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = longest
+    padded = tensor.new_full(shape, value)
+    padded.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+    return padded

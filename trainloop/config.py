@@ -180,6 +180,15 @@ class Config:
         metadata={"help": "strategy fsdp: keep the sharded parameters, gradients and optimizer "
                           "state in CPU memory; the optimizer steps on the CPU"},
     )
+    # Uneven data (issue 12): how the last, partial global batch is split across ranks.
+    even_batches: bool = attrs.field(
+        default=True,
+        validator=_boolean,
+        metadata={"help": "pad the last global batch by wrapping around so every rank gets a batch "
+                          "of the same size (the repeated samples are trained on; gather(loader=) "
+                          "drops them); false: split it unevenly, a rank may get an empty batch, "
+                          "and with num_items training equals the big batch exactly"},
+    )
 
     # -- strategies (issue 13) and DDP's own options (issue 12, item 17) ----------------------
     activation_checkpointing: str = attrs.field(

@@ -20,7 +20,9 @@ Accelerate and Lightning Fabric cast outputs the same way. The cost is one fp32 
 outputs (for a language model's logits: what the loss would have upcast anyway).
 
 All of this is done by `Autocast`, a small module wrapped around the prepared model; the user's
-class and instance are never patched. `tl.unwrap(model)` returns the user's module.
+class and instance are never patched. The model's public attributes and methods are reachable
+on the wrapper, and its methods (`generate`) run under the same policy as the forward
+(`trainloop.forwarding`). `tl.unwrap(model)` returns the user's module.
 
 fp8 needs torchao (`pip install trainloop[fp8]`). Eligible layers are `nn.Linear` with both
 dimensions divisible by 16 (the float8 matmul's requirement). On CUDA with compute capability
@@ -31,12 +33,16 @@ silently training in another precision.
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
+
+from trainloop.forwarding import ForwardsAttributes
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -44,7 +50,7 @@ FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with float8 ten
 FLOAT8_DIVISOR = 16  # torch._scaled_mm needs both dims of the weight divisible by 16
 
 
-class Autocast(nn.Module):
+class Autocast(ForwardsAttributes, nn.Module):
     """The precision policy around a prepared model's forward; the wrapped module is untouched.
 
     With `autocast=True` (the `bf16`, `fp16` and `fp8` policies) the forward runs under
@@ -52,31 +58,49 @@ class Autocast(nn.Module):
     parameters already are `dtype`) floating-point inputs are cast to `dtype` instead, so that
     fp32 data meets bf16 weights without a dtype error. Either way, fp16 and bf16 outputs come
     back as fp32 (see the module doc).
+
+    The wrapped model's public attributes are reachable on the wrapper (`trainloop.forwarding`),
+    and its methods run under the same policy as the forward: `model.generate(...)` computes in
+    bf16 under `precision="bf16"`. The policy's own settings are private (`_device_type`,
+    `_dtype`, `_autocast`) so that they never hide the model's own (`model.dtype` is the
+    model's parameter dtype, as Hugging Face defines it).
     """
 
     def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype, *, autocast: bool = True):
         super().__init__()
         self.module = module
-        self.device_type = device_type
-        self.dtype = dtype
-        self.autocast = autocast
+        self._device_type = device_type
+        self._dtype = dtype
+        self._autocast = autocast
+        self._forward_writes()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.autocast:
-            with torch.autocast(self.device_type, dtype=self.dtype):
-                outputs = self.module(*args, **kwargs)
+        return self._run(self.module, args, kwargs)
+
+    def _run(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """`function(*args, **kwargs)` under the policy, its low-precision outputs cast to fp32."""
+        if self._autocast:
+            with torch.autocast(self._device_type, dtype=self._dtype):
+                outputs = function(*args, **kwargs)
         else:
             args, kwargs = tree_map_only(torch.Tensor, self._to_dtype, (args, kwargs))
-            outputs = self.module(*args, **kwargs)
+            outputs = function(*args, **kwargs)
         if isinstance(outputs, torch.Tensor):  # the common case, without a pytree walk
             return _to_fp32(outputs)
         return tree_map_only(torch.Tensor, _to_fp32, outputs)
 
+    def _wrap_method(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def under_policy(*args: Any, **kwargs: Any) -> Any:
+            return self._run(method, args, kwargs)
+
+        return under_policy
+
     def _to_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return tensor.to(self._dtype) if tensor.is_floating_point() else tensor
 
     def extra_repr(self) -> str:
-        return f"device_type={self.device_type!r}, dtype={self.dtype}, autocast={self.autocast}"
+        return f"device_type={self._device_type!r}, dtype={self._dtype}, autocast={self._autocast}"
 
 
 def _to_fp32(tensor: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,8 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
             optimizers.append(obj)
         elif isinstance(obj, DataLoader):
             prepared[index] = PreparedLoader(obj, device=state.device, rank=dp_rank,
-                                             world_size=dp_size, seed=state.config.seed)
+                                             world_size=dp_size, seed=state.config.seed,
+                                             even_batches=state.config.even_batches)
             loaders.append(prepared[index])
     all_optimizers = (*state.optimizers, *optimizers)
     for index, obj in enumerate(objects):

@@ -9,6 +9,7 @@
     model = dispatch(model, "checkpoint_dir/", placement)
     logits = model(tokens)                           # offloaded blocks stream in during forward
 
+or all three in one call, `load_and_dispatch(lambda: Transformer(config), "checkpoint_dir/")`;
 and `pipeline(state, model, example_args)` for pipeline-parallel inference, one stage per rank.
 
 A device map is a plain `{module name: device}` dict. Each tensor goes where the longest module
@@ -27,8 +28,9 @@ Outputs equal the fully loaded model's: offloading moves weights, it never chang
 
 from trainloop.bigmodel.checkpoint_reader import Checkpoint as Checkpoint  # the type `dispatch` takes
 from trainloop.bigmodel.dispatch import dispatch
+from trainloop.bigmodel.load_and_dispatch import load_and_dispatch
 from trainloop.bigmodel.meta import empty_weights
 from trainloop.bigmodel.pipeline import PipelineRunner, pipeline
 from trainloop.bigmodel.placement import device_map
 
-__all__ = ["PipelineRunner", "device_map", "dispatch", "empty_weights", "pipeline"]
+__all__ = ["PipelineRunner", "device_map", "dispatch", "empty_weights", "load_and_dispatch", "pipeline"]

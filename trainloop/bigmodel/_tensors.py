@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,15 +61,20 @@ def _model_tensors(model: nn.Module) -> list[_ModelTensor]:
     return list(found.values())
 
 
-def _find_keys(tensors: list[_ModelTensor], checkpoint: _SafetensorsCheckpoint | _MappingCheckpoint) -> None:
+def _find_keys(tensors: list[_ModelTensor], checkpoint: _SafetensorsCheckpoint | _MappingCheckpoint,
+               names: Mapping[str, str] | None = None) -> None:
     """Find each tensor's checkpoint key, under any of its names; check that every one is there.
 
-    A parameter must be in the checkpoint. A buffer that is not keeps the real value it was built
-    with (non-persistent buffers are never saved); a buffer on the meta device has none.
+    `names` maps the model's names to checkpoint keys (`key_map.model_names`); by default each
+    key is the name. A parameter must be in the checkpoint. A buffer that is not keeps the real
+    value it was built with (non-persistent buffers are never saved); a buffer on the meta
+    device has none.
     """
+    if names is None:
+        names = {key: key for key in checkpoint.shapes}
     missing, missing_buffers, mismatched = [], False, []
     for tensor in tensors:
-        tensor.key = next((name for name in (*tensor.names, *tensor.aliases) if name in checkpoint.shapes), None)
+        tensor.key = next((names[name] for name in (*tensor.names, *tensor.aliases) if name in names), None)
         if tensor.key is None:
             if tensor.is_parameter or tensor.initial is None:
                 missing.append(tensor.names[0])
@@ -80,7 +86,9 @@ def _find_keys(tensors: list[_ModelTensor], checkpoint: _SafetensorsCheckpoint |
                        "use empty_weights(include_buffers=False).") if missing_buffers else ""
         raise ValueError(
             f"the checkpoint is missing {len(missing)} of the model's tensors: {_first_few(missing)}. "
-            f"Is it this model's checkpoint (same names, no extra prefix such as 'model.')?{buffer_hint}")
+            f"Is it this model's checkpoint? Its keys look like {_first_few(sorted(checkpoint.shapes), 3)}: "
+            "if only the names differ, pass key_map= to rename them (a callable, or regular expressions "
+            f"such as {{r'^': 'model.'}}).{buffer_hint}")
     if mismatched:
         raise ValueError(f"checkpoint shapes differ from the model's (checkpoint vs model): {_first_few(mismatched)}")
 

@@ -21,12 +21,14 @@ from trainloop.bigmodel.checkpoint_reader import (
     _read_safetensors,
     _SafetensorsCheckpoint,
 )
+from trainloop.bigmodel.key_map import KeyMap, model_names
 
 _DISPATCH_HOOKS = "_trainloop_dispatch_hooks"  # where `dispatch` keeps its hook handles on the model
 
 
 def dispatch(model: nn.Module, checkpoint: Checkpoint, device_map: Mapping[str, str | int],
-             offload_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+             offload_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+             key_map: KeyMap | None = None) -> nn.Module:
     """Load `checkpoint` into `model` as `device_map` places it; returns the model, in eval mode.
 
     The checkpoint is read without ever being in RAM as a whole: safetensors files are
@@ -45,6 +47,12 @@ def dispatch(model: nn.Module, checkpoint: Checkpoint, device_map: Mapping[str, 
     tensors have, as `load_state_dict` does). Every parameter must be in the checkpoint; a buffer
     that is not keeps the real value it was built with.
 
+    Checkpoint keys are the model's names unless `key_map` renames them (a callable
+    `key -> name`, or a dict of regular expressions to replacements, as `from_pretrained`'s
+    `key_mapping`). A Hugging Face model's base-model prefix is added or removed by itself, as
+    `from_pretrained` does: a base model's checkpoint (`h.0.attn...`) loads into the model with
+    a head (`transformer.h.0.attn...`), and the reverse (`trainloop.bigmodel.key_map`).
+
     The work happens in forward hooks on the mapped modules (never a patched class or
     `forward`); calling `dispatch` again replaces them. An entry for a container that is never
     called itself (ModuleList, ModuleDict) places each of its children. Hooks fire when a module
@@ -59,7 +67,7 @@ def dispatch(model: nn.Module, checkpoint: Checkpoint, device_map: Mapping[str, 
     tensors = _model_tensors(model)
     _assign_homes(tensors, placement)
     reader = _open_checkpoint(checkpoint)
-    _find_keys(tensors, reader)
+    _find_keys(tensors, reader, model_names(model, reader.shapes, key_map))
     offload_to = None
     if not reader.streams_from_disk and any(t.home == "disk" for t in tensors):
         if offload_dir is None:

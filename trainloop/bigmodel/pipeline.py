@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import (
+    TreeSpec,
     tree_flatten,
     tree_map_only,
     tree_unflatten,
@@ -26,6 +31,7 @@ from trainloop.bigmodel.checkpoint_reader import (
     _open_checkpoint,
     _SafetensorsCheckpoint,
 )
+from trainloop.bigmodel.key_map import KeyMap, model_names
 
 if TYPE_CHECKING:
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle
@@ -33,24 +39,36 @@ if TYPE_CHECKING:
     from trainloop.state import RunState
 
 
-def pipeline(state: RunState, model: nn.Module, example_args: Sequence[Any], *,
+def pipeline(state: RunState, model: nn.Module, example_args: Sequence[Any] = (),
+             example_kwargs: Mapping[str, Any] | None = None, *,
              split_points: Sequence[str] | None = None, n_microbatches: int | None = None,
-             checkpoint: Checkpoint | None = None, broadcast: bool = False) -> PipelineRunner:
+             checkpoint: Checkpoint | None = None, key_map: KeyMap | None = None,
+             broadcast: bool = False) -> PipelineRunner:
     """Split `model` into one stage per rank and return this rank's runner, for inference.
 
     Built on `torch.distributed.pipelining`: the model is traced with `torch.export` on a
-    micro-batch of `example_args` (the whole batch, split into `n_microbatches`), cut before each
-    of `split_points` (module names, each one torch's `SplitPoint.BEGINNING`), and run with the
-    GPipe schedule. By default the cuts are evenly spaced among the blocks of the model's largest
-    `nn.ModuleList`. Every rank calls `pipeline` with the same arguments.
+    micro-batch of `example_args` and `example_kwargs` (the whole batch, split into
+    `n_microbatches`), cut before each of `split_points` (module names, each one torch's
+    `SplitPoint.BEGINNING`), and run with the GPipe schedule. By default the cuts are evenly
+    spaced among the blocks of the model's largest `nn.ModuleList`. Every rank calls `pipeline`
+    with the same arguments.
 
-    With `checkpoint`, the model is traced on the meta device and each rank loads only its own
-    stage's weights from the checkpoint (in the dtypes the model's tensors have): build the model
-    under `empty_weights()` and no rank ever holds the whole model. Without it, the model must
-    have real weights, and each rank keeps its stage (moved to `state.device`).
+    Tracing runs on fake tensors (shapes and dtypes, no data) on `state.device`, so it costs no
+    memory and whatever the model computes a device from (`torch.arange(..., device=x.device)`,
+    rotary embeddings' `inv_freq.to(x.device)`) is this rank's device, not a stand-in's. Then each
+    rank gives its own stage its real tensors: with `checkpoint`, loaded from the checkpoint (in
+    the dtypes the model's tensors have; `key_map` and the base-model prefix as in `dispatch`),
+    so a model built under `empty_weights()` is never held whole by any rank; without it, the
+    model's own tensors, moved to `state.device`.
 
-    The runner takes batches shaped like `example_args` (export fixes the shapes). Its output is
-    on the last rank, or on every rank with `broadcast=True`; other ranks get None.
+    Keyword inputs: tensors in `example_kwargs` (`attention_mask=`) are inputs like the
+    positional ones; other values (`use_cache=False`) are fixed when tracing and may be left out
+    of the runner's calls. A model whose forward takes `use_cache` gets `use_cache=False` unless
+    given: a key-value cache has no meaning across micro-batches.
+
+    The runner takes batches shaped like the examples (export fixes the shapes). Its output has
+    the model's own output type (a Hugging Face `ModelOutput` with `.logits`, a dict, a tensor)
+    and is on the last rank, or on every rank with `broadcast=True`; other ranks get None.
 
     Raises ValueError for split points that are not modules or not `world_size - 1` of them, a
     batch that `n_microbatches` does not divide, or a meta model without `checkpoint`.
@@ -60,20 +78,35 @@ def pipeline(state: RunState, model: nn.Module, example_args: Sequence[Any], *,
 
     n_microbatches = state.world_size if n_microbatches is None else n_microbatches
     example_args = tuple(example_args)
+    inputs, constants = _split_kwargs(model, example_kwargs)
     cuts = _split_points(model, split_points, state.world_size)
-    microbatch = _first_microbatch(example_args, n_microbatches)
+    micro_args, micro_kwargs = _first_microbatch((example_args, inputs), n_microbatches)
     tensors = _model_tensors(model.eval())
     if checkpoint is None and any(t.value.is_meta for t in tensors):
         raise ValueError("the model has weights on the meta device (built under empty_weights()?): pass "
                          "checkpoint= so that each rank loads its own stage's weights")
-    on_meta = contextlib.nullcontext() if checkpoint is None else _all_on_meta(tensors)
-    with on_meta, _restoring_forwards(model, cuts):
-        pipe = trace_pipeline(model, _to_device(microbatch, "meta") if checkpoint is not None else microbatch,
-                              split_spec={name: SplitPoint.BEGINNING for name in cuts})
+    fake = FakeTensorMode()
+    fake_args, fake_kwargs = tree_map_only(torch.Tensor, lambda t: _fake(fake, t, state.device),
+                                           (micro_args, micro_kwargs))
+    with _all_fake(tensors, fake, state.device), _bound_kwargs(model, constants):
+        with fake, torch.no_grad():  # the output's structure, to give the runner's output its type
+            output_spec = tree_flatten(model(*fake_args, **fake_kwargs))[1]
+        with _restoring_forwards(model, cuts), warnings.catch_warnings():
+            # torch deep-copies a weight used by several stages (a tied head): of a fake, a fake,
+            # with a warning about its data pointer that says nothing about this use.
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            pipe = trace_pipeline(model, fake_args, fake_kwargs,
+                                  split_spec={name: SplitPoint.BEGINNING for name in cuts})
+    _check_first_stage_takes(pipe.get_stage_module(0), inputs)
+    stage = pipe.get_stage_module(state.rank)
     if checkpoint is not None:
-        _load_stage(pipe.get_stage_module(state.rank), tensors, _open_checkpoint(checkpoint), state.device)
+        reader = _open_checkpoint(checkpoint)
+        _load_stage(stage, tensors, reader, model_names(model, reader.shapes, key_map), state.device)
+    else:
+        _share_stage(stage, tensors, state.device)
+    _check_all_real(stage)
     schedule = ScheduleGPipe(pipe.build_stage(state.rank, state.device), n_microbatches=n_microbatches)
-    return PipelineRunner(state, schedule, example_args, broadcast)
+    return PipelineRunner(state, schedule, (example_args, inputs), constants, output_spec, broadcast)
 
 
 class PipelineRunner:
@@ -81,32 +114,77 @@ class PipelineRunner:
 
     The first rank's inputs are the ones used (other ranks may pass the same or nothing: pass
     them, and a wrongly shaped batch is refused on every rank instead of hanging the others).
-    Returns the model's output on the last rank (on every rank when built with `broadcast=True`),
-    None elsewhere.
+    Returns the model's output, in the model's own output type, on the last rank (on every rank
+    when built with `broadcast=True`), None elsewhere.
     """
 
-    def __init__(self, state: RunState, schedule: PipelineScheduleSingle, example_args: tuple,
-                 broadcast: bool) -> None:
+    def __init__(self, state: RunState, schedule: PipelineScheduleSingle, example: tuple[tuple, dict],
+                 constants: dict[str, Any], output_spec: TreeSpec, broadcast: bool) -> None:
         self._schedule = schedule
         self._device = state.device
         self._rank, self._last = state.rank, state.world_size - 1
         self._broadcast = broadcast
-        self._signature = _signature(example_args)
+        self._constants = constants
+        self._output_spec = output_spec
+        self._signature = _signature(example)
 
-    def __call__(self, *args: Any) -> Any:
-        if args and _signature(args) != self._signature:
-            raise ValueError(f"this pipeline was traced for inputs {self._signature}, got {_signature(args)}: "
-                             "torch.export fixes the shapes, so build a pipeline for each input shape")
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = self._inputs(kwargs)
+        given = bool(args or inputs)
+        if given and _signature((args, inputs)) != self._signature:
+            raise ValueError(f"this pipeline was traced for inputs {self._signature}, got "
+                             f"{_signature((args, inputs))}: torch.export fixes the shapes and the "
+                             "keyword inputs, so build a pipeline for each input shape")
         with torch.no_grad():
             if self._rank == 0:
-                if not args:
+                if not given:
                     raise ValueError("rank 0 runs the first stage: it must pass the inputs")
-                output = self._schedule.step(*_to_device(args, self._device))
+                args, inputs = _to_device((args, inputs), self._device)
+                output = self._schedule.step(*args, **inputs)
             else:
                 output = self._schedule.step()
         if self._broadcast:
-            return _broadcast_tree(output, self._last, self._rank, self._device)
-        return output if self._rank == self._last else None
+            output = _broadcast_tree(output, self._last, self._rank, self._device)
+        elif self._rank != self._last:
+            return None
+        return _restore_type(output, self._output_spec)
+
+    def _inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The tensor keyword inputs; the fixed ones may be repeated, with the traced value only."""
+        for name, value in kwargs.items():
+            if name in self._constants and value != self._constants[name]:
+                raise ValueError(f"this pipeline was traced with {name}={self._constants[name]!r}, got "
+                                 f"{name}={value!r}: build a pipeline with example_kwargs={{{name!r}: {value!r}}}")
+        return {name: value for name, value in kwargs.items() if name not in self._constants}
+
+
+def _split_kwargs(model: nn.Module, example_kwargs: Mapping[str, Any] | None) -> tuple[dict, dict]:
+    """(tensor inputs, fixed values) of the keyword examples; `use_cache=False` where the forward takes it."""
+    kwargs = dict(example_kwargs or {})
+    inputs = {name: value for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+    constants = {name: value for name, value in kwargs.items() if name not in inputs}
+    if "use_cache" not in kwargs and "use_cache" in inspect.signature(model.forward).parameters:
+        constants["use_cache"] = False
+    return inputs, constants
+
+
+def _check_first_stage_takes(first_stage: nn.Module, inputs: Mapping[str, torch.Tensor]) -> None:
+    """torch's pipelining feeds the inputs to the first stage only, which keeps the keyword names
+    only when it takes every input: refuse keyword inputs it cannot take, naming them."""
+    takes = inspect.signature(first_stage.forward).parameters
+    unused = [name for name in inputs if name not in takes]
+    if unused:
+        raise ValueError(f"keyword input(s) {unused} are not used by the first pipeline stage: "
+                         "torch.distributed.pipelining gives the inputs to the first stage only, so every "
+                         "input must be used before the first split point (or left out)")
+
+
+def _restore_type(output: Any, spec: TreeSpec) -> Any:
+    """The schedule's output (a tensor, or a tuple of the output's leaves) in the model's output type."""
+    leaves = list(output) if isinstance(output, (tuple, list)) else [output]
+    if len(leaves) != spec.num_leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        return output  # not the flat leaves of the traced output: hand it over as it is
+    return tree_unflatten(leaves, spec)
 
 
 def _split_points(model: nn.Module, split_points: Sequence[str] | None, world_size: int) -> list[str]:
@@ -140,39 +218,67 @@ def _even_split_points(model: nn.Module, world_size: int) -> list[str]:
     return [f"{name}.{stage * len(blocks) // world_size}" for stage in range(1, world_size)]
 
 
-def _first_microbatch(example_args: tuple, n_microbatches: int) -> tuple:
-    leaves = [leaf for leaf in tree_flatten(example_args)[0] if isinstance(leaf, torch.Tensor)]
+def _first_microbatch(example: tuple[tuple, dict], n_microbatches: int) -> tuple[tuple, dict]:
+    leaves = [leaf for leaf in tree_flatten(example)[0] if isinstance(leaf, torch.Tensor)]
     sizes = {leaf.shape[0] for leaf in leaves if leaf.dim()}
     if len(sizes) != 1:
-        raise ValueError(f"example_args need tensors with one batch size along dim 0 (got sizes {sorted(sizes)})")
+        raise ValueError("example_args and example_kwargs need tensors with one batch size along dim 0 "
+                         f"(got sizes {sorted(sizes)})")
     batch = sizes.pop()
     if n_microbatches < 1 or batch % n_microbatches:
         raise ValueError(f"the batch of {batch} does not split into n_microbatches={n_microbatches} equal "
                          "micro-batches: pick a divisor of the batch size")
-    return tree_map_only(torch.Tensor, lambda tensor: tensor[: batch // n_microbatches], example_args)
+    return tree_map_only(torch.Tensor, lambda tensor: tensor[: batch // n_microbatches], example)
 
 
-def _signature(args: tuple) -> str:
-    leaves, spec = tree_flatten(args)
-    return ", ".join(f"{leaf.dtype}{list(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf)
-                     for leaf in leaves) + f" ({spec.num_leaves} leaves)"
+def _signature(example: tuple[tuple, dict]) -> str:
+    """`int64[4, 6], attention_mask=int64[4, 6]`: what a call's inputs are, for comparing calls."""
+    args, kwargs = example
+    described = [_describe(leaf) for leaf in tree_flatten(args)[0]]
+    described += [f"{name}={', '.join(_describe(leaf) for leaf in tree_flatten(value)[0])}"
+                  for name, value in sorted(kwargs.items())]
+    return ", ".join(described) or "no inputs"
+
+
+def _describe(leaf: Any) -> str:
+    return f"{str(leaf.dtype).removeprefix('torch.')}{list(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf)
+
+
+def _fake(mode: FakeTensorMode, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fake tensor (no data) shaped like `tensor`, on `device`."""
+    with mode:
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
 
 
 @contextlib.contextmanager
-def _all_on_meta(tensors: list[_ModelTensor]) -> Iterator[None]:
-    """Swap every real tensor of the model for a meta one while tracing, then put them back.
+def _all_fake(tensors: list[_ModelTensor], mode: FakeTensorMode, device: torch.device) -> Iterator[None]:
+    """Swap every tensor of the model for a fake one on `device` while tracing, then put them back.
 
-    torch.export cannot trace a model whose tensors mix meta and real devices (real buffers of an
-    `empty_weights()` model); on meta, tracing also costs no memory.
+    Tracing on fakes costs no memory; on `device`, every device the model computes from its
+    tensors (`x.device`) is the one the stage runs on, so the traced graph holds no stand-in's.
     """
-    real = [(tensor, tensor.value) for tensor in tensors if not tensor.value.is_meta]
-    for tensor, value in real:
-        tensor.put(value.to("meta"))
+    held = [(tensor, tensor.value) for tensor in tensors]
+    for tensor, value in held:
+        tensor.put(_fake(mode, value, device))
     try:
         yield
     finally:
-        for tensor, value in real:
+        for tensor, value in held:
             tensor.set(value)
+
+
+@contextlib.contextmanager
+def _bound_kwargs(model: nn.Module, constants: dict[str, Any]) -> Iterator[None]:
+    """Fix the non-tensor keyword inputs while tracing: export then sees only the tensor inputs,
+    and the first stage keeps the model's keyword names (torch keeps them when the counts agree)."""
+    if not constants:
+        yield
+        return
+    model.forward = functools.partial(type(model).forward, model, **constants)
+    try:
+        yield
+    finally:
+        model.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager
@@ -188,8 +294,9 @@ def _restoring_forwards(model: nn.Module, cuts: list[str]) -> Iterator[None]:
 
 
 def _load_stage(stage: nn.Module, model_tensors: list[_ModelTensor],
-                reader: _SafetensorsCheckpoint | _MappingCheckpoint, device: torch.device) -> None:
-    """Load a traced stage's tensors (all meta, named as in the model) from the checkpoint."""
+                reader: _SafetensorsCheckpoint | _MappingCheckpoint, names: Mapping[str, str],
+                device: torch.device) -> None:
+    """Load a traced stage's tensors (fakes, named as in the model) from the checkpoint."""
     origin = {name: tensor for tensor in model_tensors for name in tensor.names}
     tensors = _model_tensors(stage)
     for tensor in tensors:
@@ -197,8 +304,33 @@ def _load_stage(stage: nn.Module, model_tensors: list[_ModelTensor],
         if source is not None:
             tensor.aliases = source.names  # a tied weight may be saved under its other name
             tensor.initial = source.initial  # the real value a buffer was built with
-    _find_keys(tensors, reader)
+        else:
+            tensor.initial = None  # a fake: not a value to keep
+    _find_keys(tensors, reader, names)
     _load(tensors, reader, device, dtype=None)
+
+
+def _share_stage(stage: nn.Module, model_tensors: list[_ModelTensor], device: torch.device) -> None:
+    """Give a traced stage's tensors (fakes) the model's own, on `device` (moved, not copied, if there)."""
+    origin = {name: tensor for tensor in model_tensors for name in tensor.names}
+    for tensor in _model_tensors(stage):
+        source = origin.get(tensor.names[0])
+        if source is None:
+            raise ValueError(f"the traced stage holds {tensor.names[0]!r}, which is not a tensor of the model")
+        tensor.put(source.value.to(device))
+
+
+def _check_all_real(stage: nn.Module) -> None:
+    """Refuse a stage still holding a fake tensor: a constant its forward creates from Python data
+    (`torch.tensor([...])`), which tracing on fake tensors recorded without a value."""
+    for module_name, module in stage.named_modules():
+        held = {**vars(module), **module._parameters, **module._buffers}
+        for attr, value in held.items():
+            if isinstance(value, FakeTensor):
+                name = f"{module_name}.{attr}" if module_name else attr
+                raise ValueError(f"pipeline traced a tensor without a value in {name!r}: a tensor the forward "
+                                 "creates from Python data cannot be traced on fake tensors; create it in "
+                                 "__init__ as a buffer (register_buffer) instead")
 
 
 def _broadcast_tree(tree: Any, src: int, rank: int, device: torch.device) -> Any:

@@ -78,7 +78,7 @@ def _nbytes(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None) -> int:
 
 
 def device_map(model: nn.Module, max_memory: Mapping[str | int, int | str] | str = "auto",
-               no_split: Iterable[type[nn.Module] | str] = (),
+               no_split: Iterable[type[nn.Module] | str] | None = None,
                dtype: torch.dtype | None = None) -> dict[str, str]:
     """Place the model's modules on devices within memory budgets; returns `{module name: device}`.
 
@@ -94,7 +94,10 @@ def device_map(model: nn.Module, max_memory: Mapping[str | int, int | str] | str
             "disk", an accelerator ("cuda:0") or an accelerator index (0). Devices left out are
             not used. "auto" (the default) takes 90% of what each accelerator and the RAM have
             free now, and an unbounded "disk".
-        no_split: module classes (or class names) never split across devices.
+        no_split: module classes (or class names) never split across devices. None (the
+            default) takes the model's own list: the `_no_split_modules` class names that
+            Hugging Face models declare (their decoder blocks), gathered from every submodule,
+            as `from_pretrained(device_map=)` does; none for other models. `()` splits freely.
         dtype: count floating-point weights as if cast to this dtype (as `dispatch(dtype=)` will).
 
     Sizes count parameters and buffers, a tied weight once. A budget caps the weights that live
@@ -106,7 +109,7 @@ def device_map(model: nn.Module, max_memory: Mapping[str | int, int | str] | str
     `max_memory` or `no_split`.
     """
     budgets = _budgets(max_memory)
-    keep_whole = _no_split_test(no_split)
+    keep_whole = _no_split_test(_declared_no_split(model) if no_split is None else no_split)
     placement: dict[str, str] = {}
     counted: set[int] = set()  # ids of the tensors already placed: a tied weight is counted once
     device_index, used = 0, 0
@@ -147,6 +150,17 @@ def _tensors_under(module: nn.Module, recurse: bool) -> list[torch.Tensor]:
 
 def _uncounted(tensors: list[torch.Tensor], counted: set[int]) -> list[torch.Tensor]:
     return [tensor for tensor in tensors if id(tensor) not in counted]
+
+
+def _declared_no_split(model: nn.Module) -> list[str]:
+    """The class names a model's modules declare in `_no_split_modules` (Hugging Face's convention)."""
+    names: list[str] = []
+    for module in model.modules():
+        declared = getattr(module, "_no_split_modules", None) or ()
+        if isinstance(declared, str):
+            declared = [declared]
+        names.extend(name for name in declared if isinstance(name, str) and name not in names)
+    return names
 
 
 def _no_split_test(no_split: Iterable[type[nn.Module] | str]) -> Callable[[nn.Module], bool]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from trainloop import forwarding
 from trainloop.strategies import blocks
 from trainloop.strategies.base import WholeModel, refuse_mesh
 from trainloop.strategies.meta_init import materialize
@@ -63,8 +64,9 @@ class DataParallel(WholeModel):
         blocks.apply(unwrap(model), state.config)
         replaced = materialize(model, state.device, state.config.seed)  # built under tl.empty_weights()
         device_ids = [state.device.index] if state.device.type != "cpu" else None
-        # The constructor broadcasts rank 0's parameters and buffers to every rank.
-        wrapped = DDP(model, device_ids=device_ids, **self.options)
+        # The constructor broadcasts rank 0's parameters and buffers to every rank; the subclass
+        # only adds reading the user's attributes through it (trainloop.forwarding).
+        wrapped = forwarding.DistributedDataParallel(model, device_ids=device_ids, **self.options)
         if self.comm_hook != "none":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
