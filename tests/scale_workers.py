@@ -17,7 +17,7 @@ import trainloop as tl
 from fsdp_workers import BlockModel
 from reference import mse, regression_data, tiny_model
 from trainloop.bigmodel import empty_weights
-from trainloop.wrappers import wrapper_layers
+from trainloop.forwarding import wrapper_layers
 
 DDP = nn.parallel.DistributedDataParallel
 

@@ -23,28 +23,31 @@ PACKAGES = ((REPO / "trainloop", "trainloop"), (REPO / "callbacks", "trainloop.c
 LAYERS: list[set[str]] = [
     # 0: no trainloop imports at all
     {"trainloop._version", "trainloop.errors", "trainloop.config", "trainloop.callbacks.base",
-     "trainloop.precision", "trainloop.data", "trainloop.topology"},
-    # 1: the run's record
+     "trainloop.forwarding", "trainloop.data", "trainloop.topology"},
+    # 1: the precision policy's wrapper (a forwarding one)
+    {"trainloop.precision"},
+    # 2: the run's record
     {"trainloop.state"},
-    # 2: what the strategies and the core build on
-    {"trainloop.wrappers", "trainloop.collectives", "trainloop.distcp", "trainloop.mesh",
-     "trainloop.tensor_parallel"},
-    # 3: the strategies, each behind trainloop.strategies.base.Strategy
+    # 3: what the strategies and the core build on
+    {"trainloop.collectives", "trainloop.distcp", "trainloop.mesh", "trainloop.tensor_parallel",
+     "trainloop.batch_size"},
+    # 4: the strategies, each behind trainloop.strategies.base.Strategy
     {"trainloop.strategies", "trainloop.strategies.base", "trainloop.strategies.local",
      "trainloop.strategies.ddp", "trainloop.strategies.fsdp", "trainloop.strategies.meta_init",
      "trainloop.strategies.blocks"},
-    # 4: the core functions
+    # 5: the core functions
     {"trainloop.steps", "trainloop.prepare", "trainloop.checkpoint", "trainloop.weights"},
-    # 5: the callbacks, on the public API
+    # 6: the callbacks, on the public API
     {"trainloop.callbacks", "trainloop.callbacks.checkpoint", "trainloop.callbacks.precision",
-     "trainloop.callbacks.progress", "trainloop.callbacks.trackers"},
-    # 6: starting and ending a run (init attaches LossScale)
+     "trainloop.callbacks.progress", "trainloop.callbacks.trackers", "trainloop.callbacks.profile",
+     "trainloop.callbacks.throughput"},
+    # 7: starting and ending a run (init attaches LossScale)
     {"trainloop.lifecycle"},
-    # 7: the front door and the launcher
-    {"trainloop", "trainloop.spawn", "trainloop.__main__"},
+    # 8: the front door, the launcher and the tools
+    {"trainloop", "trainloop.spawn", "trainloop.__main__", "trainloop.env"},
 ]
 # trainloop.bigmodel is a package of its own on top of torch: its modules import only each other.
-BIGMODEL_LAYER = 2
+BIGMODEL_LAYER = 3
 
 CORE = ("trainloop/prepare.py", "trainloop/steps.py", "trainloop/checkpoint.py",
         "callbacks/precision.py", "callbacks/checkpoint.py")
@@ -148,7 +151,7 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(sources):
                "trainloop.state": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                   "    from trainloop.lifecycle import init\n"}
     assert upward_imports(tangled) == [
-        "trainloop.strategies.fsdp (layer 3) imports trainloop.checkpoint (layer 4)"]
+        "trainloop.strategies.fsdp (layer 4) imports trainloop.checkpoint (layer 5)"]
     assert ["trainloop.checkpoint", "trainloop.strategies.fsdp", "trainloop.checkpoint"] in import_cycles(tangled)
 
 
@@ -179,6 +182,5 @@ def test_callbacks_use_only_public_names(sources):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("trainloop"):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{module} imports private {private} from {node.module}"
-                assert not node.module.startswith(("trainloop.strategies", "trainloop.distcp",
-                                                   "trainloop.wrappers")), \
+                assert not node.module.startswith(("trainloop.strategies", "trainloop.distcp")), \
                     f"{module} reaches into {node.module}: use state.strategy or the public API"

@@ -56,7 +56,7 @@ from trainloop._version import __version__
 from trainloop.collectives import broadcast
 from trainloop.errors import CheckpointError
 from trainloop.state import RunState
-from trainloop.wrappers import unwrap
+from trainloop.forwarding import unwrap
 
 __all__ = ["CheckpointError", "checkpoints_in", "export", "load", "save", "verify"]  # CheckpointError: its old home
 

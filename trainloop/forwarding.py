@@ -27,7 +27,7 @@ Nothing of the user's class or instance is patched.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
@@ -104,9 +104,35 @@ def _users_module(wrapper: nn.Module) -> nn.Module | None:
     """The user's module inside `wrapper`; None while the wrapper is being built (no `module` yet)."""
     if "module" not in wrapper.__dict__.get("_modules", {}):
         return None
-    from trainloop import unwrap  # here, not at the top: the module that defines it imports the wrappers
-
     return unwrap(wrapper)
+
+
+# -- the walk through the wrappers -------------------------------------------------------------
+
+
+def wrapper_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """`model`, then each module it wraps, outermost first: the user's module comes last.
+
+    The wrappers `prepare` puts around the user's module: autocast (`precision.Autocast`) and
+    DDP (torch's or the subclass below), whose wrapped module is `module`, and torch.compile's
+    `OptimizedModule`, whose is `_orig_mod`. FSDP2 and tensor parallelism shard the user's module
+    in place and add no layer. Everything that must reach the user's module, or one particular
+    layer, walks this one chain.
+    """
+    while True:
+        yield model
+        if isinstance(model, (ForwardsAttributes, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(model.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module):  # OptimizedModule
+            model = model._orig_mod
+        else:
+            return
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's own module inside what `prepare` returned (autocast, DDP, compile wrappers)."""
+    *_, innermost = wrapper_layers(model)
+    return innermost
 
 
 class DistributedDataParallel(ForwardsAttributes, nn.parallel.DistributedDataParallel):

@@ -134,7 +134,7 @@ class WholeModel:
         clip(self, grads, max_norm, total_norm)
 
     def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        from trainloop.wrappers import unwrap
+        from trainloop.forwarding import unwrap
 
         return unwrap(model).state_dict()
 

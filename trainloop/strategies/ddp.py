@@ -19,7 +19,7 @@ from trainloop import forwarding
 from trainloop.strategies import blocks
 from trainloop.strategies.base import WholeModel, refuse_mesh
 from trainloop.strategies.meta_init import materialize
-from trainloop.wrappers import unwrap, wrapper_layers
+from trainloop.forwarding import unwrap, wrapper_layers
 
 if TYPE_CHECKING:
     from trainloop.config import Config

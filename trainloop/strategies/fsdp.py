@@ -41,7 +41,7 @@ from trainloop.strategies import blocks
 from trainloop.strategies.blocks import find_blocks
 from trainloop.strategies.meta_init import materialize
 from trainloop.topology import leave_process_group
-from trainloop.wrappers import unwrap
+from trainloop.forwarding import unwrap
 
 if TYPE_CHECKING:
     from trainloop.config import Config

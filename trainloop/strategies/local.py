@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from trainloop.wrappers import unwrap
+from trainloop.forwarding import unwrap
 
 from trainloop.strategies import blocks
 from trainloop.strategies.base import WholeModel
