@@ -338,7 +338,9 @@ def mesh_run(settings: dict, *, sgd: bool = False, clip: float | None = None, ep
         tl.save(state, save)
     seen: list = [None] * state.world_size
     dist.all_gather_object(seen, (state.strategy.data_parallel(), first_batches[0] if first_batches else None))
-    return {"weights": weights(model), "steps": state.step, "norms": norms, "seen": seen,
+    dp_rank, _ = state.strategy.data_parallel()
+    gathered = tl.gather(state, torch.tensor([dp_rank, state.rank]))
+    return {"weights": weights(model), "steps": state.step, "norms": norms, "seen": seen, "gathered": gathered,
             "local_numel": sum(p.to_local().numel() for p in model.parameters())}
 
 

@@ -263,6 +263,12 @@ def test_loaders_shard_by_the_data_parallel_ranks_only(four):
     assert [dp for dp, _ in four["hsdp"]["seen"]] == [(r, 4) for r in range(4)]
 
 
+def test_gather_under_tensor_parallelism_gathers_each_data_parallel_rank_once(four):
+    """Rank 0 gathers (dp rank, rank) from its data-parallel peers: ranks 0 and 2, not all four."""
+    assert four["tp"]["gathered"].tolist() == [0, 0, 1, 2]
+    assert four["hsdp"]["gathered"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
 def test_a_checkpoint_saved_on_2x2_resumes_on_4x1_and_on_one_process_exactly(four):
     expected, _ = mesh_reference(32)
     assert four["saved_on_2x2"]["steps"] == 2

@@ -57,14 +57,18 @@ def gather(state: RunState, tree: T, *, loader: PreparedLoader | None = None) ->
     paddings = [0] * len(leaves)
     if loader is not None:
         paddings = [_padding_or_unmatched(loader, leaf.shape[0]) for leaf in leaves]
-    if state.world_size == 1:
+    # Under tensor parallelism the ranks of one group hold the same rows: gather over the ranks
+    # that saw different batches only (the strategy's data-parallel group; None: every rank).
+    group = state.strategy.data_parallel_group()
+    size = state.world_size if group is None else dist.get_world_size(group)
+    if size == 1:
         if -1 in paddings:
             raise ValueError(_unmatched_message(state, leaves, paddings, loader, [state.rank]))
         return tree  # one process: no sharding, so never any padding
     device = collective_device(state)
     signature = repr((str(spec), [(tuple(t.shape[1:]), str(t.dtype)) for t in leaves]))
     header = torch.tensor([len(leaves), zlib.crc32(signature.encode())], device=device)
-    headers = _all_gather_equal(header, state.world_size)
+    headers = _all_gather_equal(header, size, group)
     if any(not torch.equal(h, headers[0]) for h in headers):
         raise ValueError(
             "gather: the ranks passed trees of different structure, trailing shapes or dtypes "
@@ -72,7 +76,7 @@ def gather(state: RunState, tree: T, *, loader: PreparedLoader | None = None) ->
         )
     # One collective for every rank's sizes and paddings, leaf by leaf.
     counts = torch.tensor([t.shape[0] for t in leaves] + paddings, device=device)
-    rows = torch.stack(_all_gather_equal(counts, state.world_size)).tolist()
+    rows = torch.stack(_all_gather_equal(counts, size, group)).tolist()
     unmatched = [rank for rank, row in enumerate(rows) if -1 in row[len(leaves):]]
     if unmatched:
         raise ValueError(_unmatched_message(state, leaves, paddings, loader, unmatched))
@@ -82,7 +86,7 @@ def gather(state: RunState, tree: T, *, loader: PreparedLoader | None = None) ->
         kept = [row[index] - row[len(leaves) + index] for row in rows]
         padded = leaf.new_zeros((max(per_rank), *leaf.shape[1:]))
         padded[: leaf.shape[0]] = leaf
-        parts = _all_gather_equal(padded.to(device), state.world_size)
+        parts = _all_gather_equal(padded.to(device), size, group)
         gathered.append(torch.cat([part[:n] for part, n in zip(parts, kept)]).to(leaf.device))
     return tree_unflatten(gathered, spec)
 
@@ -194,9 +198,9 @@ def split(state: RunState, items: T) -> T:
     return items[start:start + base + (state.rank < extra)]
 
 
-def _all_gather_equal(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+def _all_gather_equal(tensor: torch.Tensor, world_size: int, group: Any = None) -> list[torch.Tensor]:
     parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous())
+    dist.all_gather(parts, tensor.contiguous(), group=group)
     return parts
 
 
