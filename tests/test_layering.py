@@ -49,6 +49,7 @@ LAYERS: list[set[str]] = [
 # trainloop.bigmodel is a package of its own on top of torch: its modules import only each other.
 BIGMODEL_LAYER = 3
 
+STRATEGY_TYPES = ("DistributedDataParallel", "FSDPModule", "DTensor")
 CORE = ("trainloop/prepare.py", "trainloop/steps.py", "trainloop/checkpoint.py",
         "callbacks/precision.py", "callbacks/checkpoint.py")
 
@@ -170,7 +171,7 @@ def test_the_core_never_names_a_strategy_or_sniffs_a_wrapper(path):
     assert all(m == "state.config.strategy" for m in mentions)
     wrappers = [ast.unparse(node) for node in ast.walk(tree)
                 if isinstance(node, (ast.Name, ast.Attribute))
-                and getattr(node, "id", getattr(node, "attr", None)) in ("DistributedDataParallel", "FSDPModule", "DTensor")]
+                and getattr(node, "id", getattr(node, "attr", None)) in STRATEGY_TYPES]
     assert wrappers == [], f"{path} names a strategy's types: use state.strategy"
 
 

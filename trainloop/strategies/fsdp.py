@@ -161,10 +161,11 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
     Afterwards its parameters are `DTensor` shards. Parameters and buffers are rank 0's on every
     rank; a model built on the meta device gets storage for its shards only, initialised by each
     module's `reset_parameters()` (`meta_init.materialize`). Mixed precision follows
-    `state.config.precision`: under bf16 (and fp8) and fp16 the gathered parameters and the compute are in that dtype while the
-    sharded parameters, the optimizer and the gradient reduction stay fp32. On one process a
-    single-rank process group is joined, so the run is the same FSDP program at any world size.
-    Raises ValueError if `fsdp_blocks` names a class the model does not contain.
+    `state.config.precision`: under bf16 (and fp8) and fp16 the gathered parameters and the
+    compute are in that dtype while the sharded parameters, the optimizer and the gradient
+    reduction stay fp32. On one process a single-rank process group is joined, so the run is the
+    same FSDP program at any world size. Raises ValueError if `fsdp_blocks` names a class the
+    model does not contain.
     """
     config = state.config
     if state.world_size > 1:
