@@ -306,7 +306,8 @@ class MeshModel(nn.Module):
 
 
 def mesh_run(settings: dict, *, sgd: bool = False, clip: float | None = None, epochs: int = 2,
-             resume: str | None = None, save: str | None = None, meta: bool = False) -> dict:
+             resume: str | None = None, save: str | None = None, meta: bool = False,
+             export: str | None = None) -> dict:
     """64 samples, batch 4 per data-parallel rank, shuffled, seed 3, accumulate 2.
 
     `meta`: the model built under empty_weights(), so initialised from the seed (3) in prepare.
@@ -336,6 +337,8 @@ def mesh_run(settings: dict, *, sgd: bool = False, clip: float | None = None, ep
                 norms.append(float(clipper.last_norm))
     if save:
         tl.save(state, save)
+    if export:
+        tl.export(state, export)
     seen: list = [None] * state.world_size
     dist.all_gather_object(seen, (state.strategy.data_parallel(), first_batches[0] if first_batches else None))
     dp_rank, _ = state.strategy.data_parallel()
@@ -350,7 +353,8 @@ def four_rank_checks(directory: str) -> dict:
     results: dict = {}
     results["hsdp"] = mesh_run(HSDP)
     results["hsdp_clip"] = mesh_run(HSDP, sgd=True, clip=0.05)
-    results["tp"] = mesh_run(TP)
+    results["tp"] = mesh_run(TP, export=str(Path(directory) / "tp.safetensors"))
+    results["tp_export"] = str(Path(directory) / "tp.safetensors")
     results["tp_clip"] = mesh_run(TP, sgd=True, clip=0.05)
     results["tp_meta"] = mesh_run(TP, meta=True)
     # Saved on the 2x2 mesh after one epoch; resumed on 4x1 (here) and on one process (the test).
@@ -358,4 +362,7 @@ def four_rank_checks(directory: str) -> dict:
     results["saved_on_2x2"] = mesh_run(HSDP, epochs=1, save=saved)
     results["resumed_on_4x1"] = mesh_run({"strategy": "fsdp", "dp_shard": 4}, resume=saved)
     results["checkpoint"] = saved
+    # Saved under TP x FSDP (2-D shards); resumed on one process by the test.
+    results["tp_checkpoint"] = str(Path(directory) / "tp-2x2")
+    results["saved_under_tp"] = mesh_run(TP, epochs=1, save=results["tp_checkpoint"])
     return results

@@ -15,7 +15,7 @@ from scale_workers import MESH_SAMPLES, MeshModel, Rotary, RotaryModel, WithSpar
 
 import trainloop as tl
 from reference import big_batch_reference, epoch_order, mse, regression_data, tiny_model
-from trainloop import spawn
+from trainloop import RunState, spawn
 
 pytestmark = pytest.mark.multiprocess
 
@@ -269,25 +269,40 @@ def test_gather_under_tensor_parallelism_gathers_each_data_parallel_rank_once(fo
     assert four["hsdp"]["gathered"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+def resume_on_one_process(checkpoint: str, accumulate: int) -> tuple[RunState, dict]:
+    """One process, no process group, batch 4: `accumulate` micro-batches make the mesh's global batch."""
+    state = tl.init(seed=3, accumulate=accumulate)
+    model = MeshModel(seed=1)  # other initial weights: the checkpoint's must replace them
+    state, model, optimizer, loader = tl.prepare(
+        state, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+        DataLoader(regression_data(MESH_SAMPLES), batch_size=4, shuffle=True))
+    state = tl.load(state, checkpoint)
+    assert loader.epoch == 1
+    for x, y in loader:
+        with tl.accumulate(state, model):
+            state = tl.backward(state, mse(model, x, y))
+        state = tl.step(state, optimizer)
+    return state, tl.unwrap(model).state_dict()
+
+
 def test_a_checkpoint_saved_on_2x2_resumes_on_4x1_and_on_one_process_exactly(four):
     expected, _ = mesh_reference(32)
     assert four["saved_on_2x2"]["steps"] == 2
     assert four["resumed_on_4x1"]["steps"] == 4
     assert_weights(four["resumed_on_4x1"]["weights"], expected, atol=1e-5)
-    # One process, no process group: accumulate 8 of batch 4 is the same 32-sample step.
-    state = tl.init(seed=3, accumulate=8)
-    model = MeshModel(seed=1)  # other initial weights: the checkpoint's must replace them
-    state, model, optimizer, loader = tl.prepare(
-        state, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
-        DataLoader(regression_data(MESH_SAMPLES), batch_size=4, shuffle=True))
-    state = tl.load(state, four["checkpoint"])
-    assert (state.step, loader.epoch) == (2, 1)
-    for x, y in loader:
-        with tl.accumulate(state, model):
-            state = tl.backward(state, mse(model, x, y))
-        state = tl.step(state, optimizer)
+    state, found = resume_on_one_process(four["checkpoint"], accumulate=8)
     assert state.step == 4
-    assert_weights(tl.unwrap(model).state_dict(), expected, atol=1e-5)
+    assert_weights(found, expected, atol=1e-5)
+
+
+def test_a_tensor_parallel_checkpoint_resumes_on_one_process_and_exports_whole(four):
+    from safetensors.torch import load_file
+
+    expected, _ = mesh_reference(16)
+    state, found = resume_on_one_process(four["tp_checkpoint"], accumulate=4)
+    assert (four["saved_under_tp"]["steps"], state.step) == (4, 8)
+    assert_weights(found, expected, atol=1e-5)
+    assert_weights(load_file(four["tp_export"]), four["tp"]["weights"], atol=0)
 
 
 def test_mesh_settings_are_checked_against_the_strategy_and_world_size():
