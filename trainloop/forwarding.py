@@ -87,10 +87,12 @@ class ForwardsAttributes:
 
     def _forwarded_to(self, name: str) -> nn.Module | None:
         """The user's module when assigning or deleting `name` is for it, else None (the wrapper's)."""
-        if name.startswith("_") or not self.__dict__.get("_writes_forwarded", False):
+        # The wrapper's own attributes first: DDP sets some of them on every step (no_sync), and
+        # this check is a few dict lookups where finding the user's module is a walk.
+        if name.startswith("_") or not self.__dict__.get("_writes_forwarded", False) or _has_own(self, name):
             return None
         users = _users_module(self)
-        if users is None or _has_own(self, name):
+        if users is None:
             return None
         return users if hasattr(users, name) else None
 
