@@ -44,7 +44,7 @@ from trainloop.config import SETTINGS, config_from, env_name, parse_setting, set
 from trainloop.topology import first_slurm_host
 from trainloop.worker import InWorker
 
-_LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "master", "max_restarts")
+_LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "master", "max_restarts", "join_timeout")
 _FLAGS_WITHOUT_VALUE = ("-m", "-h", "--help")
 
 
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "srun: the first host of SLURM_JOB_NODELIST)")
     launch.add_argument("--max-restarts", default=None, metavar="N",
                         help="restart all workers up to this many times after a failure (default: 0)")
+    launch.add_argument("--join-timeout", default=None, metavar="SECONDS",
+                        help="with --nnodes > 1: how long the machines wait for each other to "
+                             "arrive, at the start and after each restart (default: 600)")
     launch.add_argument("--config", default=None, metavar="FILE.toml",
                         help="read these flags from a TOML file (keys: nproc, nnodes, precision, ...); "
                              "flags given on the command line win")
@@ -149,12 +152,13 @@ def _whole_number(flag: str, value: Any, minimum: int) -> int:
 
 
 def launch_values(values: Mapping[str, Any]) -> dict[str, Any]:
-    """nproc, nnodes, node_rank, master and max_restarts, checked. ValueError names the flag."""
+    """nproc, nnodes, node_rank, master, max_restarts and join_timeout, checked; ValueError names the flag."""
     nproc = values.get("nproc")
     checked: dict[str, Any] = {
         "nproc": _default_nproc() if nproc is None else _whole_number("--nproc", nproc, 1),
         "nnodes": _whole_number("--nnodes", values.get("nnodes", 1), 1),
         "max_restarts": _whole_number("--max-restarts", values.get("max_restarts", 0), 0),
+        "join_timeout": _whole_number("--join-timeout", values.get("join_timeout", 600), 1),
         "node_rank": None,
         "master": values.get("master"),
     }
@@ -198,8 +202,14 @@ def free_port() -> int:
 
 
 def launch_config(nproc: int, *, nnodes: int = 1, node_rank: int | None = None,
-                  master: str | None = None, max_restarts: int = 0, log_dir: str | None = None):
-    """The `LaunchConfig` for a job, every field chosen on purpose."""
+                  master: str | None = None, max_restarts: int = 0, join_timeout: int = 600,
+                  log_dir: str | None = None):
+    """The `LaunchConfig` for a job, every field chosen on purpose.
+
+    `join_timeout`: seconds the machines wait for one another in the rendezvous, at the start
+    and after each restart (a machine that died makes the others wait this long before they
+    give up). Static rendezvous (fixed node ranks) reads it as `timeout`, c10d as `join_timeout`.
+    """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -223,13 +233,18 @@ def launch_config(nproc: int, *, nnodes: int = 1, node_rank: int | None = None,
         role="trainloop",
         rdzv_endpoint=endpoint,
         rdzv_backend=backend,
-        rdzv_configs={**configs, "timeout": 900},
+        rdzv_configs={**configs, "timeout": join_timeout, "join_timeout": join_timeout},
         max_restarts=max_restarts,
         monitor_interval=0.1,  # notice a dead worker within a tenth of a second
         start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         shutdown_timeout=30,  # SIGTERM, then SIGKILL after this grace period
     )
+
+
+# What torch's launcher installs handlers for (TORCHELASTIC_SIGNALS_TO_HANDLE's default).
+_SIGNALS_TORCH_HANDLES = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+                               if hasattr(signal, name))
 
 
 @contextlib.contextmanager
@@ -241,7 +256,7 @@ def _launcher_scope(settings: Mapping[str, Any], nproc: int) -> Iterator[str]:
     times from one Python process (tests, notebooks).
     """
     saved_env = dict(os.environ)
-    saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved_handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS_TORCH_HANDLES}
     log_dir = tempfile.mkdtemp(prefix="trainloop-spawn-")
     try:
         for name, value in settings.items():
@@ -291,6 +306,28 @@ def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
     return results[0]
 
 
+def rendezvous_failure(error: BaseException, nnodes: int, endpoint: str, join_timeout: int) -> str:
+    """The message for a rendezvous that failed: what happened, judged by torch's error type.
+
+    A connection error means the rendezvous store (served by the machine at --master, or by
+    node 0) is gone or cannot be reached; a timeout means a machine is missing.
+    """
+    from torch.distributed import DistNetworkError
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
+    if isinstance(error, (RendezvousConnectionError, DistNetworkError)):
+        what = (f"lost, or could not make, the connection to the rendezvous at {endpoint}: the "
+                f"machine that serves it (the one at --master) died or cannot be reached")
+    else:
+        what = (f"the {nnodes} machines did not all meet at {endpoint} within --join-timeout "
+                f"{join_timeout} s: a machine is missing (not started, or died and did not come "
+                f"back for a restart)")
+    return (f"trainloop.spawn: {what} ({type(error).__name__}: {reason}). Start every machine with "
+            f"the same --nnodes and --master and check that the address is reachable from each; "
+            f"see docs/multinode.md.")
+
+
 def _culprit(failures: Mapping[int, Any]) -> tuple[int, Any]:
     """The failure that caused the others: not a worker the launcher itself stopped (SIGTERM)."""
     stopped = -signal.SIGTERM.value
@@ -314,8 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not options.module and not os.path.isfile(options.target):
         parser.error(f"no such script: {options.target} (use -m to run a module)")
 
+    from torch.distributed import DistNetworkError, DistStoreError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import elastic_launch
 
     # Each worker first arranges to die with this process (trainloop.worker), then runs the target.
@@ -323,16 +362,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                *(["-m"] if options.module else []), options.target, *options.args]
     with _launcher_scope(settings, launch["nproc"]) as log_dir:
         try:
-            config = launch_config(launch.pop("nproc"), **launch, log_dir=log_dir)
+            config = launch_config(**launch, log_dir=log_dir)
         except ValueError as error:
             parser.error(str(error))
         try:
             elastic_launch(config, sys.executable)(*command)
         except ChildFailedError as error:
             rank, failure = _culprit(error.failures)
-            print(f"trainloop.spawn: rank {rank} (pid {failure.pid}) failed first, exit code "
+            where = " on this machine" if config.max_nodes > 1 else ""
+            print(f"trainloop.spawn: rank {rank} (pid {failure.pid}) failed first{where}, exit code "
                   f"{failure.exitcode}; its traceback is above. The job was stopped.", file=sys.stderr)
             return failure.exitcode if failure.exitcode > 0 else 1
+        except (RendezvousError, DistStoreError, DistNetworkError) as error:
+            print(rendezvous_failure(error, config.max_nodes, config.rdzv_endpoint,
+                                     launch["join_timeout"]), file=sys.stderr)
+            return 1
         except SignalException as stop:
             # Ctrl-C or SIGTERM: torch's agent has already stopped every worker.
             print(f"trainloop.spawn: stopped by {stop.sigval.name}; every worker was stopped.", file=sys.stderr)

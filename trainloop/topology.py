@@ -170,6 +170,10 @@ def _explain_distributed_failures(excepthook):
         elif "timed out" in message.lower():
             print(_hung_ranks(joined["store"], joined["rank"], joined["world_size"]), file=sys.stderr, flush=True)
         elif joined["under_launcher"] and (isinstance(error, dist.DistBackendError) or "by peer" in message):
+            if "by peer" in message:
+                print(f"trainloop: rank {joined['rank']} lost its connection to another rank: that "
+                      "rank's process died, or its machine did (on many machines, look at the other "
+                      "machines' output first). This rank stops too.", file=sys.stderr, flush=True)
             time.sleep(_PEER_FAILURE_GRACE_S)
         excepthook(kind, error, traceback)
 
