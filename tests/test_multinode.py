@@ -13,8 +13,8 @@ import time
 import psutil
 import pytest
 import torch
-
 from test_spawn import SCRIPTS, _alive, _wait_for_pids, assert_reference, launch
+
 from trainloop import spawn
 
 pytestmark = pytest.mark.multiprocess
