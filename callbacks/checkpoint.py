@@ -8,13 +8,15 @@ import warnings
 from pathlib import Path
 
 from trainloop.callbacks.base import Callback
-from trainloop.checkpoint import CheckpointError, checkpoints_in, load, save, verify
+from trainloop.checkpoint import CheckpointError, CheckpointWarning, _fsync, checkpoints_in, load, save
 from trainloop.collectives import broadcast
 from trainloop.state import RunState
 
+__all__ = ["Checkpoint", "CheckpointWarning"]
 
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (damaged) or not written (and `on_error="warn"`)."""
+# Hidden names in the checkpoint directory: a save being written, and a pruned checkpoint being
+# deleted. Neither is ever taken for a committed checkpoint (those have no leading dot).
+_REMAINS = (".*.partial", ".*.pruned")
 
 
 class Checkpoint(Callback):
@@ -25,9 +27,10 @@ class Checkpoint(Callback):
         every: optimizer steps between checkpoints; None saves only at `tl.finish`.
         keep: how many checkpoints to keep; older ones are deleted only after a newer one is
             safely in place. None keeps all.
-        resume: restore the run in `tl.prepare` from the newest checkpoint that verifies. A
-            damaged one (truncated, altered, half-written) is skipped with one warning naming
-            the file and the reason, and the one before it is used.
+        resume: restore the run in `tl.prepare` from the newest checkpoint that loads. A
+            damaged one (truncated, altered, half-written, unreadable, ill-formed) is skipped
+            with one warning naming the file and the reason, and the one before it is used. One
+            that does not fit the run (other models, optimizers, schedulers) raises ValueError.
         on_error: "raise" (default) stops the run when a checkpoint cannot be written (disk
             full, permission denied); "warn" warns and trains on. Either way the previous
             checkpoints are untouched.
@@ -58,25 +61,21 @@ class Checkpoint(Callback):
         if not self.resume or self._looked_for_checkpoint:
             return None
         self._looked_for_checkpoint = True
-        chosen = self._newest_good_checkpoint() if state.is_main else None
-        chosen = broadcast(state, chosen)  # every rank resumes from the same one
-        if chosen is None:
-            return None
-        self.restored_from = Path(chosen)
-        state = load(state, chosen)
-        self._last_saved_step = state.step
-        return state
-
-    def _newest_good_checkpoint(self) -> str | None:
-        for candidate in checkpoints_in(self.dir):
-            if not candidate.name.startswith("step-"):
-                continue
+        candidates = None
+        if state.is_main:
+            candidates = [str(c) for c in checkpoints_in(self.dir) if c.name.startswith("step-")]
+        for candidate in broadcast(state, candidates):  # every rank tries the same ones
             try:
-                verify(candidate)
+                # Reads and checks everything before restoring anything; a CheckpointError is
+                # raised on every rank alike, so the ranks move on to the same next candidate.
+                state = load(state, candidate)
             except CheckpointError as reason:
-                warnings.warn(f"skipping checkpoint {candidate}: {reason}", CheckpointWarning, stacklevel=2)
+                if state.is_main:
+                    warnings.warn(f"skipping checkpoint {candidate}: {reason}", CheckpointWarning, stacklevel=2)
                 continue
-            return str(candidate)
+            self.restored_from = Path(candidate)
+            self._last_saved_step = state.step
+            return state
         return None
 
     # -- save ----------------------------------------------------------------------------------
@@ -110,15 +109,28 @@ class Checkpoint(Callback):
             self._prune(newest=path)
 
     def _prune(self, newest: Path) -> None:
-        """Delete what `keep` no longer covers, and the remains of saves that were killed."""
-        for leftover in self.dir.glob(".*.partial"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        """Delete what `keep` no longer covers, and the remains of saves and prunes that were killed.
+
+        A checkpoint leaves the committed namespace in one rename (to a hidden name) before its
+        files are deleted: a process killed mid-prune leaves a hidden remain, never a
+        half-deleted `step-*` directory that looks committed.
+        """
+        for pattern in _REMAINS:
+            for leftover in self.dir.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
         if self.keep is None:
             return
         committed = sorted(p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        retired = []
         for old in committed[: max(0, len(committed) - self.keep)]:
             if old != newest:
-                shutil.rmtree(old, ignore_errors=True)
-
+                hidden = self.dir / f".{old.name}.pruned"
+                os.replace(old, hidden)
+                retired.append(hidden)
+        if retired:
+            _fsync(self.dir)  # the renames are durable before anything is deleted
+        for hidden in retired:
+            shutil.rmtree(hidden, ignore_errors=True)
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.dir)!r}, every={self.every}, keep={self.keep}, resume={self.resume})"
+

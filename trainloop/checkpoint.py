@@ -23,10 +23,17 @@ each file and the directory fsynced, and only then renamed into place (`os.repla
 the previous checkpoint or the new one, never a mix. (torch.distributed.checkpoint and
 safetensors have no atomic write and no checksum of their own: both are ours to do.)
 
-Reading never executes code. The manifest is JSON; every file's size and SHA-256 are checked
-against it before anything else is read; file names in it cannot leave the directory; tensors
-come from safetensors or `torch.load(weights_only=True)`, and a file that would need anything
-more is refused, naming what it asked for.
+Every file follows the umask (they are created with mode 0o666, as `open` does) and is hashed
+as it is written, from the bytes written: nothing is read back (except DCP's shards, which DCP
+writes itself).
+
+Reading never executes code. The manifest is JSON; every file load reads must be listed in it,
+and is read once: its size and SHA-256 are checked against the manifest and it is deserialized
+from those same bytes. File names cannot leave the directory and a symbolic link in it is
+refused; tensors come from safetensors or `torch.load(weights_only=True)`, and a file that would
+need anything more is refused, naming what it asked for. Everything is read, checked and fitted
+to the run (models, optimizers, schedulers, loaders) before anything is restored: a checkpoint
+that is damaged (CheckpointError) or does not fit (ValueError) leaves the run as it was.
 
 Under DDP, rank 0 writes everything: the replicas are identical, and the other ranks' RNG
 states reach it through a gather. Under FSDP every rank writes its shards into the partial
@@ -38,12 +45,16 @@ share.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
 import random
 import shutil
-from collections.abc import Iterator
+import stat
+import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -64,6 +75,10 @@ LATEST = "latest"
 
 class CheckpointError(Exception):
     """A checkpoint could not be written, or is not one that may be loaded (the reason says why)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (damaged) or not written (and `on_error="warn"`)."""
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -101,24 +116,26 @@ def _write(state: RunState, path: Path, rng: list[dict], sharded_optimizers: lis
     if sharded_optimizers is None:
         _make_fresh(partial)
     try:
-        from safetensors.torch import save_model
-
+        files: dict[str, dict] = {}
         if sharded_optimizers is None:
             for index, model in enumerate(state.models):
-                save_model(unwrap(model), str(partial / _model_file(index)))
+                files[_model_file(index)] = _write_file(partial / _model_file(index),
+                                                        _safetensors_bytes(unwrap(model)))
+        else:  # the ranks' DCP files, written by DCP: hashed by reading them back
+            shards = sorted(p.name for p in partial.iterdir())
+            files.update(_in_parallel(_fsynced_record, [partial / name for name in shards], shards))
         optimizers = sharded_optimizers
         if optimizers is None:
             optimizers = [opt.state_dict() for opt in state.optimizers]
-        _torch_save({"optimizers": optimizers,
-                     "schedulers": [sched.state_dict() for sched in state.schedulers]},
-                    partial / "optimizer.pt")
-        _torch_save({cb.key: cb.state_dict() for cb in state.callbacks}, partial / "callbacks.pt")
-        _torch_save(rng, partial / "rng.pt")
-        (partial / "trainer.json").write_text(json.dumps(_trainer_record(state), indent=1))
-        files = sorted(p.name for p in partial.iterdir())
-        manifest = _manifest(state, _in_parallel(_fsynced_record, [partial / name for name in files], files))
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync(partial / MANIFEST)
+        files["optimizer.pt"] = _write_file(partial / "optimizer.pt", _torch_saver(
+            {"optimizers": optimizers, "schedulers": [sched.state_dict() for sched in state.schedulers]}))
+        files["callbacks.pt"] = _write_file(partial / "callbacks.pt",
+                                            _torch_saver({cb.key: cb.state_dict() for cb in state.callbacks}))
+        files["rng.pt"] = _write_file(partial / "rng.pt", _torch_saver(rng))
+        files["trainer.json"] = _write_file(partial / "trainer.json",
+                                            json.dumps(_trainer_record(state), indent=1).encode())
+        manifest = _manifest(state, dict(sorted(files.items())))
+        _write_file(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
         _fsync(partial)
         _replace_dir(partial, path)
         _point_latest(path)
@@ -179,9 +196,70 @@ def _model_file(index: int) -> str:
     return "model.safetensors" if index == 0 else f"model-{index}.safetensors"
 
 
-def _torch_save(obj: Any, file: Path) -> None:
-    with open(file, "wb") as handle:
-        torch.save(obj, handle)
+class _HashingFile:
+    """A new file, written front to back: hashed as it is written, fsynced when closed.
+
+    Created with mode 0o666 like `open` does, so the umask decides who may read it (safetensors'
+    own writer makes its files 0o600). Never follows a symbolic link, never reuses a file.
+    """
+
+    def __init__(self, file: Path):
+        self.fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        written = 0
+        while written < len(view):
+            written += os.write(self.fd, view[written:])
+        self.size += len(view)
+        return len(view)
+
+    def flush(self) -> None:  # torch.save flushes; os.write has no buffer to flush
+        pass
+
+    def close(self) -> dict[str, Any]:
+        """fsync and close; the file's manifest record."""
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+        return {"size": self.size, "sha256": self.digest.hexdigest()}
+
+
+def _write_file(file: Path, content: bytes | Callable[[Any], None]) -> dict[str, Any]:
+    """Write `content` (bytes, or a function that writes to a file object) to the new `file`;
+    return its manifest record."""
+    handle = _HashingFile(file)
+    try:
+        if callable(content):
+            content(handle)
+        else:
+            handle.write(content)
+    except BaseException:
+        os.close(handle.fd)
+        raise
+    return handle.close()
+
+
+def _torch_saver(obj: Any) -> Callable[[Any], None]:
+    return lambda handle: torch.save(obj, handle)
+
+
+def _safetensors_bytes(model: torch.nn.Module) -> bytes:
+    """The model's weights as `safetensors.torch.save_model` writes them (tied weights once)."""
+    from safetensors.torch import _remove_duplicate_names
+    from safetensors.torch import save as to_bytes
+
+    tensors = model.state_dict()
+    metadata = {}
+    for kept, removed in _remove_duplicate_names(tensors).items():
+        for name in removed:
+            metadata[name] = kept
+            del tensors[name]
+    return to_bytes({name: t.contiguous() for name, t in tensors.items()}, metadata=metadata or None)
 
 
 def _trainer_record(state: RunState) -> dict[str, Any]:
@@ -190,7 +268,15 @@ def _trainer_record(state: RunState) -> dict[str, Any]:
         "micro_step": state.micro_step,
         "logged_step": state.logged_step,
         "loaders": [loader.state_dict() for loader in state.loaders],
+        # Checked on load before anything is restored: another optimizer's state would load
+        # silently and fail at the first step (a scheduler's would not fail at all).
+        "classes": {"optimizers": [_class_name(opt) for opt in state.optimizers],
+                    "schedulers": [_class_name(sched) for sched in state.schedulers]},
     }
+
+
+def _class_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _manifest(state: RunState, files: dict[str, dict]) -> dict[str, Any]:
@@ -227,8 +313,8 @@ def _fsynced_record(file: Path) -> dict[str, Any]:
 def _in_parallel(function, arguments: list, keys: list) -> dict:
     """{key: function(argument)}, computed on a few threads.
 
-    Hashing and fsync release the GIL, so the files of a checkpoint are hashed side by side:
-    SHA-256 over the bytes, not the writing, is what costs most on a fast disk.
+    Reading, hashing and fsync release the GIL, so the files of a checkpoint are read and hashed
+    side by side.
     """
     if len(arguments) <= 1:
         return {key: function(argument) for key, argument in zip(keys, arguments)}
@@ -318,20 +404,33 @@ def _gather_rng_states(state: RunState) -> list[dict]:
 
 # -- reading -----------------------------------------------------------------------------------
 
+# The files `load` reads besides the weights (`_model_file`) or DCP's shards.
+_STATE_FILES = ("optimizer.pt", "callbacks.pt", "rng.pt", "trainer.json")
+
 
 def verify(path: str | os.PathLike) -> dict[str, Any]:
     """Check a checkpoint directory against its manifest; return the manifest.
 
     Raises CheckpointError naming the file and the reason: not a checkpoint, a format from a
-    newer trainloop, a manifest that was altered, a file missing, truncated or changed, or a
-    file name that would leave the directory.
+    newer trainloop, a manifest that was altered or is not a well-formed one, a file missing,
+    unlisted, truncated, changed, unreadable or a symbolic link, or a file name that would leave
+    the directory.
     """
     path = Path(path)
+    manifest = _read_manifest(path)
+    names = list(manifest["files"])
+    _in_parallel(lambda name: _read_listed(path, manifest, name, keep=False), names, names)
+    return manifest
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the checkpoint at `path`, checked for form; nothing else is read yet."""
     manifest_file = path / MANIFEST
-    if not path.is_dir() or not manifest_file.is_file():
+    if not path.is_dir() or not (manifest_file.is_file() or manifest_file.is_symlink()):
         raise CheckpointError(f"{path} is not a trainloop checkpoint (no {MANIFEST})")
+    _refuse_links(path)
     try:
-        manifest = json.loads(manifest_file.read_text())
+        manifest = json.loads(_read_file(manifest_file).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{manifest_file} is damaged: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -345,18 +444,52 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} has checkpoint format {version}, newer than this trainloop reads "
             f"({FORMAT_VERSION}): upgrade trainloop (it was written by {manifest.get('trainloop_version')})"
         )
-    files = [_inside(path, name) for name in manifest["files"]]
-    for file, record in zip(files, manifest["files"].values()):
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        size = file.stat().st_size
-        if size != record["size"]:
-            raise CheckpointError(f"{file} is {size} bytes, the manifest says {record['size']} (truncated?)")
-    hashes = _in_parallel(_sha256, files, files)
-    for file, record in zip(files, manifest["files"].values()):
-        if hashes[file] != record["sha256"]:
-            raise CheckpointError(f"{file} does not match its SHA-256 in the manifest (changed or corrupted)")
+    _check_manifest_form(manifest, manifest_file)
+    for name in manifest["files"]:
+        _inside(path, name)
+    for name in _required_files(manifest):
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{manifest_file} does not list {name}, which a checkpoint must hold")
     return manifest
+
+
+def _check_manifest_form(manifest: dict[str, Any], manifest_file: Path) -> None:
+    """CheckpointError unless the fields that loading uses have their types (a self-consistent
+    manifest can still be a hand-made one)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest_file} is damaged: 'files' is not a mapping of file names to records")
+    for name, record in files.items():
+        if not (isinstance(record, dict) and _is_count(record.get("size"))
+                and isinstance(record.get("sha256"), str)):
+            raise CheckpointError(
+                f"{manifest_file} is damaged: the record of {name!r} is not {{'size': bytes, 'sha256': hex}} "
+                f"(got {record!r:.80})")
+    for key in ("models", "step", "micro_step"):
+        if not _is_count(manifest.get(key)):
+            raise CheckpointError(f"{manifest_file} is damaged: {key!r} is not a count (got {manifest.get(key)!r:.40})")
+    if not isinstance(manifest.get("strategy"), str):
+        raise CheckpointError(f"{manifest_file} is damaged: 'strategy' is not a name")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _required_files(manifest: dict[str, Any]) -> list[str]:
+    weights = [] if _sharded(manifest) else [_model_file(i) for i in range(manifest["models"])]
+    return [*weights, *_STATE_FILES]
+
+
+def _refuse_links(path: Path) -> None:
+    """A checkpoint holds plain files: a symbolic link could make it load another file."""
+    try:
+        with os.scandir(path) as entries:
+            links = sorted(entry.name for entry in entries if entry.is_symlink())
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}") from None
+    if links:
+        raise CheckpointError(f"{path / links[0]} is a symbolic link: a checkpoint holds plain files only")
 
 
 def _inside(directory: Path, name: str) -> Path:
@@ -365,18 +498,76 @@ def _inside(directory: Path, name: str) -> Path:
     return directory / name
 
 
-def safe_torch_load(file: Path) -> Any:
-    """`torch.load(weights_only=True)`, with a clear refusal naming what an unsafe file wanted."""
+def _open_plain(file: Path) -> int:
+    """A read-only descriptor of the regular file `file`; CheckpointError for anything else."""
     try:
-        return torch.load(file, weights_only=True, map_location="cpu")
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise CheckpointError(f"{file} is a symbolic link: a checkpoint holds plain files only") from None
+        raise CheckpointError(f"cannot read {file}: {error.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{file} is not a regular file")
+    return fd
+
+
+def _read_file(file: Path) -> bytes:
+    fd = _open_plain(file)
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as handle:
+            return handle.readall()
+    except OSError as error:
+        raise CheckpointError(f"cannot read {file}: {error.strerror}") from None
+
+
+def _read_listed(path: Path, manifest: dict[str, Any], name: str, keep: bool = True) -> bytes | None:
+    """Read the file `name` once, check it against its manifest record; its bytes if `keep`.
+
+    Only files the manifest lists can be read: every byte that load uses is verified.
+    """
+    record = manifest["files"].get(name)
+    file = path / name
+    if record is None:
+        raise CheckpointError(f"{file} is not listed in {path / MANIFEST}: only hashed files are read")
+    fd = _open_plain(file)
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size != record["size"]:
+                raise CheckpointError(f"{file} is {size} bytes, the manifest says {record['size']} (truncated?)")
+            digest = hashlib.sha256()
+            if keep:
+                data = handle.readall()
+                digest.update(data)
+            else:
+                data = None
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {file}: {error.strerror}") from None
+    if digest.hexdigest() != record["sha256"]:
+        raise CheckpointError(f"{file} does not match its SHA-256 in the manifest (changed or corrupted)")
+    return data
+
+
+def safe_torch_load(file: Path | bytes, name: str | None = None) -> Any:
+    """`torch.load(weights_only=True)` of a file or of its bytes (`name` then says which file it
+    was), with a clear refusal naming what an unsafe file wanted."""
+    source = io.BytesIO(file) if isinstance(file, bytes) else file
+    try:
+        return torch.load(source, weights_only=True, map_location="cpu")
     except Exception as error:
         try:
-            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(
+                io.BytesIO(file) if isinstance(file, bytes) else file)
         except Exception:
             wanted = []
         detail = f"it asks for {', '.join(wanted)}" if wanted else str(error).splitlines()[0]
         raise CheckpointError(
-            f"refusing to load {file}: it is not plain tensors and data ({detail}); "
+            f"refusing to load {name or file}: it is not plain tensors and data ({detail}); "
             "a checkpoint must never run code"
         ) from None
 
@@ -386,17 +577,106 @@ def load(state: RunState, path: str | os.PathLike) -> RunState:
 
     Restores in place the prepared models' weights, the optimizers, schedulers and loader
     positions, the callbacks' states and this rank's RNG states. Call it on every rank, after
-    `prepare`. Raises CheckpointError for a damaged, foreign or unsafe checkpoint, and
-    ValueError for one that does not fit the run (other parameter names or shapes: the first
-    mismatches are listed).
+    `prepare`. Raises CheckpointError (on every rank) for a damaged, foreign or unsafe
+    checkpoint, and ValueError for one that does not fit the run (other parameter names or
+    shapes, another optimizer or scheduler class, other param groups, another number of
+    objects: the differences are listed). Either way nothing has been restored.
     """
     path = Path(path)
-    return _restore(state, path, verify(path))
+    contents, error = None, None
+    try:
+        contents = _read_checkpoint(path)
+    except CheckpointError as failure:
+        error = str(failure)
+    error = _first_error(state, error)  # a rank that cannot read it must not leave the others waiting
+    if error is not None:
+        raise CheckpointError(error)
+    _check_fit(state, path, contents)
+    return _restore(state, path, contents)
 
 
-def _restore(state: RunState, path: Path, manifest: dict[str, Any]) -> RunState:
-    trainer = json.loads((path / "trainer.json").read_text())
-    optimization = safe_torch_load(path / "optimizer.pt")
+def _first_error(state: RunState, error: str | None) -> str | None:
+    """The first rank's error, on every rank (None when no rank had one)."""
+    if state.world_size == 1:
+        return error
+    everyone: list[Any] = [None] * state.world_size
+    dist.all_gather_object(everyone, error)  # plain strings, between this job's own ranks
+    return next((e if rank == state.rank else f"rank {rank}: {e}"
+                 for rank, e in enumerate(everyone) if e is not None), None)
+
+
+class _Contents:
+    """A checkpoint read into memory and checked for form: what `_restore` restores from."""
+
+    def __init__(self, manifest: dict, trainer: dict, optimization: dict, callbacks: dict,
+                 rng: list, weights: list[dict[str, torch.Tensor]]):
+        self.manifest, self.trainer, self.optimization = manifest, trainer, optimization
+        self.callbacks, self.rng, self.weights = callbacks, rng, weights
+
+
+def _read_checkpoint(path: Path) -> _Contents:
+    """Read and verify every file (DCP's shards: verify only; DCP reads them when restoring)."""
+    manifest = _read_manifest(path)
+    names = list(manifest["files"])
+    kept = set(_required_files(manifest))
+    data = _in_parallel(lambda name: _read_listed(path, manifest, name, keep=name in kept), names, names)
+    try:
+        trainer = json.loads(data["trainer.json"].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path / 'trainer.json'} is damaged: {error}") from None
+    contents = _Contents(
+        manifest, trainer,
+        safe_torch_load(data["optimizer.pt"], path / "optimizer.pt"),
+        safe_torch_load(data["callbacks.pt"], path / "callbacks.pt"),
+        safe_torch_load(data["rng.pt"], path / "rng.pt"),
+        [] if _sharded(manifest) else [_safetensors_tensors(data[_model_file(i)], path / _model_file(i))
+                                       for i in range(manifest["models"])],
+    )
+    _check_form(path, contents)
+    return contents
+
+
+def _safetensors_tensors(data: bytes, file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as from_bytes
+
+    try:
+        return from_bytes(data)
+    except Exception as error:  # safetensors' own error type for a file that is not one
+        raise CheckpointError(f"{file} is not a safetensors file: {error}") from None
+
+
+def _check_form(path: Path, contents: _Contents) -> None:
+    """CheckpointError unless the state files have the structure that `save` writes."""
+    trainer, optimization = contents.trainer, contents.optimization
+
+    def damaged(file: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path / file} is damaged: {what}")
+
+    if not (isinstance(trainer, dict) and all(_is_count(trainer.get(k)) for k in ("step", "micro_step", "logged_step"))
+            and isinstance(trainer.get("loaders"), list)
+            and all(isinstance(loader, dict) and _is_count(loader.get("epoch")) and _is_count(loader.get("samples_seen"))
+                    for loader in trainer["loaders"])):
+        raise damaged("trainer.json", "it is not the counters and loader positions that save writes")
+    classes = trainer.get("classes", {})  # absent in checkpoints of trainloop <= 0.x's first format
+    if not (isinstance(classes, dict) and all(isinstance(classes.get(k, []), list) for k in ("optimizers", "schedulers"))):
+        raise damaged("trainer.json", "'classes' is not the optimizers' and schedulers' class names")
+    if not (isinstance(optimization, dict) and isinstance(optimization.get("optimizers"), list)
+            and isinstance(optimization.get("schedulers"), list)
+            and all(isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)
+                    and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in o["param_groups"])
+                    for o in optimization["optimizers"])
+            and all(isinstance(s, dict) for s in optimization["schedulers"])):
+        raise damaged("optimizer.pt", "it is not the optimizers' and schedulers' state dicts")
+    if not isinstance(contents.callbacks, dict):
+        raise damaged("callbacks.pt", "it is not the callbacks' state dicts by key")
+    if not (isinstance(contents.rng, list)
+            and all(isinstance(r, dict) and "python" in r and "torch" in r for r in contents.rng)):
+        raise damaged("rng.pt", "it is not every rank's RNG states")
+
+
+def _check_fit(state: RunState, path: Path, contents: _Contents) -> None:
+    """ValueError listing what differs between the checkpoint and the run; changes nothing."""
+    manifest, trainer, optimization = contents.manifest, contents.trainer, contents.optimization
     counts = {
         "models": (manifest["models"], len(state.models)),
         "optimizers": (len(optimization["optimizers"]), len(state.optimizers)),
@@ -407,10 +687,7 @@ def _restore(state: RunState, path: Path, manifest: dict[str, Any]) -> RunState:
         if saved != prepared:
             raise ValueError(f"{path} holds {saved} {kind} but the run prepared {prepared}: prepare the same objects")
     if _sharded(manifest):
-        from trainloop import fsdp
-
-        fsdp.load_sharded([unwrap(m) for m in state.models], state.optimizers, path,
-                          manifest["files"], optimization["optimizers"])
+        pass  # the shards' shapes are checked by fsdp.load_sharded before it loads anything
     elif state.config.strategy == "fsdp":
         raise ValueError(
             f"{path} holds whole (unsharded) weights from a {manifest['strategy']!r} run; a "
@@ -419,20 +696,66 @@ def _restore(state: RunState, path: Path, manifest: dict[str, Any]) -> RunState:
         )
     else:
         for index, model in enumerate(state.models):
-            _load_weights(unwrap(model), path / _model_file(index))
+            _check_weights(unwrap(model), contents.weights[index], path / _model_file(index))
+    classes = trainer.get("classes", {})
+    problems = []
+    for kind, objects, saved_states in (("optimizer", state.optimizers, optimization["optimizers"]),
+                                        ("scheduler", state.schedulers, optimization["schedulers"])):
+        saved_classes = classes.get(f"{kind}s", [])
+        for index, obj in enumerate(objects):
+            if index < len(saved_classes) and saved_classes[index] != _class_name(obj):
+                problems.append(f"{kind} {index} is a {_class_name(obj)} in the run, a {saved_classes[index]} "
+                                "in the checkpoint")
+            elif kind == "optimizer":
+                saved_sizes = [len(group["params"]) for group in saved_states[index]["param_groups"]]
+                sizes = [len(group["params"]) for group in obj.param_groups]
+                if saved_sizes != sizes:
+                    problems.append(f"optimizer {index} ({type(obj).__name__}) has param groups of "
+                                    f"{sizes} parameters in the run, {saved_sizes} in the checkpoint")
+    if problems:
+        raise ValueError(f"{path} does not fit the run: {'; '.join(problems)}. Prepare the same "
+                         "optimizers and schedulers, built the same way, as the run that saved it")
+
+
+def _check_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """ValueError listing the first differences of names and shapes (as `load_model` matches them:
+    a tied weight is stored once)."""
+    from safetensors.torch import _remove_duplicate_names
+
+    expected = model.state_dict()
+    for removed in _remove_duplicate_names(expected, preferred_names=list(tensors)).values():
+        for name in removed:
+            del expected[name]
+    problems = [f"{name}: checkpoint {tuple(t.shape)}, model {tuple(expected[name].shape)}"
+                for name, t in tensors.items() if name in expected and expected[name].shape != t.shape]
+    problems += [f"{name}: in the checkpoint, not in the model" for name in tensors if name not in expected]
+    problems += [f"{name}: in the model, not in the checkpoint" for name in expected if name not in tensors]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"{file} does not fit {type(model).__name__}: {shown}")
+
+
+def _restore(state: RunState, path: Path, contents: _Contents) -> RunState:
+    manifest, trainer, optimization = contents.manifest, contents.trainer, contents.optimization
+    if _sharded(manifest):
+        from trainloop import fsdp
+
+        fsdp.load_sharded([unwrap(m) for m in state.models], state.optimizers, path,
+                          manifest["files"], optimization["optimizers"])
+    else:
+        for model, tensors in zip(state.models, contents.weights):
+            unwrap(model).load_state_dict(tensors, strict=False)  # _check_weights matched the names
         for optimizer, saved in zip(state.optimizers, optimization["optimizers"]):
             optimizer.load_state_dict(saved)
     for scheduler, saved in zip(state.schedulers, optimization["schedulers"]):
         scheduler.load_state_dict(saved)
     for loader, saved in zip(state.loaders, trainer["loaders"]):
         loader.load_state_dict(saved)
-    saved_callbacks = safe_torch_load(path / "callbacks.pt")
     for callback in state.callbacks:
-        if callback.key in saved_callbacks:
-            callback.load_state_dict(saved_callbacks[callback.key])
-    rng = safe_torch_load(path / "rng.pt")
-    if state.rank < len(rng):
-        _set_rng_state(rng[state.rank], state.device)
+        if callback.key in contents.callbacks:
+            callback.load_state_dict(contents.callbacks[callback.key])
+    if state.rank < len(contents.rng):
+        _set_rng_state(contents.rng[state.rank], state.device)
     # The report due at the checkpoint's own step was made by the run that saved it (it logs
     # right after its on_step hooks): count it as made, so reports continue at the same steps.
     every = state.config.log_every
@@ -447,23 +770,6 @@ def _sharded(manifest: dict[str, Any]) -> bool:
     return ".metadata" in manifest["files"]  # fsdp.METADATA; importing fsdp here would cost 0.6 s
 
 
-def _load_weights(model: torch.nn.Module, file: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import load_model
-
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    with safe_open(str(file), framework="pt") as reader:
-        found = {name: tuple(reader.get_slice(name).get_shape()) for name in reader.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    problems = [f"{name}: checkpoint {shape}, model {expected[name]}"
-                for name, shape in found.items() if name in expected and expected[name] != shape]
-    problems += [f"{name}: in the checkpoint, not in the model" for name in found if name not in expected]
-    missing, _ = load_model(model, str(file), strict=False) if not problems else ([], [])
-    problems += [f"{name}: in the model, not in the checkpoint" for name in missing]
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(f"{file} does not fit {type(model).__name__}: {shown}")
-
-
 # -- export ------------------------------------------------------------------------------------
 
 
@@ -475,7 +781,7 @@ def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | No
     FSDP the shards are gathered to rank 0's CPU one tensor at a time: rank 0 needs CPU memory
     for the whole model.
     """
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save
 
     if model is None:
         if len(state.models) != 1:
@@ -490,11 +796,10 @@ def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | No
     if state.is_main:
         temporary = path.parent / f".{path.name}.partial"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if gathered is None:
-            save_model(unwrap(model), str(temporary))
-        else:
-            save_file(gathered, str(temporary), metadata={"format": "pt"})
-        _fsync(temporary)
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()  # left by an export that was killed
+        _write_file(temporary, _safetensors_bytes(unwrap(model)) if gathered is None
+                    else save(gathered, metadata={"format": "pt"}))
         os.replace(temporary, path)
     if state.world_size > 1:
         dist.barrier()
@@ -511,11 +816,23 @@ def checkpoints_in(directory: str | os.PathLike) -> Iterator[Path]:
         return
     named = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
     named.sort(key=lambda p: p.name, reverse=True)
-    pointer = directory / LATEST
-    first = None
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if name and Path(name).name == name and (directory / name).is_dir():
-            first = directory / name
-            yield first
+    first = _latest(directory)
+    if first is not None:
+        yield first
     yield from (p for p in named if p != first)
+
+
+def _latest(directory: Path) -> Path | None:
+    """The checkpoint the `latest` pointer names; None (one warning when it is damaged) if none."""
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_bytes().decode().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        warnings.warn(f"ignoring {pointer}, which is damaged ({error}): the newest checkpoint by "
+                      "name is tried first", CheckpointWarning, stacklevel=3)
+        return None
+    if name and Path(name).name == name and not name.startswith(".") and (directory / name).is_dir():
+        return directory / name
+    return None

@@ -5,7 +5,8 @@ rank 0's final weights, optimizer state, LR, step and loss scale (fp16), and eve
 RNG draws, to `out`.
 
 `--kill-in-save STEP` SIGKILLs the process in the middle of writing the checkpoint of STEP (all
-files written, not yet renamed into place).
+files written, not yet renamed into place). `--kill-in-prune` SIGKILLs it in the middle of the
+first prune (`keep`), after one of the old checkpoint's files is deleted.
 """
 
 import argparse
@@ -29,7 +30,9 @@ parser.add_argument("out")
 parser.add_argument("--epochs", type=int, default=3)
 parser.add_argument("--every", type=int, default=2)
 parser.add_argument("--slow", type=float, default=0.0, help="seconds to sleep per optimizer step")
+parser.add_argument("--keep", type=int, default=3)
 parser.add_argument("--kill-in-save", type=int, default=None)
+parser.add_argument("--kill-in-prune", action="store_true")
 parser.add_argument("--precision", default="fp32")
 args = parser.parse_args()
 
@@ -43,8 +46,19 @@ if args.kill_in_save is not None:
 
     trainloop.checkpoint._replace_dir = replace_dir_or_die
 
+if args.kill_in_prune:  # the run's first deletions are a prune's (it starts in a fresh directory)
+    unlink, unlinked = os.unlink, []
+
+    def unlink_or_die(*unlink_args, **kwargs):
+        unlink(*unlink_args, **kwargs)
+        unlinked.append(1)
+        if len(unlinked) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.unlink = unlink_or_die
+
 state = tl.init(accumulate=3, seed=11, precision=args.precision,
-                callbacks=[Checkpoint(args.checkpoints, every=args.every, keep=3)])
+                callbacks=[Checkpoint(args.checkpoints, every=args.every, keep=args.keep)])
 model = tiny_model(dropout=0.2)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
