@@ -390,8 +390,9 @@ def load(state: RunState, path: str | os.PathLike) -> RunState:
     ValueError for one that does not fit the run (other parameter names or shapes: the first
     mismatches are listed).
     """
+    state.check_current("load")
     path = Path(path)
-    return _restore(state, path, verify(path))
+    return _restore(state, path, verify(path)).advance("load")  # the state given becomes stale
 
 
 def _restore(state: RunState, path: Path, manifest: dict[str, Any]) -> RunState:
