@@ -206,37 +206,13 @@ class RunState:
     def evolve(self, **changes: Any) -> RunState:
         """A copy of this state with `changes` applied (the state itself never changes).
 
-        The same as `attrs.evolve` in a third of the time: it runs several times per training
-        step. Written out field by field (RunState has no validators or converters to skip);
-        `test_evolve_copies_every_field` fails if a new field is missing here. The copy is of
-        the same generation (see `Lineage`); new `callbacks` bring their `hooks` with them.
+        The same as `attrs.evolve` in a fraction of the time: it runs several times per training
+        step. The copy is of the same generation (see `Lineage`); new `callbacks` bring their
+        `hooks` with them.
         """
-        new = _new_object(RunState)
-        _set_field(new, "topology", self.topology)
-        _set_field(new, "config", self.config)
-        _set_field(new, "callbacks", self.callbacks)
-        _set_field(new, "hooks", self.hooks)
-        _set_field(new, "models", self.models)
-        _set_field(new, "optimizers", self.optimizers)
-        _set_field(new, "schedulers", self.schedulers)
-        _set_field(new, "loaders", self.loaders)
-        _set_field(new, "step", self.step)
-        _set_field(new, "micro_step", self.micro_step)
-        _set_field(new, "window_micro_steps", self.window_micro_steps)
-        _set_field(new, "window_items", self.window_items)
-        _set_field(new, "skip_step", self.skip_step)
-        _set_field(new, "pending_logs", self.pending_logs)
-        _set_field(new, "logged_step", self.logged_step)
-        _set_field(new, "stepping", self.stepping)
-        _set_field(new, "generation", self.generation)
-        _set_field(new, "lineage", self.lineage)
+        new = _copy(self)
         if changes:
-            for name, value in changes.items():
-                if name not in _FIELD_SET:
-                    raise TypeError(f"RunState has no field {name!r}")
-                _set_field(new, name, value)
-            if "callbacks" in changes:
-                _set_field(new, "hooks", Hooks.of(new.callbacks))
+            _apply(new, changes)
         return new
 
     def advance(self, made_by: str, **changes: Any) -> RunState:
@@ -245,12 +221,14 @@ class RunState:
         For the functions that move the run on (see `Lineage`); `made_by` names the function,
         for the error a stale state raises.
         """
-        new = self.evolve(**changes)
+        new = _copy(self)
+        if changes:
+            _apply(new, changes)
         lineage = self.lineage
         generation = lineage.generation + 1
         lineage.generation = generation
         lineage.made_by = made_by
-        _set_field(new, "generation", generation)
+        _set_generation(new, generation)
         return new
 
     def branch(self, made_by: str, **changes: Any) -> RunState:
@@ -295,3 +273,43 @@ class RunState:
 _FIELD_SET = frozenset(field.name for field in attrs.fields(RunState))
 _new_object = object.__new__
 _set_field = object.__setattr__  # how a frozen attrs class sets its own fields
+
+# The slots' own setters: a third faster than object.__setattr__, which looks the name up first.
+_set_topology, _set_config, _set_callbacks, _set_hooks, _set_models, _set_optimizers, \
+    _set_schedulers, _set_loaders, _set_step, _set_micro_step, _set_window_micro_steps, \
+    _set_window_items, _set_skip_step, _set_pending_logs, _set_logged_step, _set_stepping, \
+    _set_generation, _set_lineage = (RunState.__dict__[field.name].__set__ for field in attrs.fields(RunState))
+
+
+def _copy(state: RunState) -> RunState:
+    """A field-by-field copy, written out: `test_evolve_copies_every_field` fails if a new field
+    is missing here (or in the setters above, which follow the fields' order)."""
+    new = _new_object(RunState)
+    _set_topology(new, state.topology)
+    _set_config(new, state.config)
+    _set_callbacks(new, state.callbacks)
+    _set_hooks(new, state.hooks)
+    _set_models(new, state.models)
+    _set_optimizers(new, state.optimizers)
+    _set_schedulers(new, state.schedulers)
+    _set_loaders(new, state.loaders)
+    _set_step(new, state.step)
+    _set_micro_step(new, state.micro_step)
+    _set_window_micro_steps(new, state.window_micro_steps)
+    _set_window_items(new, state.window_items)
+    _set_skip_step(new, state.skip_step)
+    _set_pending_logs(new, state.pending_logs)
+    _set_logged_step(new, state.logged_step)
+    _set_stepping(new, state.stepping)
+    _set_generation(new, state.generation)
+    _set_lineage(new, state.lineage)
+    return new
+
+
+def _apply(new: RunState, changes: dict[str, Any]) -> None:
+    for name, value in changes.items():
+        if name not in _FIELD_SET:
+            raise TypeError(f"RunState has no field {name!r}")
+        _set_field(new, name, value)
+    if "callbacks" in changes:
+        _set_hooks(new, Hooks.of(new.callbacks))
