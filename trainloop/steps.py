@@ -137,29 +137,39 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunSt
     schedulers = state.schedulers if scheduler is None else _chosen_schedulers(scheduler, state, optimizers)
     _normalise_gradients(state, optimizers)
     hooks = state.hooks
-    stepped = optimizers
-    if hooks.on_before_step:
-        state = state.evolve(stepping=optimizers)
-        for hook in hooks.on_before_step:
-            state = hook(state) or state
-        stepped = () if state.skip_step else _narrowed(state.stepping, optimizers)
+    if hooks.on_before_step or hooks.on_step:
+        return _step_with_hooks(state, hooks, optimizers, schedulers)
+    for opt in optimizers:  # no hooks: every optimizer of the call steps
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    _step_schedulers(schedulers, optimizers)
+    return state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None)
+
+
+def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers: tuple) -> RunState:
+    state = state.evolve(stepping=optimizers)
+    for hook in hooks.on_before_step:
+        state = hook(state) or state
+    stepped = () if state.skip_step else _narrowed(state.stepping, optimizers)
     for opt in stepped:
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     if not stepped:
         return state.advance("step", window_micro_steps=0, window_items=None, skip_step=False, stepping=())
-    for sched in schedulers:
-        if sched.optimizer in stepped:  # never the scheduler of an optimizer that did not step
-            sched.step()
-    if not hooks.on_step:
-        return state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None,
-                             skip_step=False, stepping=())
+    _step_schedulers(schedulers, stepped)
     state = state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None,
-                          skip_step=False, stepping=stepped)
+                          stepping=stepped)
     for hook in hooks.on_step:
         state = hook(state) or state
     return state.evolve(stepping=())
+
+
+def _step_schedulers(schedulers: tuple, stepped: tuple) -> None:
+    for sched in schedulers:
+        if sched.optimizer in stepped:  # never the scheduler of an optimizer that did not step
+            sched.step()
 
 
 def _narrowed(stepping: tuple, optimizers: tuple) -> tuple:
