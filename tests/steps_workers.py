@@ -97,6 +97,26 @@ def log_checks() -> dict:
     results["all_change_alike"] = (reports.reports[-1:] if rank == 0 else None, error)
     # Values logged after the last step's report reach the trackers at finish.
     state = tl.log(state, final=float(rank))
+    # A second run, whose rank 0 alone logs after the last report: finish raises, never hangs.
+    second = tl.init(log_every=1)
+    second, second_model, second_optimizer = tl.prepare(
+        second, tiny_model(), torch.optim.SGD(tiny_model().parameters(), lr=0.0))
+    second = tl.log(tl.step(tl.backward(second, mse(second_model, x, y)), second_optimizer), loss=1.0)
+    if rank == 0:
+        second = tl.log(second, val_acc=0.5)
+    try:
+        tl.finish(second)
+        results["finish_one_rank_logs"] = _everyone(None)
+    except ValueError as error:
+        results["finish_one_rank_logs"] = _everyone(str(error))
+    # A third, that reported and then logged nothing more: finish reports nothing, raises nothing.
+    third_reports = _Reports()
+    third = tl.init(log_every=1, callbacks=[third_reports])
+    third, third_model, third_optimizer = tl.prepare(
+        third, tiny_model(), torch.optim.SGD(tiny_model().parameters(), lr=0.0))
+    third = tl.log(tl.step(tl.backward(third, mse(third_model, x, y)), third_optimizer), loss=float(rank))
+    tl.finish(third)
+    results["finish_nothing_pending"] = third_reports.reports if rank == 0 else None
     tl.finish(state)
     results["finish"] = reports.reports[-1:] if rank == 0 else None
     return results

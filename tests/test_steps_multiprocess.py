@@ -48,3 +48,12 @@ def test_every_rank_changing_its_names_alike_is_reported(logs):
 
 def test_finish_reports_what_every_rank_logged_after_the_last_report(logs):
     assert logs["finish"] == [(8, {"final": 0.5})]
+
+
+def test_finish_never_hangs_on_a_value_only_one_rank_logged_after_the_last_report(logs):
+    errors = logs["finish_one_rank_logs"]
+    assert errors[0] == errors[1] and "rank 0: val_acc; rank 1: (none)" in errors[0]
+
+
+def test_finish_with_nothing_left_to_report_reports_nothing_more(logs):
+    assert logs["finish_nothing_pending"] == [(1, {"loss": 0.5})]

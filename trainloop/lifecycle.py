@@ -69,18 +69,21 @@ def finish(state: RunState) -> None:
 
     Values logged since the last report are reported at `state.step`, even when that step was
     just reported (a final `val_acc` logged after the last step): a tracker may then get two
-    reports at one step. The process group is left only if `init` joined it. Afterwards every
+    reports at one step. Every rank takes part in that report, also one with nothing buffered:
+    a value logged on some ranks only raises the names error of `log` on every rank (the process
+    group is still left). The process group is left only if `init` joined it. Afterwards every
     state of the run is stale: the run is over.
     """
     state.check_current("finish")
-    if state.pending_logs is not None:
-        state = flush_logs(state)
-    for hook in state.hooks.on_finish:
-        hook(state)
-    state.lineage.finished = True
-    state.lineage.generation += 1
-    if state.topology.owns_process_group:
-        leave_process_group()
+    try:
+        state = flush_logs(state, every_rank=True)
+        for hook in state.hooks.on_finish:
+            hook(state)
+    finally:
+        state.lineage.finished = True
+        state.lineage.generation += 1
+        if state.topology.owns_process_group:
+            leave_process_group()
 
 
 def _check_callbacks(callbacks: tuple) -> None:

@@ -265,8 +265,12 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, **values: Any) -
     return state.advance("log", pending_logs=pending)
 
 
-def flush_logs(state: RunState) -> RunState:
+def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
     """Report the buffered metrics now, at `state.step` (`log` calls this; so does `finish`).
+
+    `every_rank`: every rank calls this now (`finish`), so a rank with nothing buffered still
+    takes part, with no names: a rank that logged a last value alone gets the names error, not
+    a hang.
 
     Across ranks, the per-name sums and counts travel in one all-reduce. The metric names are
     checked inside it: a rank whose names are those of the last report (which every rank agreed
@@ -282,7 +286,7 @@ def flush_logs(state: RunState) -> RunState:
         values, node = node
         entries.append(values)
     state = state.evolve(pending_logs=None, logged_step=state.step)
-    if not entries:
+    if not entries and not (every_rank and state.world_size > 1):
         return state
     entries.reverse()
     names = sorted({name for entry in entries for name in entry})
@@ -302,7 +306,7 @@ def flush_logs(state: RunState) -> RunState:
         totals, counts = _reduce_across_ranks(state, tuple(names), sums, counts, device)
     else:
         totals = torch.stack(sums).tolist()
-    if state.is_main and state.hooks.on_log:
+    if names and state.is_main and state.hooks.on_log:
         metrics = {name: total / count for name, total, count in zip(names, totals, counts)}
         for hook in state.hooks.on_log:
             hook(state, metrics)
@@ -318,7 +322,7 @@ def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: list, co
     if agreed is not None:
         if names == agreed:
             tail = torch.tensor([*counts, 0.0], device=device)
-            vector = torch.cat([torch.stack(sums), tail])
+            vector = torch.cat([*([torch.stack(sums)] if sums else []), tail])
         else:  # agreed's length, so that the all-reduce matches the other ranks' and completes
             vector = torch.zeros(2 * len(agreed) + 1, device=device)
             vector[-1] = 1.0
@@ -330,7 +334,11 @@ def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: list, co
     lineage.log_names = None
     _check_same_names(state, names, device)
     lineage.log_names = names
-    vector = torch.cat([torch.stack(sums), torch.tensor(counts, device=device, dtype=torch.float32)])
+    if not names:  # every rank agreed that there is nothing to report (a finish after a report)
+        return [], []
+    vector = torch.tensor(counts, device=device, dtype=torch.float32)
+    if sums:
+        vector = torch.cat([torch.stack(sums), vector])
     dist.all_reduce(vector)
     values = vector.tolist()
     return values[:len(names)], values[len(names):]
