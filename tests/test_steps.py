@@ -352,3 +352,30 @@ def test_backward_never_divides_the_loss_gradients_accumulate_unnormalised_until
     mse(reference, x[8:], y[8:]).backward()
     for grad, q in zip(seen, reference.parameters()):
         torch.testing.assert_close(grad, q.grad / 3, atol=1e-7, rtol=0)  # normalised once, by 3
+
+
+def test_a_checkpoint_between_a_gans_two_steps_keeps_the_unfinished_iteration(tmp_path):
+    """An overflow in D's step, saved before G's: the resumed run backs off after G, as GradScaler would."""
+    batches = gan_batches(count=3, overflow_d=2, overflow_g=99)
+    _, scales, _, _ = raw_gan(batches, None)
+    scaler = LossScale(**SCALER)
+    state = tl.init(precision="fp16", callbacks=[scaler])
+    generator, discriminator = gan_models()
+    opt_g, opt_d = sgd(generator), sgd(discriminator)
+    state, generator, discriminator, *_ = tl.prepare(state, generator, discriminator, opt_g, opt_d)
+    for index, (x, z, factor) in enumerate(batches):
+        state = tl.step(tl.backward(state, d_loss(generator, discriminator, x, z)), opt_d)
+        if index == 2:
+            break
+        state = tl.step(tl.backward(state, g_loss(generator, discriminator, z, factor)), opt_g)
+    assert scaler.state_dict()["iteration"] == {"stepped": [1], "found_inf": True}  # D overflowed
+    tl.save(state, tmp_path / "ckpt")
+    resumed_scaler = LossScale(**SCALER)
+    resumed = tl.init(precision="fp16", callbacks=[resumed_scaler])
+    g2, d2 = gan_models()
+    resumed, g2, d2, opt_g2, _ = tl.prepare(resumed, g2, d2, sgd(g2), sgd(d2))
+    resumed = tl.load(resumed, tmp_path / "ckpt")
+    assert resumed_scaler.state_dict() == scaler.state_dict()
+    x, z, factor = batches[2]
+    resumed = tl.step(tl.backward(resumed, g_loss(g2, d2, z, factor)), opt_g2)
+    assert resumed_scaler.scale == scales[2] and "iteration" not in resumed_scaler.state_dict()
