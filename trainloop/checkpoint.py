@@ -582,6 +582,7 @@ def load(state: RunState, path: str | os.PathLike) -> RunState:
     shapes, another optimizer or scheduler class, other param groups, another number of
     objects: the differences are listed). Either way nothing has been restored.
     """
+    state.check_current("load")
     path = Path(path)
     contents, error = None, None
     try:
@@ -592,7 +593,7 @@ def load(state: RunState, path: str | os.PathLike) -> RunState:
     if error is not None:
         raise CheckpointError(error)
     _check_fit(state, path, contents)
-    return _restore(state, path, contents)
+    return _restore(state, path, contents).advance("load")  # the state given becomes stale
 
 
 def _first_error(state: RunState, error: str | None) -> str | None:
