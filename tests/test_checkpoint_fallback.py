@@ -63,7 +63,7 @@ def assert_falls_back(directory: Path, reason: str) -> None:
 
 def drop_key(key):
     def change(manifest):
-        del manifest["files"]["optimizer.pt"][key]
+        del manifest["files"]["optimizer.pt"][key or manifest["hash"]]  # None: the digest
     return change
 
 
@@ -72,7 +72,8 @@ MANIFEST_DAMAGE = {
     "files is a string": (lambda m: m.update(files="model.safetensors"), "'files' is not a mapping"),
     "a record is a number": (lambda m: m["files"].update({"rng.pt": 12}), "the record of 'rng.pt'"),
     "a record lacks size": (drop_key("size"), "the record of 'optimizer.pt'"),
-    "a record lacks sha256": (drop_key("sha256"), "the record of 'optimizer.pt'"),
+    "a record lacks its digest": (drop_key(None), "the record of 'optimizer.pt'"),
+    "an unknown hash algorithm": (lambda m: m.update(hash="md5"), "names the hash 'md5'"),
     "a size is a string": (lambda m: m["files"]["rng.pt"].update(size="12"), "the record of 'rng.pt'"),
     "models is missing": (lambda m: m.pop("models"), "'models' is not a count"),
 }
@@ -111,7 +112,7 @@ def test_a_listed_file_that_load_does_not_need_is_still_verified(tmp_path):
     rehash_manifest(checkpoint)  # keeps the listed names only: notes.txt is unlisted and ignored
     tl.load(small_run(tmp_path / "other", steps=0)[0], checkpoint)
     rewrite_manifest(checkpoint, lambda m: m["files"].update(
-        {"notes.txt": {"size": 5, "sha256": "0" * 64}}))
+        {"notes.txt": {"size": 5, m["hash"]: "0" * 64}}))
     assert_falls_back(tmp_path, "notes.txt does not match")
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from trainloop.checkpoint import finish_saves
 from trainloop.config import resolve_config
 from trainloop.state import Hooks, RunState
 from trainloop.steps import flush_logs
@@ -55,12 +56,14 @@ def attach(state: RunState, *callbacks: Any) -> RunState:
 def finish(state: RunState) -> None:
     """End the run: report metrics still buffered, fire `on_finish`, leave the process group.
 
-    The process group is left only if `init` joined it.
+    The process group is left only if `init` joined it. A background checkpoint save still in
+    flight is waited for; if it failed unreported, CheckpointError is raised on every rank.
     """
     if state.pending_logs is not None and state.step > state.logged_step:
         state = flush_logs(state)
     for hook in state.hooks.on_finish:
         hook(state)
+    finish_saves(state)
     if state.topology.owns_process_group:
         leave_process_group()
 
