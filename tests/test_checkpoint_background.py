@@ -195,3 +195,19 @@ def test_a_format_1_checkpoint_written_by_the_previous_trainloop_loads(tmp_path)
         assert all(torch.equal(values[k], saved["state"][index][k]) for k in values)
     state = train(state, model, optimizer, iter(loader), 1)  # and it trains on
     assert state.step == 3
+
+
+def test_staging_reuses_its_buffers_from_save_to_save(tmp_path):
+    """Memory is bounded: one staged copy of the state, the same buffers at every save."""
+    from trainloop.checkpoint_staging import WRITER
+
+    state, model, optimizer, batches = prepared_run()
+    state = train(state, model, optimizer, batches, 1)
+    tl.save(state, tmp_path / "first", background=True).result()
+    buffers = {key: buffer.data_ptr() for key, buffer in WRITER.staging._buffers.items()}
+    assert ("model", 0, "0.weight") in buffers and ("optimizer", 0, "state", 0, "exp_avg") in buffers
+    state = train(state, model, optimizer, batches, 1)
+    tl.save(state, tmp_path / "second", background=True).result()
+    assert {key: buffer.data_ptr() for key, buffer in WRITER.staging._buffers.items()} == buffers
+    tl.finish(state)
+    assert not WRITER.staging._buffers  # finish gives the memory back

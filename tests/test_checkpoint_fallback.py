@@ -26,7 +26,7 @@ from test_checkpoint import RESUMABLE, assert_identical, rehash_manifest, small_
 from torch.utils.data import DataLoader
 
 import trainloop as tl
-from reference import mse, regression_data, tiny_model
+from reference import regression_data, tiny_model
 from trainloop.callbacks import Checkpoint, CheckpointWarning
 from trainloop.checkpoint import CheckpointError, _canonical_hash, verify
 

@@ -3,33 +3,38 @@
 A checkpoint is a directory:
 
     step-00000500/
-        manifest.json        format version, versions, counters, settings, and the size and
-                             SHA-256 of every other file (and a hash of itself)
+        manifest.json        format version, versions, counters, settings, the hash algorithm,
+                             the size and hash of every other file (and a hash of itself)
         model.safetensors    the weights (model-1.safetensors, ... for further models)
         optimizer.pt         the optimizers' and schedulers' state dicts } torch.save; loaded
         callbacks.pt         each callback's state_dict, by its key      } with weights_only=True
         rng.pt               every rank's RNG states (Python, NumPy, torch CPU, accelerator)
-        trainer.json         the counters and the loaders' positions (plain JSON)
+        trainer.json         the counters, the loaders' positions, the optimizers' and
+                             schedulers' classes (plain JSON)
 
-Under FSDP (`strategy="fsdp"`) the weights and the optimizers' tensors are sharded instead:
-`__0_0.distcp`, `__1_0.distcp`, ... (each rank's shards) and `.metadata`, written by
-torch.distributed.checkpoint, take the place of the safetensors files, and `optimizer.pt` holds
-the optimizers' non-tensor state (hyperparameters, parameter names). A sharded checkpoint loads
-at any world size (see `trainloop.fsdp`).
+Format 2 (this one) hashes files with BLAKE3 and names the algorithm in the manifest; format 1
+(SHA-256) checkpoints still load. Under FSDP (`strategy="fsdp"`) the weights and the optimizers'
+tensors are sharded instead: `__0_0.distcp`, `__1_0.distcp`, ... (each rank's shards) and
+`.metadata`, written by torch.distributed.checkpoint, take the place of the safetensors files,
+and `optimizer.pt` holds the optimizers' non-tensor state (hyperparameters, parameter names). A
+sharded checkpoint loads at any world size (see `trainloop.fsdp`).
 
 Writing is all-or-nothing. Everything is written into `.<name>.partial/` next to the target,
 each file and the directory fsynced, and only then renamed into place (`os.replace`); the
 `latest` pointer file is replaced the same way. A process killed at any instant leaves either
 the previous checkpoint or the new one, never a mix. (torch.distributed.checkpoint and
-safetensors have no atomic write and no checksum of their own: both are ours to do.)
+safetensors have no atomic write and no checksum of their own: both are ours to do.) Every
+file follows the umask and is hashed as it is written, from the bytes written: nothing is read
+back (except DCP's shards, which DCP writes itself). See `trainloop.checkpoint_files`.
 
-Every file follows the umask (they are created with mode 0o666, as `open` does) and is hashed
-as it is written, from the bytes written: nothing is read back (except DCP's shards, which DCP
-writes itself).
+`save(..., background=True)` stages the state (copies of the tensors, taken while the loop
+waits) and writes it on a writer thread while training goes on; see `trainloop.checkpoint_staging`
+for what that costs and how its failures reach every rank.
 
 Reading never executes code. The manifest is JSON; every file load reads must be listed in it,
-and is read once: its size and SHA-256 are checked against the manifest and it is deserialized
-from those same bytes. File names cannot leave the directory and a symbolic link in it is
+and is read once: its size and hash are checked against the manifest and it is deserialized
+from those same bytes (hashed on other threads while this one deserializes; nothing is restored
+before every hash matched). File names cannot leave the directory and a symbolic link in it is
 refused; tensors come from safetensors or `torch.load(weights_only=True)`, and a file that would
 need anything more is refused, naming what it asked for. Everything is read, checked and fitted
 to the run (models, optimizers, schedulers, loaders) before anything is restored: a checkpoint
@@ -37,16 +42,15 @@ that is damaged (CheckpointError) or does not fit (ValueError) leaves the run as
 
 Under DDP, rank 0 writes everything: the replicas are identical, and the other ranks' RNG
 states reach it through a gather. Under FSDP every rank writes its shards into the partial
-directory first; rank 0 then writes the rest, hashes every file and renames. Every rank reads
-the checkpoint when loading, so on many machines the directory must be on a filesystem they
-share.
+directory first; rank 0 then writes the rest, hashes every file and renames (synchronously:
+DCP's writes are collective). Every rank reads the checkpoint when loading, so on many machines
+the directory must be on a filesystem they share.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import random
@@ -62,12 +66,16 @@ import torch.distributed as dist
 
 from trainloop._version import __version__
 from trainloop.checkpoint_files import (
-    DEFAULT_HASH,
     HASHES,
     CheckpointError,
+    MemoryFile,
+    default_hash,
     file_record,
     fsync,
     read_file,
+    read_safetensors,
+    check_hash,
+    map_listed,
     read_verified,
     write_file,
     write_safetensors,
@@ -210,24 +218,26 @@ def _write(snapshot: _Snapshot, path: Path) -> None:
     For a sharded snapshot the ranks' shards are in the partial directory already.
     """
     partial = _partial_dir(path)
-    algorithm = DEFAULT_HASH
+    algorithm = default_hash()
     if snapshot.weights is not None:
         _make_fresh(partial)
     try:
+        # What to write, by file name: the files are written side by side (hashing, writing and
+        # fsync release the GIL), the biggest first.
+        contents: dict[str, Any] = {}
         files: dict[str, dict] = {}
         if snapshot.weights is not None:
             for index, (tensors, metadata) in enumerate(snapshot.weights):
-                files[_model_file(index)] = write_file(
-                    partial / _model_file(index),
-                    lambda handle, t=tensors, m=metadata: write_safetensors(handle, t, m), algorithm)
+                contents[_model_file(index)] = lambda handle, t=tensors, m=metadata: write_safetensors(handle, t, m)
         else:  # the ranks' DCP files, written by DCP: hashed by reading them back
             shards = sorted(p.name for p in partial.iterdir())
             files.update(_in_parallel(_fsynced_record, [partial / name for name in shards], shards))
-        files["optimizer.pt"] = write_file(partial / "optimizer.pt", _torch_saver(snapshot.optimization), algorithm)
-        files["callbacks.pt"] = write_file(partial / "callbacks.pt", _torch_saver(snapshot.callbacks), algorithm)
-        files["rng.pt"] = write_file(partial / "rng.pt", _torch_saver(snapshot.rng), algorithm)
-        files["trainer.json"] = write_file(partial / "trainer.json",
-                                           json.dumps(snapshot.trainer, indent=1).encode(), algorithm)
+        contents["optimizer.pt"] = _torch_saver(snapshot.optimization)
+        contents["callbacks.pt"] = _torch_saver(snapshot.callbacks)
+        contents["rng.pt"] = _torch_saver(snapshot.rng)
+        contents["trainer.json"] = json.dumps(snapshot.trainer, indent=1).encode()
+        names = list(contents)
+        files.update(_in_parallel(lambda name: write_file(partial / name, contents[name], algorithm), names, names))
         manifest = _manifest(snapshot.manifest, dict(sorted(files.items())), algorithm)
         write_file(partial / MANIFEST, json.dumps(manifest, indent=1).encode(), algorithm)
         fsync(partial)
@@ -353,7 +363,7 @@ def _canonical_hash(body: dict) -> str:
 
 def _file_record(file: Path) -> dict[str, Any]:
     """The record of an existing file, as a new checkpoint's manifest would hold it."""
-    return file_record(file, DEFAULT_HASH)
+    return file_record(file)
 
 
 def _fsynced_record(file: Path) -> dict[str, Any]:
@@ -391,7 +401,7 @@ def _point_latest(path: Path) -> None:
     temporary = path.parent / f".{LATEST}.partial"
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()  # left by a save that was killed
-    write_file(temporary, (path.name + "\n").encode(), DEFAULT_HASH)
+    write_file(temporary, (path.name + "\n").encode(), None)
     os.replace(temporary, pointer)
     fsync(path.parent)
 
@@ -463,8 +473,8 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     manifest = _read_manifest(path)
-    names = list(manifest["files"])
-    _in_parallel(lambda name: _read_listed(path, manifest, name, keep=False), names, names)
+    algorithm, names = _hash_algorithm(manifest), list(manifest["files"])
+    _in_parallel(lambda name: read_verified(path / name, _record(path, manifest, name), algorithm), names, names)
     return manifest
 
 
@@ -555,27 +565,28 @@ def _inside(directory: Path, name: str) -> Path:
     return directory / name
 
 
-def _read_listed(path: Path, manifest: dict[str, Any], name: str, keep: bool = True) -> bytes | None:
-    """Read the file `name` once, check it against its manifest record; its bytes if `keep`.
-
-    Only files the manifest lists can be read: every byte that load uses is verified.
-    """
+def _record(path: Path, manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """The manifest's record of `name`: only files the manifest lists are ever read."""
     record = manifest["files"].get(name)
     if record is None:
         raise CheckpointError(f"{path / name} is not listed in {path / MANIFEST}: only hashed files are read")
-    return read_verified(path / name, record, _hash_algorithm(manifest), keep)
+    return record
 
 
-def safe_torch_load(file: Path | bytes, name: str | None = None) -> Any:
-    """`torch.load(weights_only=True)` of a file or of its bytes (`name` then says which file it
-    was), with a clear refusal naming what an unsafe file wanted."""
-    source = io.BytesIO(file) if isinstance(file, bytes) else file
+def safe_torch_load(file: Any, name: str | None = None) -> Any:
+    """`torch.load(weights_only=True)` of a file, its bytes or a file object (`name` then says
+    which file it was), with a clear refusal naming what an unsafe file wanted."""
+    if not isinstance(file, (str, os.PathLike)):
+        file = MemoryFile(file)
     try:
-        return torch.load(source, weights_only=True, map_location="cpu")
+        if hasattr(file, "seek"):
+            file.seek(0)
+        return torch.load(file, weights_only=True, map_location="cpu")
     except Exception as error:
         try:
-            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(
-                io.BytesIO(file) if isinstance(file, bytes) else file)
+            if hasattr(file, "seek"):
+                file.seek(0)
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(file)
         except Exception:
             wanted = []
         detail = f"it asks for {', '.join(wanted)}" if wanted else str(error).splitlines()[0]
@@ -629,13 +640,34 @@ class _Contents:
 
 
 def _read_checkpoint(path: Path) -> _Contents:
-    """Read and verify every file (DCP's shards: verify only; DCP reads them when restoring)."""
+    """Read every file once and verify it. The files load needs are memory-mapped and hashed on
+    other threads while this one deserializes them from the same mappings (weights_only, and
+    safetensors' checked header: nothing in an unverified file can run code); nothing is
+    returned, and so nothing restored, before every hash matched. DCP's shards are only hashed
+    here: DCP reads them when restoring."""
     manifest = _read_manifest(path)
-    names = list(manifest["files"])
-    kept = set(_required_files(manifest))
-    data = _in_parallel(lambda name: _read_listed(path, manifest, name, keep=name in kept), names, names)
+    algorithm = _hash_algorithm(manifest)
+    kept = _required_files(manifest)
+    data = {name: map_listed(path / name, _record(path, manifest, name)) for name in kept}
+    others = [name for name in manifest["files"] if name not in data]
+    with ThreadPoolExecutor(max_workers=min(len(manifest["files"]), os.cpu_count() or 1)) as pool:
+        checks = [pool.submit(check_hash, path / name, data[name], manifest["files"][name], algorithm)
+                  for name in sorted(data, key=lambda name: -len(data[name]))]
+        checks += [pool.submit(read_verified, path / name, manifest["files"][name], algorithm) for name in others]
+        try:
+            contents, failure = _deserialize(path, manifest, data), None
+        except CheckpointError as error:
+            contents, failure = None, error
+        for check in checks:
+            check.result()  # a hash that does not match is the reason, whatever deserializing said
+    if failure is not None:
+        raise failure
+    return contents
+
+
+def _deserialize(path: Path, manifest: dict[str, Any], data: dict[str, Any]) -> _Contents:
     try:
-        trainer = json.loads(data["trainer.json"].decode())
+        trainer = json.loads(bytes(data["trainer.json"]).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path / 'trainer.json'} is damaged: {error}") from None
     contents = _Contents(
@@ -643,20 +675,11 @@ def _read_checkpoint(path: Path) -> _Contents:
         safe_torch_load(data["optimizer.pt"], path / "optimizer.pt"),
         safe_torch_load(data["callbacks.pt"], path / "callbacks.pt"),
         safe_torch_load(data["rng.pt"], path / "rng.pt"),
-        [] if _sharded(manifest) else [_safetensors_tensors(data[_model_file(i)], path / _model_file(i))
+        [] if _sharded(manifest) else [read_safetensors(data[_model_file(i)], path / _model_file(i))
                                        for i in range(manifest["models"])],
     )
     _check_form(path, contents)
     return contents
-
-
-def _safetensors_tensors(data: bytes, file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load as from_bytes
-
-    try:
-        return from_bytes(data)
-    except Exception as error:  # safetensors' own error type for a file that is not one
-        raise CheckpointError(f"{file} is not a safetensors file: {error}") from None
 
 
 def _check_form(path: Path, contents: _Contents) -> None:

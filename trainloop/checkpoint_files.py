@@ -20,25 +20,33 @@ threads for large buffers) for new checkpoints, SHA-256 for format-1 checkpoints
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
+import importlib.util
+import io
 import json
+import math
+import mmap
 import os
 import stat
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-try:
-    import blake3 as _blake3
-except ImportError:  # installed with trainloop; without it new checkpoints are hashed with SHA-256
-    _blake3 = None
-
 HASHES = ("blake3", "sha256")
 _SPELLED = {"blake3": "BLAKE3", "sha256": "SHA-256"}
-DEFAULT_HASH = "blake3" if _blake3 is not None else "sha256"
+
+
+@functools.cache
+def default_hash() -> str:
+    """The algorithm new checkpoints are hashed with: BLAKE3, installed with trainloop; SHA-256
+    without it. (Looked up at the first save, not at `import trainloop`.)"""
+    return "blake3" if importlib.util.find_spec("blake3") is not None else "sha256"
+
 _BLOCK = 8 << 20  # bytes per read when a file is only hashed: big enough for BLAKE3's threads
 
 
@@ -51,9 +59,11 @@ def new_hash(algorithm: str) -> Any:
     if algorithm == "sha256":
         return hashlib.sha256()
     if algorithm == "blake3":
-        if _blake3 is None:
-            raise CheckpointError("this checkpoint is hashed with BLAKE3: pip install blake3 to read it")
-        return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+        try:
+            from blake3 import blake3
+        except ImportError:
+            raise CheckpointError("this checkpoint is hashed with BLAKE3: pip install blake3 to read it") from None
+        return blake3(max_threads=blake3.AUTO)
     raise CheckpointError(f"unknown hash algorithm {algorithm!r} (this trainloop knows {', '.join(HASHES)})")
 
 
@@ -197,34 +207,131 @@ def read_file(file: Path) -> bytes:
         raise CheckpointError(f"cannot read {file}: {error.strerror}") from None
 
 
-def read_verified(file: Path, record: dict[str, Any], algorithm: str, keep: bool = True) -> bytes | None:
-    """Read `file` once and check its size and hash against its manifest `record`; its bytes if
-    `keep` (else the file is only hashed, a block at a time). CheckpointError naming the file
-    if it is missing, unreadable, a symbolic link, truncated or changed."""
+def read_verified(file: Path, record: dict[str, Any], algorithm: str) -> None:
+    """Read `file` once, a block at a time, and check its size and hash against its manifest
+    `record`. CheckpointError naming the file if it is missing, unreadable, a symbolic link,
+    truncated or changed."""
     fd = open_plain(file)
     try:
-        with os.fdopen(fd, "rb", buffering=0) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size != record["size"]:
-                raise CheckpointError(f"{file} is {size} bytes, the manifest says {record['size']} (truncated?)")
-            digest = new_hash(algorithm)
-            data = None
-            if keep:
-                data = handle.readall()
-                digest.update(data)
-            else:
-                for block in iter(lambda: handle.read(_BLOCK), b""):
-                    digest.update(block)
+        _check_size(file, os.fstat(fd).st_size, record)
+        digest = new_hash(algorithm)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
+            for block in iter(lambda: handle.read(_BLOCK), b""):
+                digest.update(block)
     except OSError as error:
         raise CheckpointError(f"cannot read {file}: {error.strerror}") from None
-    if digest.hexdigest() != record[algorithm]:
+    finally:
+        os.close(fd)
+    _check_digest(file, digest.hexdigest(), record, algorithm)
+
+
+def map_listed(file: Path, record: dict[str, Any]) -> mmap.mmap | bytes:
+    """The bytes of `file`, checked for size (not yet for their hash: `check_hash`), as a private
+    copy-on-write memory map: deserializing from it copies each tensor once, where reading the
+    file into freshly allocated memory first would fault in every page of it."""
+    fd = open_plain(file)
+    try:
+        size = os.fstat(fd).st_size
+        _check_size(file, size, record)
+        return mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else b""
+    except OSError as error:
+        raise CheckpointError(f"cannot read {file}: {error.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def check_hash(file: Path, data: Any, record: dict[str, Any], algorithm: str) -> None:
+    """CheckpointError unless `data` (the bytes `map_listed` gave for `file`) has the record's hash."""
+    digest = new_hash(algorithm)
+    digest.update(data)
+    _check_digest(file, digest.hexdigest(), record, algorithm)
+
+
+def _check_size(file: Path, size: int, record: dict[str, Any]) -> None:
+    if size != record["size"]:
+        raise CheckpointError(f"{file} is {size} bytes, the manifest says {record['size']} (truncated?)")
+
+
+def _check_digest(file: Path, digest: str, record: dict[str, Any], algorithm: str) -> None:
+    if digest != record[algorithm]:
         raise CheckpointError(f"{file} does not match its {_SPELLED[algorithm]} hash in the manifest "
                               "(changed or corrupted)")
-    return data
 
 
-def file_record(file: Path, algorithm: str = DEFAULT_HASH) -> dict[str, Any]:
+class MemoryFile(io.RawIOBase):
+    """A read-only, seekable file object over bytes or a memory map, with the `readinto` that
+    lets torch.load copy each tensor straight into its storage (once)."""
+
+    def __init__(self, data: Any):
+        self._view = memoryview(data).cast("B") if len(data) else memoryview(b"")
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(0, min(len(buffer), len(self._view) - self._position))
+        memoryview(buffer).cast("B")[:count] = self._view[self._position:self._position + count]
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        origin = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = max(0, origin + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+def read_safetensors(data: mmap.mmap | bytes, file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file's verified bytes, as views of `data` (no copy).
+
+    The header is checked (dtypes, shapes, byte ranges inside the data); a file whose tensors are
+    not aligned, or a big-endian host, goes through the safetensors library, which copies.
+    """
+    names = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+    try:
+        (length,) = struct.unpack_from("<Q", data)
+        header = json.loads(bytes(data[8:8 + length]))
+        start = 8 + length
+        entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        tensors, aligned = {}, sys.byteorder == "little"
+        for name, entry in entries.items():
+            dtype = names[entry["dtype"]]
+            shape = [int(n) for n in entry["shape"]]
+            begin, end = (int(n) for n in entry["data_offsets"])
+            count = math.prod(shape)
+            if min(shape, default=0) < 0 or end - begin != count * dtype.itemsize or start + end > len(data) or begin < 0:
+                raise ValueError(f"the byte range of {name!r} does not match its shape")
+            aligned &= (start + begin) % dtype.itemsize == 0
+            tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+                             if count else torch.empty(shape, dtype=dtype))
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+            AttributeError) as error:
+        if isinstance(error, KeyError) and error.args and error.args[0] in _LIBRARY_DTYPES:
+            aligned = False  # a dtype only the library knows
+        else:
+            raise CheckpointError(f"{file} is not a safetensors file: {error}") from None
+    if aligned:
+        return tensors
+    from safetensors.torch import load
+
+    try:
+        return load(bytes(data))
+    except Exception as error:  # safetensors' own error type for a file that is not one
+        raise CheckpointError(f"{file} is not a safetensors file: {error}") from None
+
+
+_LIBRARY_DTYPES = ("C64", "U16", "U32", "U64", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0", "F4")
+
+
+def file_record(file: Path, algorithm: str | None = None) -> dict[str, Any]:
     """The manifest record of an existing file (DCP's shards, which DCP writes), by reading it."""
+    algorithm = algorithm or default_hash()
     digest = new_hash(algorithm)
     size = 0
     with open(file, "rb") as handle:

@@ -53,10 +53,10 @@ class Staging:
         every container new: nothing the run mutates later is shared with what is written."""
         if isinstance(obj, torch.Tensor):
             return self.copy(key, obj)
-        if type(obj) in (dict, list, tuple):
-            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-            staged = {k: self.tree(v, (*key, k)) for k, v in items}
-            return staged if isinstance(obj, dict) else type(obj)(staged.values())
+        if isinstance(obj, dict):  # OrderedDict (a module's state_dict) too: its order is kept
+            return {k: self.tree(v, (*key, k)) for k, v in obj.items()}
+        if type(obj) in (list, tuple):
+            return type(obj)(self.tree(v, (*key, i)) for i, v in enumerate(obj))
         return copy.deepcopy(obj)  # numbers and strings are returned as they are
 
     def wait(self) -> None:
