@@ -147,7 +147,8 @@ def dcp_load(run: Run, directory: Path) -> None:
     model, optimizer = get_state_dict(tl.unwrap(run.model), run.optimizer)
     state = {"model": model, "optimizer": optimizer}
     dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(tl.unwrap(run.model), run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(tl.unwrap(run.model), run.optimizer,
+                   model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def trainloop_save(run: Run, directory: Path) -> None:

@@ -8,7 +8,15 @@ import warnings
 from pathlib import Path
 
 from trainloop.callbacks.base import Callback
-from trainloop.checkpoint import CheckpointError, CheckpointWarning, PreviousSaveFailed, checkpoints_in, finish_saves, load, save
+from trainloop.checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
+    PreviousSaveFailed,
+    checkpoints_in,
+    finish_saves,
+    load,
+    save,
+)
 from trainloop.checkpoint_files import fsync
 from trainloop.collectives import broadcast
 from trainloop.state import RunState

@@ -47,12 +47,12 @@ def train(state, model, optimizer, batches, steps: int):
 
 @pytest.fixture
 def slow_disk(monkeypatch):
-    """Every write of a checkpoint file takes 20 ms more, so a background save is still being
+    """Every write of a checkpoint file takes 50 ms more, so a background save is still being
     written while the test trains on. The real writer, only slower."""
     write = checkpoint_files.HashingFile.write
 
     def slow_write(self, data):
-        time.sleep(0.02)
+        time.sleep(0.05)
         return write(self, data)
 
     monkeypatch.setattr(checkpoint_files.HashingFile, "write", slow_write)

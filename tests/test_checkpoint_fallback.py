@@ -281,11 +281,14 @@ def test_a_process_killed_mid_prune_leaves_only_whole_checkpoints(tmp_path, unin
     assert not list(ckpt.glob(".*"))  # the next save cleaned the remains
 
 
-def test_sigkills_at_random_instants_of_saves_and_prunes_never_leave_a_broken_checkpoint(tmp_path, uninterrupted):  # noqa: F811
+def test_sigkills_at_random_instants_of_saves_and_prunes_leave_whole_checkpoints(tmp_path, uninterrupted):  # noqa: F811
+    """Saves are background saves (the default): each kill may land in staging, writing, the
+    commit, a prune or training; every time the committed checkpoints verify, and the run
+    resumed after the last kill ends bit-identical to the uninterrupted one."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
     chance = random.Random(12)
     delays = []
-    for _ in range(5):
+    for _ in range(4):
         job = subprocess.Popen([sys.executable, str(RESUMABLE), str(ckpt), str(out), "--every", "1", "--keep", "1",
                                 "--slow", "0.02"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in job.stdout:

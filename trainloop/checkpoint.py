@@ -222,8 +222,8 @@ def _write(snapshot: _Snapshot, path: Path) -> None:
     if snapshot.weights is not None:
         _make_fresh(partial)
     try:
-        # What to write, by file name: the files are written side by side (hashing, writing and
-        # fsync release the GIL), the biggest first.
+        # What to write, by file name: the files are written side by side, the weights and the
+        # optimizer state first (hashing, writing and fsync release the GIL).
         contents: dict[str, Any] = {}
         files: dict[str, dict] = {}
         if snapshot.weights is not None:
@@ -689,13 +689,15 @@ def _check_form(path: Path, contents: _Contents) -> None:
     def damaged(file: str, what: str) -> CheckpointError:
         return CheckpointError(f"{path / file} is damaged: {what}")
 
-    if not (isinstance(trainer, dict) and all(_is_count(trainer.get(k)) for k in ("step", "micro_step", "logged_step"))
+    if not (isinstance(trainer, dict)
+            and all(_is_count(trainer.get(k)) for k in ("step", "micro_step", "logged_step"))
             and isinstance(trainer.get("loaders"), list)
-            and all(isinstance(loader, dict) and _is_count(loader.get("epoch")) and _is_count(loader.get("samples_seen"))
-                    for loader in trainer["loaders"])):
+            and all(isinstance(loader, dict) and _is_count(loader.get("epoch"))
+                    and _is_count(loader.get("samples_seen")) for loader in trainer["loaders"])):
         raise damaged("trainer.json", "it is not the counters and loader positions that save writes")
-    classes = trainer.get("classes", {})  # absent in checkpoints of trainloop <= 0.x's first format
-    if not (isinstance(classes, dict) and all(isinstance(classes.get(k, []), list) for k in ("optimizers", "schedulers"))):
+    classes = trainer.get("classes", {})  # absent in format-1 checkpoints
+    if not (isinstance(classes, dict)
+            and all(isinstance(classes.get(k, []), list) for k in ("optimizers", "schedulers"))):
         raise damaged("trainer.json", "'classes' is not the optimizers' and schedulers' class names")
     if not (isinstance(optimization, dict) and isinstance(optimization.get("optimizers"), list)
             and isinstance(optimization.get("schedulers"), list)

@@ -305,7 +305,8 @@ def read_safetensors(data: mmap.mmap | bytes, file: Path) -> dict[str, torch.Ten
             shape = [int(n) for n in entry["shape"]]
             begin, end = (int(n) for n in entry["data_offsets"])
             count = math.prod(shape)
-            if min(shape, default=0) < 0 or end - begin != count * dtype.itemsize or start + end > len(data) or begin < 0:
+            if min(shape, default=0) < 0 or begin < 0 or end - begin != count * dtype.itemsize \
+                    or start + end > len(data):
                 raise ValueError(f"the byte range of {name!r} does not match its shape")
             aligned &= (start + begin) % dtype.itemsize == 0
             tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
