@@ -282,20 +282,22 @@ def test_a_process_killed_mid_prune_leaves_only_whole_checkpoints(tmp_path, unin
 
 
 def test_sigkills_at_random_instants_of_saves_and_prunes_leave_whole_checkpoints(tmp_path, uninterrupted):  # noqa: F811
-    """Saves are background saves (the default): each kill may land in staging, writing, the
-    commit, a prune or training; every time the committed checkpoints verify, and the run
-    resumed after the last kill ends bit-identical to the uninterrupted one."""
+    """Saves are background saves (the default) on a slow disk, so that one is in flight most of
+    the time: each kill may land in staging, writing, the commit, a prune or training. Every
+    time the committed checkpoints verify, and the run resumed after the last kill ends
+    bit-identical to the uninterrupted one."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
     chance = random.Random(12)
     delays = []
     for _ in range(4):
         job = subprocess.Popen([sys.executable, str(RESUMABLE), str(ckpt), str(out), "--every", "1", "--keep", "1",
-                                "--slow", "0.02"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--slow", "0.02", "--slow-write", "0.005"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in job.stdout:
             if "resumed_at" in line:
                 break
-        delays.append(chance.uniform(0.0, 0.6))
-        time.sleep(delays[-1])  # the run saves and prunes at every step: the kill lands anywhere
+        delays.append(chance.uniform(0.1, 1.0))
+        time.sleep(delays[-1])  # a save is in flight most of the time: the kill lands anywhere in one
         job.send_signal(signal.SIGKILL)
         job.communicate(timeout=60)
         assert_every_committed_checkpoint_verifies(ckpt)
