@@ -1,7 +1,7 @@
 """Checkpoint save and load of `tl.save`/`tl.load`, synchronous and in the background, side by
 side with raw safetensors + torch.save, the same made durable, Accelerate and raw DCP.
 
-    python benchmarks/checkpoint.py                # the 289 MB state, 8 rounds (~2 min on 2 cores)
+    python benchmarks/checkpoint.py                # the 289 MB state, 8 rounds (0.5-2 min on 2 cores)
     python benchmarks/checkpoint.py --quick        # a smoke run: a small state, same code paths
 
 What is measured, and why it is fair:
