@@ -3,33 +3,38 @@
 A checkpoint is a directory:
 
     step-00000500/
-        manifest.json        format version, versions, counters, settings, and the size and
-                             SHA-256 of every other file (and a hash of itself)
+        manifest.json        format version, versions, counters, settings, the hash algorithm,
+                             the size and hash of every other file (and a hash of itself)
         model.safetensors    the weights (model-1.safetensors, ... for further models)
         optimizer.pt         the optimizers' and schedulers' state dicts } torch.save; loaded
         callbacks.pt         each callback's state_dict, by its key      } with weights_only=True
         rng.pt               every rank's RNG states (Python, NumPy, torch CPU, accelerator)
-        trainer.json         the counters and the loaders' positions (plain JSON)
+        trainer.json         the counters, the loaders' positions, the optimizers' and
+                             schedulers' classes (plain JSON)
 
-Under FSDP (`strategy="fsdp"`) the weights and the optimizers' tensors are sharded instead:
-`__0_0.distcp`, `__1_0.distcp`, ... (each rank's shards) and `.metadata`, written by
-torch.distributed.checkpoint, take the place of the safetensors files, and `optimizer.pt` holds
-the optimizers' non-tensor state (hyperparameters, parameter names). A sharded checkpoint loads
-at any world size (see `trainloop.fsdp`).
+Format 2 (this one) hashes files with BLAKE3 and names the algorithm in the manifest; format 1
+(SHA-256) checkpoints still load. Under FSDP (`strategy="fsdp"`) the weights and the optimizers'
+tensors are sharded instead: `__0_0.distcp`, `__1_0.distcp`, ... (each rank's shards) and
+`.metadata`, written by torch.distributed.checkpoint, take the place of the safetensors files,
+and `optimizer.pt` holds the optimizers' non-tensor state (hyperparameters, parameter names). A
+sharded checkpoint loads at any world size (see `trainloop.fsdp`).
 
 Writing is all-or-nothing. Everything is written into `.<name>.partial/` next to the target,
 each file and the directory fsynced, and only then renamed into place (`os.replace`); the
 `latest` pointer file is replaced the same way. A process killed at any instant leaves either
 the previous checkpoint or the new one, never a mix. (torch.distributed.checkpoint and
-safetensors have no atomic write and no checksum of their own: both are ours to do.)
+safetensors have no atomic write and no checksum of their own: both are ours to do.) Every
+file follows the umask and is hashed as it is written, from the bytes written: nothing is read
+back (except DCP's shards, which DCP writes itself). See `trainloop.checkpoint_files`.
 
-Every file follows the umask (they are created with mode 0o666, as `open` does) and is hashed
-as it is written, from the bytes written: nothing is read back (except DCP's shards, which DCP
-writes itself).
+`save(..., background=True)` stages the state (copies of the tensors, taken while the loop
+waits) and writes it on a writer thread while training goes on; see `trainloop.checkpoint_staging`
+for what that costs and how its failures reach every rank.
 
 Reading never executes code. The manifest is JSON; every file load reads must be listed in it,
-and is read once: its size and SHA-256 are checked against the manifest and it is deserialized
-from those same bytes. File names cannot leave the directory and a symbolic link in it is
+and is read once: its size and hash are checked against the manifest and it is deserialized
+from those same bytes (hashed on other threads while this one deserializes; nothing is restored
+before every hash matched). File names cannot leave the directory and a symbolic link in it is
 refused; tensors come from safetensors or `torch.load(weights_only=True)`, and a file that would
 need anything more is refused, naming what it asked for. Everything is read, checked and fitted
 to the run (models, optimizers, schedulers, loaders) before anything is restored: a checkpoint
@@ -37,25 +42,22 @@ that is damaged (CheckpointError) or does not fit (ValueError) leaves the run as
 
 Under DDP, rank 0 writes everything: the replicas are identical, and the other ranks' RNG
 states reach it through a gather. Under FSDP every rank writes its shards into the partial
-directory first; rank 0 then writes the rest, hashes every file and renames. Every rank reads
-the checkpoint when loading, so on many machines the directory must be on a filesystem they
-share.
+directory first; rank 0 then writes the rest, hashes every file and renames (synchronously:
+DCP's writes are collective). Every rank reads the checkpoint when loading, so on many machines
+the directory must be on a filesystem they share.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
-import io
 import json
 import os
 import random
 import shutil
-import stat
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,18 +65,35 @@ import torch
 import torch.distributed as dist
 
 from trainloop._version import __version__
+from trainloop.checkpoint_files import (
+    HASHES,
+    CheckpointError,
+    MemoryFile,
+    default_hash,
+    file_record,
+    fsync,
+    read_file,
+    read_safetensors,
+    check_hash,
+    map_listed,
+    read_verified,
+    write_file,
+    write_safetensors,
+)
+from trainloop.checkpoint_staging import WRITER, Staging
 from trainloop.collectives import broadcast
 from trainloop.prepare import unwrap
 from trainloop.state import RunState
 
+__all__ = ["CheckpointError", "CheckpointWarning", "checkpoints_in", "export", "finish_saves", "load",
+           "save", "verify"]
+
 FORMAT = "trainloop-checkpoint"
-FORMAT_VERSION = 1
+# 2: the manifest names its hash algorithm ("hash": "blake3"), and each file's record keys its
+# digest by it. 1: SHA-256 only, records {"size", "sha256"}; still read.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 LATEST = "latest"
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be written, or is not one that may be loaded (the reason says why)."""
 
 
 class CheckpointWarning(UserWarning):
@@ -84,59 +103,144 @@ class CheckpointWarning(UserWarning):
 # -- writing -----------------------------------------------------------------------------------
 
 
-def save(state: RunState, path: str | os.PathLike) -> Path:
+class PreviousSaveFailed(CheckpointError):
+    """The background save before this one failed (raised on every rank; this save did not start)."""
+
+
+def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
+         after_commit: Callable[[], None] | None = None) -> Path | Future:
     """Write a checkpoint of the run to the directory `path`, atomically. Call it on every rank.
 
     Returns the path. Raises CheckpointError on every rank if the write failed (disk full,
     permission denied); the previous checkpoints are untouched and the run may continue.
+
+    `background=True`: returns a `concurrent.futures.Future` as soon as the state is staged
+    (copied off the live tensors: the only time the loop waits); the files are written, hashed,
+    fsynced and committed on a writer thread while training goes on, and `result()` is the path
+    or raises CheckpointError. One save is in flight at a time: the next `save`, `load` and
+    `finish` wait for it. A failure nobody retrieved from the Future is raised, on every rank, by
+    the next `save` (as `PreviousSaveFailed`, before it saves anything) or by `finish`: those
+    already synchronise the ranks, so the check costs no collective of its own. Under DDP only
+    rank 0 writes; the other ranks' Futures are done at once, and they learn rank 0's outcome at
+    that next save or `finish`. Under FSDP the save is synchronous (every rank writes its shards
+    through DCP) and the returned Future is already done.
+
+    `after_commit` (rank 0): called once the checkpoint is committed, on the thread that wrote
+    it (the `Checkpoint` callback prunes there); its failure is the save's.
     """
     path = Path(path)
-    rng = _gather_rng_states(state)
+    rng = _gather_rng_states(state)  # also waits for, and settles, the save before this one
+    if background and state.config.strategy != "fsdp":
+        return _save_in_background(state, path, rng, after_commit)
     error, sharded_optimizers = None, None
     if state.config.strategy == "fsdp":
         error, sharded_optimizers = _write_shards(state, path)
     if state.is_main and error is None:
         try:
-            _write(state, path, rng, sharded_optimizers)
+            _write(_Snapshot(state, rng, sharded_optimizers), path)
+            if after_commit is not None:
+                after_commit()
         except Exception as failure:  # OSError, and safetensors' own error type for a full disk
             error = f"could not write checkpoint {path}: {failure}"
     error = broadcast(state, error)  # every rank learns the outcome: no one waits
     if error is not None:
         raise CheckpointError(error + " (the previous checkpoints are untouched)")
-    return path
+    return WRITER.done(path) if background else path
 
 
-def _write(state: RunState, path: Path, rng: list[dict], sharded_optimizers: list[dict] | None) -> None:
+def _save_in_background(state: RunState, path: Path, rng: list[dict],
+                        after_commit: Callable[[], None] | None) -> Future:
+    WRITER.began_background_save()
+    if not state.is_main:
+        return WRITER.done(path)  # rank 0 writes; its outcome reaches this rank at the next save
+    try:
+        snapshot = _Snapshot(state, rng, None, WRITER.staging)
+    except Exception as failure:  # out of memory for the staging copies
+        raise CheckpointError(f"could not stage checkpoint {path}: {failure}") from None
+
+    def write() -> Path:
+        try:
+            _write(snapshot, path)
+            if after_commit is not None:
+                after_commit()
+        except Exception as failure:
+            raise CheckpointError(f"could not write checkpoint {path} (in the background): {failure} "
+                                  "(the previous checkpoints are untouched)") from None
+        return path
+
+    return WRITER.submit(write)
+
+
+def finish_saves(state: RunState) -> None:
+    """Wait for the background save in flight; raise its CheckpointError on every rank if it
+    failed and no one retrieved the failure from its Future. `tl.finish` calls it; it is a
+    collective only in a run that saved in the background."""
+    if not WRITER.pending_report():
+        return
+    error = WRITER.wait()
+    message = _first_error(state, None if error is None else str(error))
+    WRITER.release()
+    if message is not None:
+        raise CheckpointError(message)
+
+
+class _Snapshot:
+    """What a checkpoint holds, taken from the run at one instant: written later, perhaps on
+    another thread, while the run goes on. `weights` is None for a sharded (FSDP) checkpoint,
+    whose shards DCP has written already."""
+
+    def __init__(self, state: RunState, rng: list[dict], sharded_optimizers: list[dict] | None,
+                 staging: Staging | None = None):
+        stage = staging.tree if staging is not None else (lambda obj, key: obj)
+        self.weights = None
+        if sharded_optimizers is None:
+            self.weights = []
+            for index, model in enumerate(state.models):
+                tensors, metadata = _weights(unwrap(model))
+                self.weights.append((stage(tensors, ("model", index)), metadata))
+        optimizers = sharded_optimizers
+        if optimizers is None:
+            optimizers = [stage(opt.state_dict(), ("optimizer", i)) for i, opt in enumerate(state.optimizers)]
+        self.optimization = {"optimizers": optimizers,
+                             "schedulers": [stage(sched.state_dict(), ("scheduler", i))
+                                            for i, sched in enumerate(state.schedulers)]}
+        self.callbacks = {cb.key: stage(cb.state_dict(), ("callback", cb.key)) for cb in state.callbacks}
+        self.rng = rng
+        self.trainer = stage(_trainer_record(state), ("trainer",))
+        self.manifest = _manifest_body(state)
+        if staging is not None:
+            staging.wait()
+
+
+def _write(snapshot: _Snapshot, path: Path) -> None:
     """Rank 0: write the checkpoint into the partial directory, hash it, rename it into place.
 
-    `sharded_optimizers`: under FSDP, the ranks' shards are in the partial directory already and
-    this is the optimizers' non-tensor state (`_write_shards`); otherwise None.
+    For a sharded snapshot the ranks' shards are in the partial directory already.
     """
     partial = _partial_dir(path)
-    if sharded_optimizers is None:
+    algorithm = default_hash()
+    if snapshot.weights is not None:
         _make_fresh(partial)
     try:
+        # What to write, by file name: the files are written side by side, the weights and the
+        # optimizer state first (hashing, writing and fsync release the GIL).
+        contents: dict[str, Any] = {}
         files: dict[str, dict] = {}
-        if sharded_optimizers is None:
-            for index, model in enumerate(state.models):
-                files[_model_file(index)] = _write_file(partial / _model_file(index),
-                                                        _safetensors_bytes(unwrap(model)))
+        if snapshot.weights is not None:
+            for index, (tensors, metadata) in enumerate(snapshot.weights):
+                contents[_model_file(index)] = lambda handle, t=tensors, m=metadata: write_safetensors(handle, t, m)
         else:  # the ranks' DCP files, written by DCP: hashed by reading them back
             shards = sorted(p.name for p in partial.iterdir())
             files.update(_in_parallel(_fsynced_record, [partial / name for name in shards], shards))
-        optimizers = sharded_optimizers
-        if optimizers is None:
-            optimizers = [opt.state_dict() for opt in state.optimizers]
-        files["optimizer.pt"] = _write_file(partial / "optimizer.pt", _torch_saver(
-            {"optimizers": optimizers, "schedulers": [sched.state_dict() for sched in state.schedulers]}))
-        files["callbacks.pt"] = _write_file(partial / "callbacks.pt",
-                                            _torch_saver({cb.key: cb.state_dict() for cb in state.callbacks}))
-        files["rng.pt"] = _write_file(partial / "rng.pt", _torch_saver(rng))
-        files["trainer.json"] = _write_file(partial / "trainer.json",
-                                            json.dumps(_trainer_record(state), indent=1).encode())
-        manifest = _manifest(state, dict(sorted(files.items())))
-        _write_file(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync(partial)
+        contents["optimizer.pt"] = _torch_saver(snapshot.optimization)
+        contents["callbacks.pt"] = _torch_saver(snapshot.callbacks)
+        contents["rng.pt"] = _torch_saver(snapshot.rng)
+        contents["trainer.json"] = json.dumps(snapshot.trainer, indent=1).encode()
+        names = list(contents)
+        files.update(_in_parallel(lambda name: write_file(partial / name, contents[name], algorithm), names, names))
+        manifest = _manifest(snapshot.manifest, dict(sorted(files.items())), algorithm)
+        write_file(partial / MANIFEST, json.dumps(manifest, indent=1).encode(), algorithm)
+        fsync(partial)
         _replace_dir(partial, path)
         _point_latest(path)
     except BaseException:
@@ -196,62 +300,14 @@ def _model_file(index: int) -> str:
     return "model.safetensors" if index == 0 else f"model-{index}.safetensors"
 
 
-class _HashingFile:
-    """A new file, written front to back: hashed as it is written, fsynced when closed.
-
-    Created with mode 0o666 like `open` does, so the umask decides who may read it (safetensors'
-    own writer makes its files 0o600). Never follows a symbolic link, never reuses a file.
-    """
-
-    def __init__(self, file: Path):
-        self.fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.digest.update(view)
-        written = 0
-        while written < len(view):
-            written += os.write(self.fd, view[written:])
-        self.size += len(view)
-        return len(view)
-
-    def flush(self) -> None:  # torch.save flushes; os.write has no buffer to flush
-        pass
-
-    def close(self) -> dict[str, Any]:
-        """fsync and close; the file's manifest record."""
-        try:
-            os.fsync(self.fd)
-        finally:
-            os.close(self.fd)
-        return {"size": self.size, "sha256": self.digest.hexdigest()}
-
-
-def _write_file(file: Path, content: bytes | Callable[[Any], None]) -> dict[str, Any]:
-    """Write `content` (bytes, or a function that writes to a file object) to the new `file`;
-    return its manifest record."""
-    handle = _HashingFile(file)
-    try:
-        if callable(content):
-            content(handle)
-        else:
-            handle.write(content)
-    except BaseException:
-        os.close(handle.fd)
-        raise
-    return handle.close()
-
-
 def _torch_saver(obj: Any) -> Callable[[Any], None]:
     return lambda handle: torch.save(obj, handle)
 
 
-def _safetensors_bytes(model: torch.nn.Module) -> bytes:
-    """The model's weights as `safetensors.torch.save_model` writes them (tied weights once)."""
+def _weights(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """The model's tensors as `safetensors.torch.save_model` stores them: a tied weight once,
+    under one of its names, the others recorded in the metadata."""
     from safetensors.torch import _remove_duplicate_names
-    from safetensors.torch import save as to_bytes
 
     tensors = model.state_dict()
     metadata = {}
@@ -259,7 +315,7 @@ def _safetensors_bytes(model: torch.nn.Module) -> bytes:
         for name in removed:
             metadata[name] = kept
             del tensors[name]
-    return to_bytes({name: t.contiguous() for name, t in tensors.items()}, metadata=metadata or None)
+    return tensors, metadata or None
 
 
 def _trainer_record(state: RunState) -> dict[str, Any]:
@@ -279,8 +335,8 @@ def _class_name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _manifest(state: RunState, files: dict[str, dict]) -> dict[str, Any]:
-    body = {
+def _manifest_body(state: RunState) -> dict[str, Any]:
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "trainloop_version": __version__,
@@ -292,21 +348,26 @@ def _manifest(state: RunState, files: dict[str, dict]) -> dict[str, Any]:
         "strategy": state.config.strategy,
         "precision": state.config.precision,
         "models": len(state.models),
-        "files": files,
     }
+
+
+def _manifest(body: dict[str, Any], files: dict[str, dict], algorithm: str) -> dict[str, Any]:
+    body = {**body, "hash": algorithm, "files": files}
     return {**body, "manifest_sha256": _canonical_hash(body)}
 
 
 def _canonical_hash(body: dict) -> str:
+    """The manifest's hash of itself: SHA-256 in every format (a few kilobytes: speed is moot)."""
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _file_record(file: Path) -> dict[str, Any]:
-    return {"size": file.stat().st_size, "sha256": _sha256(file)}
+    """The record of an existing file, as a new checkpoint's manifest would hold it."""
+    return file_record(file)
 
 
 def _fsynced_record(file: Path) -> dict[str, Any]:
-    _fsync(file)
+    fsync(file)
     return _file_record(file)
 
 
@@ -320,22 +381,6 @@ def _in_parallel(function, arguments: list, keys: list) -> dict:
         return {key: function(argument) for key, argument in zip(keys, arguments)}
     with ThreadPoolExecutor(max_workers=min(len(arguments), os.cpu_count() or 1)) as pool:
         return dict(zip(keys, pool.map(function, arguments)))
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _replace_dir(source: Path, target: Path) -> None:
@@ -354,10 +399,11 @@ def _replace_dir(source: Path, target: Path) -> None:
 def _point_latest(path: Path) -> None:
     pointer = path.parent / LATEST
     temporary = path.parent / f".{LATEST}.partial"
-    temporary.write_text(path.name + "\n")
-    _fsync(temporary)
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()  # left by a save that was killed
+    write_file(temporary, (path.name + "\n").encode(), None)
     os.replace(temporary, pointer)
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 # -- RNG states --------------------------------------------------------------------------------
@@ -394,12 +440,21 @@ def _set_rng_state(record: dict[str, Any], device: torch.device) -> None:
 
 
 def _gather_rng_states(state: RunState) -> list[dict]:
-    mine = _rng_state(state.device)
+    """Every rank's RNG states (for rank 0 to write), after waiting for this process's save in
+    flight. Its outcome travels in the same gather: if any rank's previous background save
+    failed unreported, every rank raises PreviousSaveFailed, and no one has saved anything."""
+    previous = WRITER.wait()
+    mine = (_rng_state(state.device), None if previous is None else str(previous))
     if state.world_size == 1:
-        return [mine]
-    everyone: list[Any] = [None] * state.world_size
-    dist.all_gather_object(everyone, mine)  # between this job's own ranks only
-    return everyone
+        everyone = [mine]
+    else:
+        everyone = [None] * state.world_size
+        dist.all_gather_object(everyone, mine)  # between this job's own ranks only
+    failures = [error if state.world_size == 1 else f"rank {rank}: {error}"
+                for rank, (_, error) in enumerate(everyone) if error is not None]
+    if failures:
+        raise PreviousSaveFailed(f"the previous background save failed: {'; '.join(failures)}")
+    return [rng for rng, _ in everyone]
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -418,8 +473,8 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     manifest = _read_manifest(path)
-    names = list(manifest["files"])
-    _in_parallel(lambda name: _read_listed(path, manifest, name, keep=False), names, names)
+    algorithm, names = _hash_algorithm(manifest), list(manifest["files"])
+    _in_parallel(lambda name: read_verified(path / name, _record(path, manifest, name), algorithm), names, names)
     return manifest
 
 
@@ -430,7 +485,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a trainloop checkpoint (no {MANIFEST})")
     _refuse_links(path)
     try:
-        manifest = json.loads(_read_file(manifest_file).decode())
+        manifest = json.loads(read_file(manifest_file).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{manifest_file} is damaged: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -459,17 +514,29 @@ def _check_manifest_form(manifest: dict[str, Any], manifest_file: Path) -> None:
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise CheckpointError(f"{manifest_file} is damaged: 'files' is not a mapping of file names to records")
+    algorithm = _hash_algorithm(manifest, manifest_file)
     for name, record in files.items():
         if not (isinstance(record, dict) and _is_count(record.get("size"))
-                and isinstance(record.get("sha256"), str)):
+                and isinstance(record.get(algorithm), str)):
             raise CheckpointError(
-                f"{manifest_file} is damaged: the record of {name!r} is not {{'size': bytes, 'sha256': hex}} "
-                f"(got {record!r:.80})")
+                f"{manifest_file} is damaged: the record of {name!r} is not {{'size': bytes, "
+                f"{algorithm!r}: hex}} (got {record!r:.80})")
     for key in ("models", "step", "micro_step"):
         if not _is_count(manifest.get(key)):
             raise CheckpointError(f"{manifest_file} is damaged: {key!r} is not a count (got {manifest.get(key)!r:.40})")
     if not isinstance(manifest.get("strategy"), str):
         raise CheckpointError(f"{manifest_file} is damaged: 'strategy' is not a name")
+
+
+def _hash_algorithm(manifest: dict[str, Any], manifest_file: Path | None = None) -> str:
+    """The algorithm the files' records use: SHA-256 in format 1, the named one in format 2."""
+    if manifest["format_version"] < 2:
+        return "sha256"
+    algorithm = manifest.get("hash")
+    if algorithm not in HASHES:
+        raise CheckpointError(f"{manifest_file} names the hash {algorithm!r}, which this trainloop does not "
+                              f"know ({', '.join(HASHES)}): upgrade trainloop")
+    return algorithm
 
 
 def _is_count(value: Any) -> bool:
@@ -498,71 +565,28 @@ def _inside(directory: Path, name: str) -> Path:
     return directory / name
 
 
-def _open_plain(file: Path) -> int:
-    """A read-only descriptor of the regular file `file`; CheckpointError for anything else."""
-    try:
-        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} is missing") from None
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise CheckpointError(f"{file} is a symbolic link: a checkpoint holds plain files only") from None
-        raise CheckpointError(f"cannot read {file}: {error.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{file} is not a regular file")
-    return fd
-
-
-def _read_file(file: Path) -> bytes:
-    fd = _open_plain(file)
-    try:
-        with os.fdopen(fd, "rb", buffering=0) as handle:
-            return handle.readall()
-    except OSError as error:
-        raise CheckpointError(f"cannot read {file}: {error.strerror}") from None
-
-
-def _read_listed(path: Path, manifest: dict[str, Any], name: str, keep: bool = True) -> bytes | None:
-    """Read the file `name` once, check it against its manifest record; its bytes if `keep`.
-
-    Only files the manifest lists can be read: every byte that load uses is verified.
-    """
+def _record(path: Path, manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """The manifest's record of `name`: only files the manifest lists are ever read."""
     record = manifest["files"].get(name)
-    file = path / name
     if record is None:
-        raise CheckpointError(f"{file} is not listed in {path / MANIFEST}: only hashed files are read")
-    fd = _open_plain(file)
-    try:
-        with os.fdopen(fd, "rb", buffering=0) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size != record["size"]:
-                raise CheckpointError(f"{file} is {size} bytes, the manifest says {record['size']} (truncated?)")
-            digest = hashlib.sha256()
-            if keep:
-                data = handle.readall()
-                digest.update(data)
-            else:
-                data = None
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    except OSError as error:
-        raise CheckpointError(f"cannot read {file}: {error.strerror}") from None
-    if digest.hexdigest() != record["sha256"]:
-        raise CheckpointError(f"{file} does not match its SHA-256 in the manifest (changed or corrupted)")
-    return data
+        raise CheckpointError(f"{path / name} is not listed in {path / MANIFEST}: only hashed files are read")
+    return record
 
 
-def safe_torch_load(file: Path | bytes, name: str | None = None) -> Any:
-    """`torch.load(weights_only=True)` of a file or of its bytes (`name` then says which file it
-    was), with a clear refusal naming what an unsafe file wanted."""
-    source = io.BytesIO(file) if isinstance(file, bytes) else file
+def safe_torch_load(file: Any, name: str | None = None) -> Any:
+    """`torch.load(weights_only=True)` of a file, its bytes or a file object (`name` then says
+    which file it was), with a clear refusal naming what an unsafe file wanted."""
+    if not isinstance(file, (str, os.PathLike)):
+        file = MemoryFile(file)
     try:
-        return torch.load(source, weights_only=True, map_location="cpu")
+        if hasattr(file, "seek"):
+            file.seek(0)
+        return torch.load(file, weights_only=True, map_location="cpu")
     except Exception as error:
         try:
-            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(
-                io.BytesIO(file) if isinstance(file, bytes) else file)
+            if hasattr(file, "seek"):
+                file.seek(0)
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(file)
         except Exception:
             wanted = []
         detail = f"it asks for {', '.join(wanted)}" if wanted else str(error).splitlines()[0]
@@ -584,6 +608,7 @@ def load(state: RunState, path: str | os.PathLike) -> RunState:
     """
     state.check_current("load")
     path = Path(path)
+    WRITER.wait_quietly()  # a save in flight may be writing this very checkpoint
     contents, error = None, None
     try:
         contents = _read_checkpoint(path)
@@ -616,13 +641,34 @@ class _Contents:
 
 
 def _read_checkpoint(path: Path) -> _Contents:
-    """Read and verify every file (DCP's shards: verify only; DCP reads them when restoring)."""
+    """Read every file once and verify it. The files load needs are memory-mapped and hashed on
+    other threads while this one deserializes them from the same mappings (weights_only, and
+    safetensors' checked header: nothing in an unverified file can run code); nothing is
+    returned, and so nothing restored, before every hash matched. DCP's shards are only hashed
+    here: DCP reads them when restoring."""
     manifest = _read_manifest(path)
-    names = list(manifest["files"])
-    kept = set(_required_files(manifest))
-    data = _in_parallel(lambda name: _read_listed(path, manifest, name, keep=name in kept), names, names)
+    algorithm = _hash_algorithm(manifest)
+    kept = _required_files(manifest)
+    data = {name: map_listed(path / name, _record(path, manifest, name)) for name in kept}
+    others = [name for name in manifest["files"] if name not in data]
+    with ThreadPoolExecutor(max_workers=min(len(manifest["files"]), os.cpu_count() or 1)) as pool:
+        checks = [pool.submit(check_hash, path / name, data[name], manifest["files"][name], algorithm)
+                  for name in sorted(data, key=lambda name: -len(data[name]))]
+        checks += [pool.submit(read_verified, path / name, manifest["files"][name], algorithm) for name in others]
+        try:
+            contents, failure = _deserialize(path, manifest, data), None
+        except CheckpointError as error:
+            contents, failure = None, error
+        for check in checks:
+            check.result()  # a hash that does not match is the reason, whatever deserializing said
+    if failure is not None:
+        raise failure
+    return contents
+
+
+def _deserialize(path: Path, manifest: dict[str, Any], data: dict[str, Any]) -> _Contents:
     try:
-        trainer = json.loads(data["trainer.json"].decode())
+        trainer = json.loads(bytes(data["trainer.json"]).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path / 'trainer.json'} is damaged: {error}") from None
     contents = _Contents(
@@ -630,20 +676,11 @@ def _read_checkpoint(path: Path) -> _Contents:
         safe_torch_load(data["optimizer.pt"], path / "optimizer.pt"),
         safe_torch_load(data["callbacks.pt"], path / "callbacks.pt"),
         safe_torch_load(data["rng.pt"], path / "rng.pt"),
-        [] if _sharded(manifest) else [_safetensors_tensors(data[_model_file(i)], path / _model_file(i))
+        [] if _sharded(manifest) else [read_safetensors(data[_model_file(i)], path / _model_file(i))
                                        for i in range(manifest["models"])],
     )
     _check_form(path, contents)
     return contents
-
-
-def _safetensors_tensors(data: bytes, file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load as from_bytes
-
-    try:
-        return from_bytes(data)
-    except Exception as error:  # safetensors' own error type for a file that is not one
-        raise CheckpointError(f"{file} is not a safetensors file: {error}") from None
 
 
 def _check_form(path: Path, contents: _Contents) -> None:
@@ -653,13 +690,15 @@ def _check_form(path: Path, contents: _Contents) -> None:
     def damaged(file: str, what: str) -> CheckpointError:
         return CheckpointError(f"{path / file} is damaged: {what}")
 
-    if not (isinstance(trainer, dict) and all(_is_count(trainer.get(k)) for k in ("step", "micro_step", "logged_step"))
+    if not (isinstance(trainer, dict)
+            and all(_is_count(trainer.get(k)) for k in ("step", "micro_step", "logged_step"))
             and isinstance(trainer.get("loaders"), list)
-            and all(isinstance(loader, dict) and _is_count(loader.get("epoch")) and _is_count(loader.get("samples_seen"))
-                    for loader in trainer["loaders"])):
+            and all(isinstance(loader, dict) and _is_count(loader.get("epoch"))
+                    and _is_count(loader.get("samples_seen")) for loader in trainer["loaders"])):
         raise damaged("trainer.json", "it is not the counters and loader positions that save writes")
-    classes = trainer.get("classes", {})  # absent in checkpoints of trainloop <= 0.x's first format
-    if not (isinstance(classes, dict) and all(isinstance(classes.get(k, []), list) for k in ("optimizers", "schedulers"))):
+    classes = trainer.get("classes", {})  # absent in format-1 checkpoints
+    if not (isinstance(classes, dict)
+            and all(isinstance(classes.get(k, []), list) for k in ("optimizers", "schedulers"))):
         raise damaged("trainer.json", "'classes' is not the optimizers' and schedulers' class names")
     if not (isinstance(optimization, dict) and isinstance(optimization.get("optimizers"), list)
             and isinstance(optimization.get("schedulers"), list)
@@ -782,8 +821,6 @@ def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | No
     FSDP the shards are gathered to rank 0's CPU one tensor at a time: rank 0 needs CPU memory
     for the whole model.
     """
-    from safetensors.torch import save
-
     if model is None:
         if len(state.models) != 1:
             raise ValueError(f"export needs model= when the run prepared {len(state.models)} models")
@@ -799,8 +836,11 @@ def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | No
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()  # left by an export that was killed
-        _write_file(temporary, _safetensors_bytes(unwrap(model)) if gathered is None
-                    else save(gathered, metadata={"format": "pt"}))
+        if gathered is None:
+            tensors, metadata = _weights(unwrap(model))
+        else:
+            tensors, metadata = gathered, {"format": "pt"}
+        write_file(temporary, lambda handle: write_safetensors(handle, tensors, metadata), None)
         os.replace(temporary, path)
     if state.world_size > 1:
         dist.barrier()

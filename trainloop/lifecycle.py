@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from trainloop.checkpoint import finish_saves
 from trainloop.config import resolve_config
 from trainloop.state import Hooks, RunState
 from trainloop.steps import flush_logs
@@ -71,14 +72,16 @@ def finish(state: RunState) -> None:
     just reported (a final `val_acc` logged after the last step): a tracker may then get two
     reports at one step. Every rank takes part in that report, also one with nothing buffered:
     a value logged on some ranks only raises the names error of `log` on every rank (the process
-    group is still left). The process group is left only if `init` joined it. Afterwards every
-    state of the run is stale: the run is over.
+    group is still left). A background checkpoint save still in flight is waited for; if it
+    failed unreported, CheckpointError is raised on every rank. The process group is left only
+    if `init` joined it. Afterwards every state of the run is stale: the run is over.
     """
     state.check_current("finish")
     try:
         state = flush_logs(state, every_rank=True)
         for hook in state.hooks.on_finish:
             hook(state)
+        finish_saves(state)  # waits for a background save; raises on every rank if it failed
     finally:
         state.lineage.finished = True
         state.lineage.generation += 1
