@@ -6,7 +6,8 @@ nothing on its hot path.
 
 | hook             | fired by        | when                                                     | returns                     |
 | ---------------- | --------------- | -------------------------------------------------------- | --------------------------- |
-| `on_prepare`     | `tl.prepare`    | after the objects are prepared and registered            | a new state, or None        |
+| `on_prepare`     | `tl.prepare`    | after the objects are prepared and registered; for a     | a new state, or None        |
+|                  | `tl.attach`     | callback attached after `prepare`, at once, in `attach`  |                             |
 | `on_backward`    | `tl.backward`   | before `loss.backward()`, every micro-step               | the loss to backpropagate   |
 | `on_before_step` | `tl.step`       | at a window's end, after gradients are normalised        | a new state, or None        |
 | `on_step`        | `tl.step`       | after the optimizer and scheduler stepped                | a new state, or None        |
@@ -16,6 +17,13 @@ nothing on its hot path.
 Hooks fire in the order the callbacks were given. A hook that changes the run returns a new
 state (`state.evolve(...)`); returning None means "unchanged". Hooks never move the counters
 (`step`, `micro_step`): only the core functions do.
+
+Which optimizers: in `on_before_step` and `on_step`, `state.stepping` holds the optimizers that
+this `tl.step` call steps (a GAN steps its generator and discriminator by separate calls), and
+a hook acts on those only: `LossScale` unscales and checks their gradients, `ClipGradNorm` clips
+them; another optimizer's pending gradients are left alone. An `on_before_step` hook may narrow
+`stepping` (`state.evolve(stepping=...)`: `LossScale` drops an optimizer that overflowed), never
+widen it; `skip_step=True` skips the whole call. Outside `tl.step`, `stepping` is `()`.
 
 A callback with persistent state (a loss scale, a tracker's run id) implements `state_dict` and
 `load_state_dict`; checkpoints save and restore it under the callback's `key`.
@@ -46,7 +54,10 @@ class Callback:
         return type(self).__name__
 
     def on_prepare(self, state: RunState) -> RunState | None:
-        """After `prepare` registered its objects (restore a checkpoint, read the loader length)."""
+        """After `prepare` registered its objects (restore a checkpoint, read the loader length).
+
+        Fired by every `prepare` call, and by `attach` for a callback attached after `prepare`.
+        """
 
     def on_backward(self, state: RunState, loss: torch.Tensor) -> torch.Tensor:
         """Before `loss.backward()`; returns the loss to backpropagate (e.g. scaled)."""
@@ -55,7 +66,8 @@ class Callback:
     def on_before_step(self, state: RunState) -> RunState | None:
         """At a window's end, gradients synced and normalised, before `optimizer.step()`.
 
-        Set `skip_step=True` on the returned state to skip this optimizer and scheduler step.
+        `state.stepping` holds the optimizers being stepped. Set `skip_step=True` on the returned
+        state to skip their steps and their schedulers', or narrow `stepping` to skip some.
         """
 
     def on_step(self, state: RunState) -> RunState | None:

@@ -90,7 +90,9 @@ class Tracker(Callback, abc.ABC):
     """Base of the experiment trackers: subclasses implement `start`, `log` and `close`.
 
     The hooks call them on the main process only: `start` once, at the first report; `log` at
-    every report, with strictly increasing steps; `close` at `tl.finish`, if the run started.
+    every report, with steps that never decrease (`tl.finish` reports the values logged after the
+    last report at the current step, which may be that report's); `close` at `tl.finish`, if the
+    run started.
     `last_step` is the last step logged (None before any); it is saved in checkpoints with
     whatever a subclass adds to `state_dict`. A subclass keeps the identity of its run in
     `state_dict` from the start, before the first report: a checkpoint may come first.

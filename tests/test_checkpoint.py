@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 import trainloop as tl
 from reference import CountingDataset, mse, regression_data, tiny_model
 from trainloop.callbacks import Checkpoint, CheckpointWarning
-from trainloop.checkpoint import CheckpointError, verify
+from trainloop.checkpoint import FORMAT_VERSION, CheckpointError, finish_saves, verify
 
 RESUMABLE = Path(__file__).parent / "scripts" / "resumable.py"
 
@@ -115,6 +115,7 @@ def small_run(directory: Path, steps: int, **checkpoint_kwargs):
     batches = iter(loader)
     for _ in range(steps):
         state = tl.step(tl.backward(state, mse(model, *next(batches))), optimizer)
+    finish_saves(state)  # the background saves are committed, as tl.finish would wait for them
     return state, model, optimizer, checkpoint
 
 
@@ -191,9 +192,9 @@ def test_not_a_checkpoint_future_format_and_escaping_paths(tmp_path):
     rehash_manifest(checkpoint, format_version=99)
     with pytest.raises(CheckpointError, match="format 99, newer than this trainloop reads.*upgrade"):
         tl.load(state, checkpoint)
-    rehash_manifest(checkpoint, format_version=1)
+    rehash_manifest(checkpoint, format_version=FORMAT_VERSION)
     manifest = json.loads((checkpoint / "manifest.json").read_text())
-    manifest["files"]["../../etc/passwd"] = {"size": 1, "sha256": "0"}
+    manifest["files"]["../../etc/passwd"] = {"size": 1, manifest["hash"]: "0"}
     del manifest["manifest_sha256"]
     from trainloop.checkpoint import _canonical_hash
 

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 import trainloop as tl
 from reference import mse, regression_data, tiny_model
+from trainloop.config import SETTINGS, Config
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,44 @@ from reference import mse, regression_data, tiny_model
 def test_bad_settings_name_the_setting(setting, value, message):
     with pytest.raises(ValueError, match=message):
         tl.init(**{setting: value})
+
+
+FLOAT_SETTINGS = [field.name for field in SETTINGS if isinstance(field.default, float)]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("setting", FLOAT_SETTINGS)
+def test_every_float_setting_refuses_nan_and_inf(setting, value):
+    with pytest.raises(ValueError, match=rf"^{setting} must be a (finite )?number"):
+        Config(**{setting: value})
+    with pytest.raises(ValueError, match=rf"^{setting} must be a (finite )?number"):
+        tl.init(**{setting: value})
+
+
+def test_float_settings_exist_for_the_check_above():
+    assert "timeout" in FLOAT_SETTINGS
+
+
+@pytest.mark.parametrize("value", ["abc", None, "600", True, [600]])
+def test_timeout_that_is_not_a_number_names_timeout(value):
+    with pytest.raises(ValueError, match=r"^timeout must be a number >= 1 \(got "):
+        tl.init(timeout=value)
+    assert tl.init(timeout=30).config.timeout == 30.0
+
+
+@pytest.mark.parametrize("value", [2**63, 2**64, 2**100])
+def test_seed_beyond_what_torch_accepts_names_seed(value):
+    with pytest.raises(ValueError, match=r"^seed must be at most 2\*\*63 - 1"):
+        tl.init(seed=value)
+    largest = 2**63 - 1
+    state, loader = tl.prepare(tl.init(seed=largest), DataLoader(regression_data(4), batch_size=2, shuffle=True))
+    assert state.config.seed == largest and len([batch for _epoch in range(2) for batch in loader]) == 4
+
+
+def test_environment_nan_names_the_variable(monkeypatch):
+    monkeypatch.setenv("TRAINLOOP_TIMEOUT", "nan")
+    with pytest.raises(ValueError, match=r"TRAINLOOP_TIMEOUT: timeout must be a finite number \(got nan\)"):
+        tl.init()
 
 
 def test_unknown_setting_is_a_type_error():

@@ -23,7 +23,8 @@ PACKAGES = ((REPO / "trainloop", "trainloop"), (REPO / "callbacks", "trainloop.c
 LAYERS: list[set[str]] = [
     # 0: no trainloop imports at all
     {"trainloop._version", "trainloop.errors", "trainloop.config", "trainloop.callbacks.base",
-     "trainloop.forwarding", "trainloop.data", "trainloop.topology"},
+     "trainloop.forwarding", "trainloop.data", "trainloop.topology", "trainloop.worker",
+     "trainloop.checkpoint_files", "trainloop.checkpoint_staging"},
     # 1: the precision policy's wrapper (a forwarding one)
     {"trainloop.precision"},
     # 2: the run's record
@@ -49,6 +50,9 @@ LAYERS: list[set[str]] = [
 # trainloop.bigmodel is a package of its own on top of torch: its modules import only each other.
 BIGMODEL_LAYER = 3
 
+# What the old code sniffed wrappers and shards by (`hasattr(inner, "set_requires_gradient_sync")`).
+WRAPPER_ATTRIBUTES = ("set_requires_gradient_sync", "full_tensor", "to_local", "no_sync", "_orig_mod",
+                      "module", "device_mesh", "placements", "reshard", "unshard")
 STRATEGY_TYPES = ("DistributedDataParallel", "FSDPModule", "DTensor")
 CORE = ("trainloop/prepare.py", "trainloop/steps.py", "trainloop/checkpoint.py",
         "callbacks/precision.py", "callbacks/checkpoint.py")
@@ -156,23 +160,37 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(sources):
     assert ["trainloop.checkpoint", "trainloop.strategies.fsdp", "trainloop.checkpoint"] in import_cycles(tangled)
 
 
-@pytest.mark.parametrize("path", CORE)
-def test_the_core_never_names_a_strategy_or_sniffs_a_wrapper(path):
-    tree = ast.parse((REPO / path).read_text())
+def strategy_branches(source: str) -> list[str]:
+    """What in `source` names a strategy, sniffs a wrapper or names a strategy's types."""
+    tree = ast.parse(source)
     named = [node.value for node in ast.walk(tree)
              if isinstance(node, ast.Constant) and node.value in ("ddp", "fsdp", "auto", "local")]
     sniffed = [ast.unparse(node) for node in ast.walk(tree)
-               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr"]
-    mentions = [ast.unparse(node) for node in ast.walk(tree)
+               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr"
+               and len(node.args) == 2 and getattr(node.args[1], "value", None) in WRAPPER_ATTRIBUTES]
+    types = [ast.unparse(node) for node in ast.walk(tree)
+             if isinstance(node, ast.Attribute) and node.attr in STRATEGY_TYPES
+             or isinstance(node, ast.Name) and node.id in STRATEGY_TYPES]
+    return named + sniffed + types
+
+
+@pytest.mark.parametrize("path", CORE)
+def test_the_core_never_names_a_strategy_or_sniffs_a_wrapper(path):
+    source = (REPO / path).read_text()
+    assert strategy_branches(source) == [], f"{path} branches on a strategy: use state.strategy"
+    # The manifest records the setting, and an error message quotes it: nothing else reads it.
+    mentions = [ast.unparse(node) for node in ast.walk(ast.parse(source))
                 if isinstance(node, ast.Attribute) and node.attr == "strategy"
                 and ast.unparse(node.value).endswith("config")]
-    assert (named, sniffed) == ([], []), f"{path} branches on a strategy: use state.strategy"
-    # The manifest records the setting, and an error message quotes it: nothing else reads it.
     assert all(m == "state.config.strategy" for m in mentions)
-    wrappers = [ast.unparse(node) for node in ast.walk(tree)
-                if isinstance(node, (ast.Name, ast.Attribute))
-                and getattr(node, "id", getattr(node, "attr", None)) in STRATEGY_TYPES]
-    assert wrappers == [], f"{path} names a strategy's types: use state.strategy"
+
+
+def test_the_branch_check_catches_what_the_core_did_before_the_seam():
+    old = ("if state.config.strategy == 'fsdp':\n    from trainloop import fsdp\n"
+           "if hasattr(inner, 'set_requires_gradient_sync'):\n    pass\n"
+           "wrapped = isinstance(inner, nn.parallel.DistributedDataParallel)\n")
+    assert sorted(strategy_branches(old)) == sorted([
+        "fsdp", "hasattr(inner, 'set_requires_gradient_sync')", "nn.parallel.DistributedDataParallel"])
 
 
 def test_callbacks_use_only_public_names(sources):

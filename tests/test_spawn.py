@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,19 +79,6 @@ def _alive(pid: int) -> bool:
     return status.exists() and "zombie" not in status.read_text()
 
 
-def test_two_single_process_nodes_on_loopback_match_one_node(tmp_path):
-    port = str(spawn.free_port())
-    nodes = [launch("-n", "1", "--nnodes", "2", "--node-rank", str(rank), "--master", f"127.0.0.1:{port}",
-                    str(SCRIPTS / "train_tiny.py"), str(tmp_path / f"node{rank}.pt"))
-             for rank in (0, 1)]
-    for node in nodes:
-        output, _ = node.communicate(timeout=120)
-        assert node.returncode == 0, output
-    saved = torch.load(tmp_path / "node0.pt", weights_only=True)
-    assert saved["world_size"] == 2
-    assert_reference(saved)
-
-
 def test_max_restarts_restarts_a_worker_that_was_killed(tmp_path):
     job = launch("-n", "2", "--max-restarts", "1", str(SCRIPTS / "train_tiny.py"),
                  str(tmp_path / "out.pt"), "--die-once", str(tmp_path))
@@ -109,7 +98,7 @@ def test_bad_settings_are_refused_before_any_worker_starts():
 def test_help_lists_every_flag_with_its_default():
     output = subprocess.run([sys.executable, "-m", "trainloop.spawn", "--help"], capture_output=True,
                             text=True, check=True).stdout
-    for flag in ("--nproc", "--nnodes", "--node-rank", "--master", "--max-restarts", "--config",
+    for flag in ("--nproc", "--nnodes", "--node-rank", "--master", "--max-restarts", "--join-timeout", "--config",
                  "--precision", "--accumulate", "--strategy", "--seed", "--log-every", "--compile",
                  "--timeout", "--device"):
         assert flag in output
@@ -134,3 +123,128 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named():
     output, elapsed = run_failing_job("-n", "2", str(SCRIPTS / "hang_on_rank.py"), "1")
     assert elapsed < 30, f"took {elapsed:.1f}s with a 3 s timeout"
     assert "rank(s) [1] never reached it" in output, output
+
+
+def write_pid_and_wait(directory: str) -> None:
+    """A `spawn.run` worker: writes its pid to directory/<rank>.pid, then waits to be stopped."""
+    with open(os.path.join(directory, f"{os.environ['RANK']}.pid"), "w") as file:
+        file.write(str(os.getpid()))
+    while True:
+        time.sleep(0.1)
+
+
+def _wait_for_pids(directory: Path, count: int, jobs: list[subprocess.Popen]) -> list[int]:
+    deadline = time.monotonic() + 90
+    while len(list(directory.glob("*.pid"))) < count:
+        for job in jobs:
+            assert job.poll() is None, job.communicate()[0]
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.1)
+    time.sleep(0.2)  # the pid files are complete
+    return [int(p.read_text()) for p in directory.glob("*.pid")]
+
+
+def test_workers_die_with_a_launcher_killed_by_sigkill(tmp_path):
+    """Nothing can stop the workers of a SIGKILLed launcher but the kernel (PR_SET_PDEATHSIG):
+    script workers (`python -m trainloop.spawn`) and function workers (`spawn.run`) alike."""
+    scripts, functions = tmp_path / "scripts", tmp_path / "functions"
+    scripts.mkdir(), functions.mkdir()
+    script_job = launch("-n", "2", str(SCRIPTS / "wait_forever.py"), str(scripts))
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "from test_spawn import write_pid_and_wait; from trainloop import spawn; "
+            f"spawn.run(write_pid_and_wait, {str(functions)!r}, n=2)")
+    function_job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+    jobs = [script_job, function_job]
+    pids = _wait_for_pids(scripts, 2, jobs) + _wait_for_pids(functions, 2, jobs)
+    for job in jobs:
+        job.kill()
+        job.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in pids if _alive(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)  # leave no orphans behind, even when the test fails
+    assert not survivors, f"workers {survivors} outlived their SIGKILLed launcher by 10 s"
+
+
+def _seen(output: str) -> dict:
+    [line] = [line for line in output.splitlines() if line.startswith("seen ")]
+    return json.loads(line[len("seen "):])
+
+
+def test_the_scripts_own_flags_reach_it_untouched_as_python_would_pass_them():
+    """spawn reads its flags up to the script's name, with no prefix matching (`--n` is not
+    `--nproc`), and the script runs as `python script.py` (or `python -m module`) runs it."""
+    script = launch("-n", "1", str(SCRIPTS / "show_argv.py"), "--n", "40", "-n", "3", "--precision",
+                    "bf16", "-m", "x", "--", "y")
+    module = launch("-n", "1", "-m", "show_argv", "--nproc", "3", cwd=SCRIPTS)
+    script_output, _ = script.communicate(timeout=120)
+    module_output, _ = module.communicate(timeout=120)
+    assert script.returncode == 0 and module.returncode == 0, script_output + module_output
+    as_script, as_module = _seen(script_output), _seen(module_output)
+    assert as_script == {"argv": [str(SCRIPTS / "show_argv.py"), "--n", "40", "-n", "3", "--precision",
+                                  "bf16", "-m", "x", "--", "y"],
+                         "path0": str(SCRIPTS), "name": "__main__", "file": str(SCRIPTS / "show_argv.py"),
+                         "world_size": 1, "precision": "fp32"}
+    assert as_module == {"argv": [str(SCRIPTS / "show_argv.py"), "--nproc", "3"],
+                         "path0": str(SCRIPTS), "name": "__main__", "file": str(SCRIPTS / "show_argv.py"),
+                         "world_size": 1, "precision": "fp32"}
+
+
+def _command_line_error(capsys, *argv: str) -> str:
+    """Run spawn's command line here; it must refuse with exit code 2 and a one-line error."""
+    with pytest.raises(SystemExit) as stop:
+        spawn.main(list(argv))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m trainloop.spawn: error: "), err
+    return err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, r"--config .*missing.toml: No such file or directory"),
+    ("nproc = = 2", r"--config .*run.toml is not valid TOML: .*line 1"),
+    ("nproc = 2\nprecison = 'bf16'", r"--config .*run.toml: unknown key\(s\) \['precison'\]"),
+    ("nproc = 0", r"--nproc must be an integer >= 1 \(got 0\)"),
+    ("nproc = true", r"--nproc must be an integer >= 1 \(got True\)"),
+    ("timeout = nan", r"timeout must be a finite number \(got nan\)"),
+])
+def test_a_bad_config_file_is_a_one_line_error(tmp_path, capsys, content, message):
+    path = tmp_path / ("missing.toml" if content is None else "run.toml")
+    if content is not None:
+        path.write_text(content)
+    assert re.search(message, _command_line_error(capsys, "--config", str(path), str(SCRIPTS / "show_argv.py")))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["-n", "0"], r"--nproc must be an integer >= 1 \(got 0\)"),
+    (["-n", "two"], r"--nproc must be an integer >= 1 \(got 'two'\)"),
+    (["--nnodes", "0"], r"--nnodes must be an integer >= 1"),
+    (["--max-restarts", "-1"], r"--max-restarts must be an integer >= 0"),
+    (["--nnodes", "2", "--node-rank", "2", "--master", "127.0.0.1:29500"], r"--node-rank must be below --nnodes 2"),
+    (["--nnodes", "2", "--master", "127.0.0.1"], r"--master must be HOST:PORT"),
+    (["--nnodes", "2"], r"--nnodes > 1 needs --master HOST:PORT"),
+    (["--n", "2"], r"unrecognized arguments: --n"),  # no prefix matching
+    (["--timeout", "nan"], r"timeout must be a finite number"),
+    (["--timeout", "abc"], r"timeout must be a number \(got 'abc'\)"),
+    (["--seed", str(2**64)], r"seed must be at most 2\*\*63 - 1"),
+])
+def test_bad_flags_are_one_line_errors(capsys, flags, message):
+    assert re.search(message, _command_line_error(capsys, *flags, str(SCRIPTS / "show_argv.py")))
+
+
+def test_bad_trainloop_variables_already_set_are_refused_before_any_worker_starts(tmp_path, capsys, monkeypatch):
+    script = str(SCRIPTS / "show_argv.py")
+    monkeypatch.setenv("TRAINLOOP_ACCUMULATE", "0")
+    assert "TRAINLOOP_ACCUMULATE: accumulate must be a number >= 1 (got 0)" in _command_line_error(capsys, "-n", "2", script)
+    with pytest.raises(ValueError, match=r"TRAINLOOP_ACCUMULATE: accumulate must be a number >= 1"):
+        spawn.run(write_pid_and_wait, str(tmp_path), n=2)
+    assert not list(tmp_path.iterdir())  # no worker started
+    # A flag replaces the variable, so the variable's value does not matter then.
+    monkeypatch.setenv("TRAINLOOP_TIMEOUT", "nan")
+    assert "TRAINLOOP_TIMEOUT: timeout must be a finite number" in _command_line_error(capsys, "--accumulate", "2", script)
+    monkeypatch.setenv("TRAINLOOP_TIMEOUT", "30")
+    monkeypatch.setenv("TRAINLOOP_PRECISON", "bf16")
+    assert "unknown environment variable TRAINLOOP_PRECISON" in _command_line_error(capsys, "--accumulate", "2", script)

@@ -12,6 +12,7 @@ overrides an explicit argument, `init` warns once, naming both values.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -39,6 +40,21 @@ def _at_least(minimum: float):
             raise ValueError(f"{attribute.name} must be a number >= {minimum} (got {value!r})")
 
     return check
+
+
+def _at_most(maximum: int, shown: str):
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value > maximum:
+            raise ValueError(f"{attribute.name} must be at most {shown} (got {value!r})")
+
+    return check
+
+
+def _seconds(value: Any) -> Any:
+    """A number of seconds as a float; anything else is left for the validator to refuse."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _integer(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -136,7 +152,9 @@ class Config:
     )
     seed: int = attrs.field(
         default=0,
-        validator=[_integer, _at_least(0)],
+        # torch.manual_seed takes up to 2**64 - 1, and trainloop seeds `seed + rank` and
+        # `seed + epoch`: a bound far below that keeps every derived seed valid.
+        validator=[_integer, _at_least(0), _at_most(2**63 - 1, "2**63 - 1")],
         metadata={"help": "base seed: process RNGs get seed + rank, shuffling seed + epoch"},
     )
     log_every: int = attrs.field(
@@ -152,7 +170,7 @@ class Config:
     )
     timeout: float = attrs.field(
         default=600.0,
-        converter=float,
+        converter=_seconds,
         validator=_at_least(1),
         metadata={"help": "seconds a collective may wait for the other ranks before failing"},
     )
@@ -223,7 +241,7 @@ class Config:
     )
     ddp_bucket_cap_mb: float = attrs.field(
         default=25.0,
-        converter=float,
+        converter=_seconds,  # an int becomes a float; anything else is refused by name below
         validator=_at_least(0.001),
         metadata={"help": "DDP: megabytes of gradients per all-reduce bucket (25: torch's default, "
                           "with a small first bucket). Trap: tiny buckets mean many small "
@@ -264,6 +282,14 @@ class Config:
                           "'sequence_parallel' (JSON, e.g. '{\"blocks.*.up\": \"colwise\"}'); "
                           "none: a Hugging Face model's own base_model_tp_plan"},
     )
+
+    def __attrs_post_init__(self) -> None:
+        # Every float setting, whoever declares it: NaN passes any `>=` check and inf is no
+        # real bound (a NaN timeout crashed the workers), so neither is a value at all.
+        for field in attrs.fields(type(self)):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number (got {value!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -334,6 +360,11 @@ def resolve_config(arguments: Mapping[str, Any], environ: Mapping[str, str] = os
                 f"{env_name(name)}={value!r} overrides init({name}={arguments[name]!r})",
                 stacklevel=3,
             )
+    return config_from(arguments, from_env)
+
+
+def config_from(arguments: Mapping[str, Any], from_env: Mapping[str, Any]) -> Config:
+    """The `Config` of `arguments` overridden by `from_env`; an error in the latter names the variable."""
     try:
         return Config(**{**arguments, **from_env})
     except ValueError as error:

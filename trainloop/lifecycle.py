@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from trainloop import strategies
+from trainloop.checkpoint import finish_saves
 from trainloop.config import resolve_config
 from trainloop.state import Hooks, RunState
 from trainloop.steps import flush_logs
@@ -48,23 +49,46 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
 
 
 def attach(state: RunState, *callbacks: Any) -> RunState:
-    """The state with `callbacks` appended (they fire after the ones already attached)."""
+    """The state with `callbacks` appended (they fire after the ones already attached).
+
+    Attached after `prepare`, they get their `on_prepare` now, with the prepared objects
+    registered (a late `Checkpoint(resume=True)` resumes here). `state` becomes stale.
+    """
+    state.check_current("attach")
     _check_callbacks(callbacks)
-    combined = (*state.callbacks, *callbacks)
-    return state.evolve(callbacks=combined, hooks=Hooks.of(combined))
+    prepared = state.models or state.optimizers or state.schedulers or state.loaders
+    state = state.advance("attach", callbacks=(*state.callbacks, *callbacks))
+    if prepared:
+        from trainloop.callbacks.base import overridden_hooks
+
+        for callback in callbacks:
+            if "on_prepare" in overridden_hooks(callback):
+                state = callback.on_prepare(state) or state
+    return state
 
 
 def finish(state: RunState) -> None:
-    """End the run: report metrics still buffered, fire `on_finish`, leave the process group.
+    """End the run: report every value still buffered, fire `on_finish`, leave the process group.
 
-    The process group is left only if `init` joined it.
+    Values logged since the last report are reported at `state.step`, even when that step was
+    just reported (a final `val_acc` logged after the last step): a tracker may then get two
+    reports at one step. Every rank takes part in that report, also one with nothing buffered:
+    a value logged on some ranks only raises the names error of `log` on every rank (the process
+    group is still left). A background checkpoint save still in flight is waited for; if it
+    failed unreported, CheckpointError is raised on every rank. The process group is left only
+    if `init` joined it. Afterwards every state of the run is stale: the run is over.
     """
-    if state.pending_logs is not None and state.step > state.logged_step:
-        state = flush_logs(state)
-    for hook in state.hooks.on_finish:
-        hook(state)
-    if state.topology.owns_process_group:
-        leave_process_group()
+    state.check_current("finish")
+    try:
+        state = flush_logs(state, every_rank=True)
+        for hook in state.hooks.on_finish:
+            hook(state)
+        finish_saves(state)  # waits for a background save; raises on every rank if it failed
+    finally:
+        state.lineage.finished = True
+        state.lineage.generation += 1
+        if state.topology.owns_process_group:
+            leave_process_group()
 
 
 def _check_callbacks(callbacks: tuple) -> None:

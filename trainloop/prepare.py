@@ -38,8 +38,11 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
     - LR scheduler: the same object; `tl.step` steps it once per optimizer step.
 
     Then the `on_prepare` hooks fire (a `Checkpoint(resume=True)` restores the run there).
+    Use the state returned: it registers the objects (`state` itself stays usable as a base,
+    e.g. for preparing a second, independent run).
     Raises TypeError for any other object, and ValueError for an object prepared twice.
     """
+    state.check_current("prepare")
     if not objects:
         raise TypeError(f"prepare needs at least one object to prepare ({_SUPPORTED})")
     registered = (*state.models, *state.optimizers, *state.schedulers, *state.loaders)
@@ -81,7 +84,8 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
             prepared[index] = obj
             schedulers.append(obj)
 
-    state = state.evolve(
+    state = state.branch(
+        "prepare",
         models=(*state.models, *models),
         optimizers=all_optimizers,
         schedulers=(*state.schedulers, *schedulers),

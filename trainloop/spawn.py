@@ -20,6 +20,7 @@ and error files are torch's. What it adds on top:
   any worker starts (a bad setting would otherwise use up the restarts);
 - `OMP_NUM_THREADS` shared out among the workers of a machine (torch's launcher API leaves it
   unset: N workers of N threads each oversubscribe the cores);
+- workers that die with the launcher, even when it is SIGKILLed (Linux: trainloop.worker);
 - SLURM: under `srun`, the node count, node rank and master host come from SLURM's variables;
 - a failure report that names the rank that failed first; its traceback is the one the
   worker printed itself, just above.
@@ -39,31 +40,46 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from trainloop.config import SETTINGS, Config, env_name, parse_setting
+from trainloop.config import SETTINGS, config_from, env_name, parse_setting, settings_from_env
 from trainloop.topology import first_slurm_host
+from trainloop.worker import InWorker
 
-_LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "master", "max_restarts")
+_LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "master", "max_restarts", "join_timeout")
+_FLAGS_WITHOUT_VALUE = ("-m", "-h", "--help")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with each error on one line: the problem, then where the flags are listed."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m trainloop.spawn",
-        description="Run a training script on many processes (and machines) with torch's elastic launcher.",
+        description="Run a training script on many processes (and machines) with torch's elastic "
+                    "launcher. spawn reads its own flags up to the script's name; everything after "
+                    "it goes to the script untouched.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # `--n` is the script's flag, never a prefix of --nproc or --nnodes
     )
     launch = parser.add_argument_group("processes")
-    launch.add_argument("-n", "--nproc", type=int, default=None,
+    launch.add_argument("-n", "--nproc", default=None, metavar="N",
                         help="processes on this machine (default: one per accelerator, else 1)")
-    launch.add_argument("--nnodes", type=int, default=None,
+    launch.add_argument("--nnodes", default=None, metavar="N",
                         help="machines in the job (default: 1, or SLURM_NNODES under srun)")
-    launch.add_argument("--node-rank", type=int, default=None,
+    launch.add_argument("--node-rank", default=None, metavar="RANK",
                         help="this machine's rank (default: SLURM_NODEID under srun; "
                              "when omitted on many machines, ranks are assigned on arrival)")
     launch.add_argument("--master", default=None, metavar="HOST:PORT",
                         help="where the machines meet (needed with --nnodes > 1; default under "
                              "srun: the first host of SLURM_JOB_NODELIST)")
-    launch.add_argument("--max-restarts", type=int, default=None,
+    launch.add_argument("--max-restarts", default=None, metavar="N",
                         help="restart all workers up to this many times after a failure (default: 0)")
+    launch.add_argument("--join-timeout", default=None, metavar="SECONDS",
+                        help="with --nnodes > 1: how long the machines wait for each other to "
+                             "arrive, at the start and after each restart (default: 600)")
     launch.add_argument("--config", default=None, metavar="FILE.toml",
                         help="read these flags from a TOML file (keys: nproc, nnodes, precision, ...); "
                              "flags given on the command line win")
@@ -80,22 +96,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """spawn's flags up to the target, the target, and the script's arguments untouched after it.
+
+    argparse alone would read a script's `--precision bf16` (or `--n 40`, as an abbreviation)
+    as spawn's own: the command line is cut at the first word that is neither a spawn flag nor
+    a flag's value (or just after `--`), as python itself does with its script's arguments.
+    """
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word == "--":
+            index += 1
+            break
+        if not word.startswith("-") or word == "-":
+            break
+        with_value_attached = "=" in word or (not word.startswith("--") and len(word) > 2)
+        index += 1 if word in _FLAGS_WITHOUT_VALUE or with_value_attached else 2
+    options = parser.parse_args(list(argv[:index + 1]))
+    options.args = list(argv[index + 1:])
+    return options
+
+
 def _read_toml(path: str) -> dict[str, Any]:
+    """The flags in a TOML file. ValueError, naming the file, when it cannot be read or used."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         try:
             import tomli as tomllib
         except ModuleNotFoundError:
-            raise SystemExit("--config needs Python 3.11+ or `pip install tomli`") from None
-    with open(path, "rb") as file:
-        values = tomllib.load(file)
+            raise ValueError("--config needs Python 3.11+ or `pip install tomli`") from None
+    try:
+        with open(path, "rb") as file:
+            values = tomllib.load(file)
+    except OSError as error:
+        raise ValueError(f"--config {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"--config {path} is not valid TOML: {error}") from None
     known = set(_LAUNCH_FLAGS) | {field.name for field in SETTINGS}
     normalised = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(normalised) - known)
     if unknown:
-        raise SystemExit(f"{path}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        raise ValueError(f"--config {path}: unknown key(s) {unknown}; known keys are {sorted(known)}")
     return normalised
+
+
+def _whole_number(flag: str, value: Any, minimum: int) -> int:
+    """`value` (a flag's text or a TOML value) as an int >= minimum; ValueError naming the flag."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{flag} must be an integer >= {minimum} (got {value!r})")
+    return value
+
+
+def launch_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """nproc, nnodes, node_rank, master, max_restarts and join_timeout, checked; ValueError names the flag."""
+    nproc = values.get("nproc")
+    checked: dict[str, Any] = {
+        "nproc": _default_nproc() if nproc is None else _whole_number("--nproc", nproc, 1),
+        "nnodes": _whole_number("--nnodes", values.get("nnodes", 1), 1),
+        "max_restarts": _whole_number("--max-restarts", values.get("max_restarts", 0), 0),
+        "join_timeout": _whole_number("--join-timeout", values.get("join_timeout", 600), 1),
+        "node_rank": None,
+        "master": values.get("master"),
+    }
+    if values.get("node_rank") is not None:
+        checked["node_rank"] = _whole_number("--node-rank", values["node_rank"], 0)
+        if checked["node_rank"] >= checked["nnodes"]:
+            raise ValueError(f"--node-rank must be below --nnodes {checked['nnodes']} "
+                             f"(got {checked['node_rank']})")
+    master = checked["master"]
+    if master is not None:
+        host, _, port = str(master).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--master must be HOST:PORT, e.g. 10.0.0.1:29500 (got {master!r})")
+    return checked
 
 
 def _slurm_defaults(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -125,8 +202,14 @@ def free_port() -> int:
 
 
 def launch_config(nproc: int, *, nnodes: int = 1, node_rank: int | None = None,
-                  master: str | None = None, max_restarts: int = 0, log_dir: str | None = None):
-    """The `LaunchConfig` for a job, every field chosen on purpose."""
+                  master: str | None = None, max_restarts: int = 0, join_timeout: int = 600,
+                  log_dir: str | None = None):
+    """The `LaunchConfig` for a job, every field chosen on purpose.
+
+    `join_timeout`: seconds the machines wait for one another in the rendezvous, at the start
+    and after each restart (a machine that died makes the others wait this long before they
+    give up). Static rendezvous (fixed node ranks) reads it as `timeout`, c10d as `join_timeout`.
+    """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -150,13 +233,18 @@ def launch_config(nproc: int, *, nnodes: int = 1, node_rank: int | None = None,
         role="trainloop",
         rdzv_endpoint=endpoint,
         rdzv_backend=backend,
-        rdzv_configs={**configs, "timeout": 900},
+        rdzv_configs={**configs, "timeout": join_timeout, "join_timeout": join_timeout},
         max_restarts=max_restarts,
         monitor_interval=0.1,  # notice a dead worker within a tenth of a second
         start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         shutdown_timeout=30,  # SIGTERM, then SIGKILL after this grace period
     )
+
+
+# What torch's launcher installs handlers for (TORCHELASTIC_SIGNALS_TO_HANDLE's default).
+_SIGNALS_TORCH_HANDLES = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+                               if hasattr(signal, name))
 
 
 @contextlib.contextmanager
@@ -168,7 +256,7 @@ def _launcher_scope(settings: Mapping[str, Any], nproc: int) -> Iterator[str]:
     times from one Python process (tests, notebooks).
     """
     saved_env = dict(os.environ)
-    saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved_handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS_TORCH_HANDLES}
     log_dir = tempfile.mkdtemp(prefix="trainloop-spawn-")
     try:
         for name, value in settings.items():
@@ -185,12 +273,19 @@ def _launcher_scope(settings: Mapping[str, Any], nproc: int) -> Iterator[str]:
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
-def _validated_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Parse and check the run settings here, before any worker starts."""
-    parsed = {name: parse_setting(name, str(value)) if isinstance(value, str) else value
-              for name, value in settings.items() if value is not None}
-    Config(**parsed)  # raises ValueError naming the setting
-    return parsed
+def _validated_settings(settings: Mapping[str, Any],
+                        environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Parse and check the run settings here, before any worker starts; return those given.
+
+    The `TRAINLOOP_*` variables already in the environment reach every worker too, unless a
+    setting given here replaces them: they are checked with the rest, and an error names the
+    variable. (A bad one found in the workers would fail every restart attempt the same way.)
+    """
+    given = {name: parse_setting(name, value) if isinstance(value, str) else value
+             for name, value in settings.items() if value is not None}
+    inherited = {name: value for name, value in settings_from_env(environ).items() if name not in given}
+    config_from(given, inherited)  # raises ValueError naming the setting or the variable
+    return given
 
 
 def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
@@ -206,8 +301,31 @@ def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
 
     parsed = _validated_settings(settings)
     with _launcher_scope(parsed, n) as log_dir:
-        results = elastic_launch(launch_config(n, max_restarts=max_restarts, log_dir=log_dir), fn)(*args)
+        config = launch_config(n, max_restarts=max_restarts, log_dir=log_dir)
+        results = elastic_launch(config, InWorker(fn, os.getpid()))(*args)
     return results[0]
+
+
+def rendezvous_failure(error: BaseException, nnodes: int, endpoint: str, join_timeout: int) -> str:
+    """The message for a rendezvous that failed: what happened, judged by torch's error type.
+
+    A connection error means the rendezvous store (served by the machine at --master, or by
+    node 0) is gone or cannot be reached; a timeout means a machine is missing.
+    """
+    from torch.distributed import DistNetworkError
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
+    if isinstance(error, (RendezvousConnectionError, DistNetworkError)):
+        what = (f"lost, or could not make, the connection to the rendezvous at {endpoint}: the "
+                f"machine that serves it (the one at --master) died or cannot be reached")
+    else:
+        what = (f"the {nnodes} machines did not all meet at {endpoint} within --join-timeout "
+                f"{join_timeout} s: a machine is missing (not started, or died and did not come "
+                f"back for a restart)")
+    return (f"trainloop.spawn: {what} ({type(error).__name__}: {reason}). Start every machine with "
+            f"the same --nnodes and --master and check that the address is reachable from each; "
+            f"see docs/multinode.md.")
 
 
 def _culprit(failures: Mapping[int, Any]) -> tuple[int, Any]:
@@ -220,38 +338,45 @@ def _culprit(failures: Mapping[int, Any]) -> tuple[int, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """The `python -m trainloop.spawn` command line. Returns the exit code."""
     parser = build_parser()
-    options = parser.parse_args(argv)
-    values = _read_toml(options.config) if options.config else {}
-    values.update(_slurm_defaults(os.environ))
-    values.update({k: v for k, v in vars(options).items() if v is not None and k in (*_LAUNCH_FLAGS, *(f.name for f in SETTINGS))})
+    options = parse_command_line(parser, sys.argv[1:] if argv is None else argv)
     try:
+        values = _read_toml(options.config) if options.config else {}
+        values.update(_slurm_defaults(os.environ))
+        values.update({k: v for k, v in vars(options).items()
+                       if v is not None and k in (*_LAUNCH_FLAGS, *(f.name for f in SETTINGS))})
         settings = _validated_settings({f.name: values.get(f.name) for f in SETTINGS})
-        nproc = int(values.get("nproc") or _default_nproc())
-        nnodes = int(values.get("nnodes", 1))
+        launch = launch_values(values)
     except ValueError as error:
         parser.error(str(error))
     if not options.module and not os.path.isfile(options.target):
         parser.error(f"no such script: {options.target} (use -m to run a module)")
 
+    from torch.distributed import DistNetworkError, DistStoreError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import elastic_launch
 
-    command = ["-u", *(["-m"] if options.module else []), options.target, *options.args]
-    with _launcher_scope(settings, nproc) as log_dir:
+    # Each worker first arranges to die with this process (trainloop.worker), then runs the target.
+    command = ["-u", "-m", "trainloop.worker", str(os.getpid()),
+               *(["-m"] if options.module else []), options.target, *options.args]
+    with _launcher_scope(settings, launch["nproc"]) as log_dir:
         try:
-            config = launch_config(nproc, nnodes=nnodes, node_rank=values.get("node_rank"),
-                                   master=values.get("master"),
-                                   max_restarts=int(values.get("max_restarts", 0)), log_dir=log_dir)
+            config = launch_config(**launch, log_dir=log_dir)
         except ValueError as error:
             parser.error(str(error))
         try:
             elastic_launch(config, sys.executable)(*command)
         except ChildFailedError as error:
             rank, failure = _culprit(error.failures)
-            print(f"trainloop.spawn: rank {rank} (pid {failure.pid}) failed first, exit code "
+            where = " on this machine" if config.max_nodes > 1 else ""
+            print(f"trainloop.spawn: rank {rank} (pid {failure.pid}) failed first{where}, exit code "
                   f"{failure.exitcode}; its traceback is above. The job was stopped.", file=sys.stderr)
             return failure.exitcode if failure.exitcode > 0 else 1
+        except (RendezvousError, DistStoreError, DistNetworkError) as error:
+            print(rendezvous_failure(error, config.max_nodes, config.rdzv_endpoint,
+                                     launch["join_timeout"]), file=sys.stderr)
+            return 1
         except SignalException as stop:
             # Ctrl-C or SIGTERM: torch's agent has already stopped every worker.
             print(f"trainloop.spawn: stopped by {stop.sigval.name}; every worker was stopped.", file=sys.stderr)

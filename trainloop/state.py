@@ -20,6 +20,7 @@ import attrs
 import torch
 
 from trainloop.config import Config
+from trainloop.errors import StaleStateError  # defined with the other errors; re-exported here
 from trainloop.topology import Topology
 
 if TYPE_CHECKING:
@@ -54,6 +55,64 @@ class Hooks:
         return cls(**{name: tuple(methods) for name, methods in found.items()})
 
 
+# What to write instead, by the function that made the newest state.
+_KEEP_THE_RESULT = {
+    "backward": "state = tl.backward(state, loss)",
+    "step": "state = tl.step(state, optimizer)",
+    "log": "state = tl.log(state, ...)",
+    "prepare": "state, *objects = tl.prepare(state, ...)",
+    "attach": "state = tl.attach(state, ...)",
+    "load": "state = tl.load(state, path)",
+}
+
+
+class Lineage:
+    """The one mutable object that the states of a run share: which of them is current.
+
+    A `RunState` is immutable, so it cannot know that a later call superseded it; its run can.
+    Each state carries the `generation` it was made in, and the lineage the newest generation
+    and the function that made it. The functions that move the run on (`backward`, `step`,
+    `log`, `prepare`, `attach`, `load`, `finish`) first check that their state is of the newest
+    generation (two attribute reads), then return a state of a new one (`prepare` returns the
+    first state of a lineage of its own: a state can be prepared from twice, into two runs, as
+    after `init`; its result dropped, the next step finds no optimizer and says so): an older
+    state raises
+    `StaleStateError` instead of silently training from where it stood (a `tl.backward(state,
+    loss)` whose result was dropped leaves the window count at 0, and `tl.step` would never
+    step). `evolve` copies the generation: a copy of the current state is current too, until one
+    of them is passed on. The read-only functions (`gather`, `reduce`, `broadcast`, `save`,
+    `accumulate`, the properties) accept any state.
+
+    It also holds the metric names the ranks last agreed on in a `log` report, so that a report
+    with the same names checks them inside its one collective (see `trainloop.steps.flush_logs`).
+    """
+
+    __slots__ = ("generation", "made_by", "finished", "log_names")
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.made_by = "init"
+        self.finished = False
+        self.log_names: tuple[str, ...] | None = None
+
+    def __repr__(self) -> str:
+        return f"Lineage(generation={self.generation}, made_by={self.made_by!r}, finished={self.finished})"
+
+
+def raise_stale(state: RunState, caller: str) -> None:
+    """Raise the StaleStateError for `state` given to `tl.<caller>`."""
+    lineage = state.lineage
+    if lineage.finished:
+        raise StaleStateError(f"tl.{caller} was given a RunState of a run that tl.finish has ended")
+    hint = _KEEP_THE_RESULT.get(lineage.made_by, f"state = tl.{lineage.made_by}(state, ...)")
+    raise StaleStateError(
+        f"this RunState is stale: tl.{caller} was given a state that a later call superseded "
+        f"(the newest is from tl.{lineage.made_by}, at step {state.step}, micro-step {state.micro_step} "
+        f"of the stale one). trainloop functions return the new state and never change the old "
+        f"one: did you write `{hint}`?"
+    )
+
+
 # Logged values not yet reported: an immutable linked list of (values, previous) pairs, newest
 # first, so that `log` extends it in O(1) without copying.
 PendingLogs = tuple
@@ -72,8 +131,14 @@ class RunState:
         window_micro_steps: `backward` calls in the open accumulation window.
         window_items: the open window's summed `num_items` (None when not given).
         skip_step: set by an `on_before_step` hook to skip this optimizer step.
+        stepping: inside `tl.step`'s hooks, the optimizers this call steps (`()` elsewhere). An
+            `on_before_step` hook may narrow it to skip some of them (`LossScale` drops those
+            whose gradients overflowed); `skip_step` skips them all.
         pending_logs, logged_step: `log`'s buffer and the step it last flushed at.
+        generation, lineage: which state of the run is current (see `Lineage`).
         strategy: how models are spread over the processes (`trainloop.strategies`).
+
+    `hooks` is derived from `callbacks`: `evolve(callbacks=...)` recomputes it.
     """
 
     topology: Topology
@@ -91,6 +156,9 @@ class RunState:
     skip_step: bool = False
     pending_logs: PendingLogs | None = attrs.field(default=None, eq=False)
     logged_step: int = 0
+    stepping: tuple[torch.optim.Optimizer, ...] = attrs.field(default=(), eq=False)
+    generation: int = attrs.field(default=0, eq=False)
+    lineage: Lineage = attrs.field(factory=Lineage, eq=False)
     strategy: Strategy = attrs.field(kw_only=True, eq=False)  # set by `init`: strategies.create
 
     # -- where this process sits ---------------------------------------------------------------
@@ -138,32 +206,45 @@ class RunState:
     def evolve(self, **changes: Any) -> RunState:
         """A copy of this state with `changes` applied (the state itself never changes).
 
-        The same as `attrs.evolve` in a third of the time: it runs several times per training
-        step. Written out field by field (RunState has no validators or converters to skip);
-        `test_evolve_copies_every_field` fails if a new field is missing here.
+        The same as `attrs.evolve` in a fraction of the time: it runs several times per training
+        step. The copy is of the same generation (see `Lineage`); new `callbacks` bring their
+        `hooks` with them.
         """
-        new = _new_object(RunState)
-        _set_field(new, "topology", self.topology)
-        _set_field(new, "config", self.config)
-        _set_field(new, "callbacks", self.callbacks)
-        _set_field(new, "hooks", self.hooks)
-        _set_field(new, "models", self.models)
-        _set_field(new, "optimizers", self.optimizers)
-        _set_field(new, "schedulers", self.schedulers)
-        _set_field(new, "loaders", self.loaders)
-        _set_field(new, "step", self.step)
-        _set_field(new, "micro_step", self.micro_step)
-        _set_field(new, "window_micro_steps", self.window_micro_steps)
-        _set_field(new, "window_items", self.window_items)
-        _set_field(new, "skip_step", self.skip_step)
-        _set_field(new, "pending_logs", self.pending_logs)
-        _set_field(new, "logged_step", self.logged_step)
-        _set_field(new, "strategy", self.strategy)
-        for name, value in changes.items():
-            if name not in _FIELD_SET:
-                raise TypeError(f"RunState has no field {name!r}")
-            _set_field(new, name, value)
+        new = _copy(self)
+        if changes:
+            _apply(new, changes)
         return new
+
+    def advance(self, made_by: str, **changes: Any) -> RunState:
+        """`evolve(**changes)` as the run's new current state: every older one becomes stale.
+
+        For the functions that move the run on (see `Lineage`); `made_by` names the function,
+        for the error a stale state raises.
+        """
+        new = _copy(self)
+        if changes:
+            _apply(new, changes)
+        lineage = self.lineage
+        generation = lineage.generation + 1
+        lineage.generation = generation
+        lineage.made_by = made_by
+        _set_generation(new, generation)
+        return new
+
+    def branch(self, made_by: str, **changes: Any) -> RunState:
+        """`evolve(**changes)` as the first state of a lineage of its own; this one stays current.
+
+        For `prepare`: a state that objects were prepared from can be prepared from again, into
+        a second, independent run (a test's or a notebook's common base state).
+        """
+        lineage = Lineage()
+        lineage.made_by = made_by
+        return self.evolve(lineage=lineage, generation=0, **changes)
+
+    def check_current(self, caller: str) -> None:
+        """Raise StaleStateError if a later call superseded this state (`caller`: for the message)."""
+        if self.generation != self.lineage.generation:
+            raise_stale(self, caller)
 
     def to_dict(self) -> dict[str, Any]:
         """The counters, the topology and the settings as JSON-ready plain values."""
@@ -192,3 +273,45 @@ class RunState:
 _FIELD_SET = frozenset(field.name for field in attrs.fields(RunState))
 _new_object = object.__new__
 _set_field = object.__setattr__  # how a frozen attrs class sets its own fields
+
+# The slots' own setters: a third faster than object.__setattr__, which looks the name up first.
+_set_topology, _set_config, _set_callbacks, _set_hooks, _set_models, _set_optimizers, \
+    _set_schedulers, _set_loaders, _set_step, _set_micro_step, _set_window_micro_steps, \
+    _set_window_items, _set_skip_step, _set_pending_logs, _set_logged_step, _set_stepping, \
+    _set_generation, _set_lineage, _set_strategy = (RunState.__dict__[field.name].__set__
+                                                     for field in attrs.fields(RunState))
+
+
+def _copy(state: RunState) -> RunState:
+    """A field-by-field copy, written out: `test_evolve_copies_every_field` fails if a new field
+    is missing here (or in the setters above, which follow the fields' order)."""
+    new = _new_object(RunState)
+    _set_topology(new, state.topology)
+    _set_config(new, state.config)
+    _set_callbacks(new, state.callbacks)
+    _set_hooks(new, state.hooks)
+    _set_models(new, state.models)
+    _set_optimizers(new, state.optimizers)
+    _set_schedulers(new, state.schedulers)
+    _set_loaders(new, state.loaders)
+    _set_step(new, state.step)
+    _set_micro_step(new, state.micro_step)
+    _set_window_micro_steps(new, state.window_micro_steps)
+    _set_window_items(new, state.window_items)
+    _set_skip_step(new, state.skip_step)
+    _set_pending_logs(new, state.pending_logs)
+    _set_logged_step(new, state.logged_step)
+    _set_stepping(new, state.stepping)
+    _set_generation(new, state.generation)
+    _set_lineage(new, state.lineage)
+    _set_strategy(new, state.strategy)
+    return new
+
+
+def _apply(new: RunState, changes: dict[str, Any]) -> None:
+    for name, value in changes.items():
+        if name not in _FIELD_SET:
+            raise TypeError(f"RunState has no field {name!r}")
+        _set_field(new, name, value)
+    if "callbacks" in changes:
+        _set_hooks(new, Hooks.of(new.callbacks))

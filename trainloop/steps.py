@@ -19,6 +19,7 @@ Either way, k micro-batches on n ranks give the update of one big batch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainloop.collectives import collective_device
-from trainloop.state import RunState
+from trainloop.state import RunState, raise_stale
 
 _NOTHING_TO_DO = contextlib.nullcontext()
 
@@ -51,8 +52,10 @@ def backward(state: RunState, loss: torch.Tensor, *, num_items: Any = None) -> R
     `loss` is a scalar: a mean over the micro-batch, or — with `num_items` — a sum over the
     micro-batch's `num_items` items (an int or a tensor, e.g. the number of non-padding tokens;
     it may differ per rank and per micro-batch). Give `num_items` on every micro-step of a window
-    or on none.
+    or on none. Returns the new state, and `state` becomes stale (see `trainloop.state.Lineage`).
     """
+    if state.generation != state.lineage.generation:
+        raise_stale(state, "backward")
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(
@@ -74,7 +77,8 @@ def backward(state: RunState, loss: torch.Tensor, *, num_items: Any = None) -> R
     for hook in state.hooks.on_backward:
         loss = hook(state, loss)
     loss.backward()
-    return state.evolve(
+    return state.advance(
+        "backward",
         micro_step=state.micro_step + 1,
         window_micro_steps=state.window_micro_steps + 1,
         window_items=items,
@@ -85,37 +89,73 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunSt
     """At the accumulation window's end, take one optimizer step; elsewhere return `state`.
 
     At the end of a window, in this order: normalise the gradients by the window's size (see
-    the module doc); `on_before_step` hooks (unscale and skip on overflow, clip); the optimizer
-    step unless a hook set `skip_step`; `zero_grad(set_to_none=True)`; the scheduler step (only
-    when the optimizer really stepped); `state.step += 1`; `on_step` hooks.
+    the module doc); `on_before_step` hooks (unscale and skip on overflow, clip), which see the
+    optimizers being stepped as `state.stepping`; the step of each of them that no hook skipped
+    (`skip_step` skips all); `zero_grad(set_to_none=True)` of each; the step of the schedulers
+    of the optimizers that really stepped; `state.step += 1` (if any stepped); `on_step` hooks.
 
-    `optimizer` and `scheduler` are one prepared object, a sequence of them, or None for every
-    prepared one. Several optimizers (a GAN's) are stepped by one call.
+    `optimizer` is one prepared optimizer, a sequence of them, or None for every prepared one.
+    Several optimizers (a GAN's) are stepped by one call, or each by its own call: hooks act on
+    exactly the optimizers of the call. `scheduler` is one prepared scheduler, a sequence, or
+    None for the prepared schedulers of the optimizers stepped.
     """
+    if state.generation != state.lineage.generation:
+        raise_stale(state, "step")
     if not state.optimizers:
         raise ValueError("step() needs a prepared optimizer: call tl.prepare(state, model, optimizer) first")
     in_window = state.window_micro_steps
     if in_window < state.config.accumulate and not (in_window and state.at_epoch_end):
         return state
     optimizers = _registered(optimizer, state.optimizers, "optimizer")
-    schedulers = _registered(scheduler, state.schedulers, "scheduler")
+    schedulers = state.schedulers if scheduler is None else _chosen_schedulers(scheduler, state, optimizers)
     _normalise_gradients(state, optimizers)
-    for hook in state.hooks.on_before_step:
-        state = hook(state) or state
-    skipped = state.skip_step
-    if not skipped:
-        for opt in optimizers:
-            opt.step()
+    hooks = state.hooks
+    if hooks.on_before_step or hooks.on_step:
+        return _step_with_hooks(state, hooks, optimizers, schedulers)
+    for opt in optimizers:  # no hooks: every optimizer of the call steps
+        opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    if skipped:
-        return state.evolve(window_micro_steps=0, window_items=None, skip_step=False)
-    for sched in schedulers:
-        sched.step()
-    state = state.evolve(step=state.step + 1, window_micro_steps=0, window_items=None)
-    for hook in state.hooks.on_step:
+    _step_schedulers(schedulers, optimizers)
+    return state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None)
+
+
+def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers: tuple) -> RunState:
+    state = state.evolve(stepping=optimizers)
+    for hook in hooks.on_before_step:
         state = hook(state) or state
-    return state
+    stepped = () if state.skip_step else _narrowed(state.stepping, optimizers)
+    for opt in stepped:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if not stepped:
+        return state.advance("step", window_micro_steps=0, window_items=None, skip_step=False, stepping=())
+    _step_schedulers(schedulers, stepped)
+    state = state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None,
+                          stepping=stepped)
+    for hook in hooks.on_step:
+        state = hook(state) or state
+    return state.evolve(stepping=())
+
+
+def _step_schedulers(schedulers: tuple, stepped: tuple) -> None:
+    for sched in schedulers:
+        if sched.optimizer in stepped:  # never the scheduler of an optimizer that did not step
+            sched.step()
+
+
+def _narrowed(stepping: tuple, optimizers: tuple) -> tuple:
+    """The optimizers an `on_before_step` hook left in `state.stepping`: some of this call's."""
+    if stepping is optimizers:
+        return optimizers
+    for opt in stepping:
+        if not any(opt is o for o in optimizers):
+            raise ValueError(
+                f"an on_before_step hook put a {type(opt).__name__} into state.stepping that this "
+                "tl.step call does not step: hooks may only remove optimizers from it"
+            )
+    return tuple(stepping)
 
 
 def _registered(selection: Any, registered: tuple, kind: str) -> tuple:
@@ -127,6 +167,17 @@ def _registered(selection: Any, registered: tuple, kind: str) -> tuple:
     for obj in chosen:
         if not any(obj is r for r in registered):
             raise ValueError(f"this {type(obj).__name__} was not prepared: pass the {kind} to tl.prepare first")
+    return chosen
+
+
+def _chosen_schedulers(scheduler: Any, state: RunState, optimizers: tuple) -> tuple:
+    chosen = _registered(scheduler, state.schedulers, "scheduler")
+    for sched in chosen:
+        if sched.optimizer not in optimizers:
+            raise ValueError(
+                f"this {type(sched).__name__} schedules an optimizer that this tl.step call does not "
+                "step: pass it to the tl.step call of its optimizer"
+            )
     return chosen
 
 
@@ -158,8 +209,14 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, **values: Any) -
     Values are scalar tensors (kept on the device: no host sync here) or numbers. When
     `log_every` steps have passed since the last report, the buffered values are averaged over
     the calls and across ranks (one collective) and the `on_log` hooks get plain floats on the
-    main process. Every rank must log the same names. NaN and inf are reported as they are.
+    main process; `tl.finish` reports what is still buffered. Every rank must log the same
+    names by each report: the names are checked across ranks, and ranks that logged different
+    ones raise the same ValueError, naming each rank's names, never a hang or a mixed-up value.
+    A name logged a different number of times on different ranks is averaged over all its
+    values. NaN and inf are reported as they are.
     """
+    if state.generation != state.lineage.generation:
+        raise_stale(state, "log")
     if metrics:
         values = {**metrics, **values}
     for name, value in values.items():
@@ -170,24 +227,39 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, **values: Any) -
             values[name] = value.detach()
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"log: {name} must be a number or a scalar tensor (got {type(value).__name__})")
-    state = state.evolve(pending_logs=(values, state.pending_logs))
+    pending = (values, state.pending_logs)
     # Report when the step count crosses a multiple of log_every: the same steps whether or not
     # the run was resumed from a checkpoint in between.
     every = state.config.log_every
     if state.step // every > state.logged_step // every:
-        state = flush_logs(state)
-    return state
+        # Advanced only once reported: a report that raises (names that differ across ranks)
+        # leaves `state` the current one.
+        return flush_logs(state.evolve(pending_logs=pending)).advance("log")
+    return state.advance("log", pending_logs=pending)
 
 
-def flush_logs(state: RunState) -> RunState:
-    """Report the buffered metrics now (`log` calls this; so does `finish`)."""
+def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
+    """Report the buffered metrics now, at `state.step` (`log` calls this; so does `finish`).
+
+    `every_rank`: every rank calls this now (`finish`), so a rank with nothing buffered still
+    takes part, with no names: a rank that logged a last value alone gets the names error, not
+    a hang.
+
+    Across ranks, the per-name sums and counts travel in one all-reduce. The metric names are
+    checked inside it: a rank whose names are those of the last report (which every rank agreed
+    on) adds 0 to a flag element, any other rank adds 1 (and zeros for the values). A flag that
+    comes back 0 proves that every rank logged the agreed names; otherwise (and at the first
+    report, or after a change of names) the ranks compare (count, hash) of their names in one
+    fixed-size all-gather, which cannot hang whatever the names, and then either all raise the
+    same error naming each rank's names, or all report the new names.
+    """
     entries = []
     node = state.pending_logs
     while node is not None:
         values, node = node
         entries.append(values)
     state = state.evolve(pending_logs=None, logged_step=state.step)
-    if not entries:
+    if not entries and not (every_rank and state.world_size > 1):
         return state
     entries.reverse()
     names = sorted({name for entry in entries for name in entry})
@@ -201,14 +273,62 @@ def flush_logs(state: RunState) -> RunState:
             total = torch.stack(tensors).to(device, torch.float32).sum()
             sums.append(total + plain if plain else total)
         else:
-            sums.append(torch.tensor(plain, device=device))
+            sums.append(torch.tensor(plain, device=device, dtype=torch.float32))
         counts.append(len(series))
-    vector = torch.stack(sums)
     if state.world_size > 1:
-        dist.all_reduce(vector)  # the sums of every rank: one collective per report
-    if state.is_main and state.hooks.on_log:
-        metrics = {name: total / (count * state.world_size)
-                   for name, total, count in zip(names, vector.tolist(), counts)}
+        totals, counts = _reduce_across_ranks(state, tuple(names), sums, counts, device)
+    else:
+        totals = torch.stack(sums).tolist()
+    if names and state.is_main and state.hooks.on_log:
+        metrics = {name: total / count for name, total, count in zip(names, totals, counts)}
         for hook in state.hooks.on_log:
             hook(state, metrics)
     return state
+
+
+def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: list, counts: list,
+                         device: torch.device) -> tuple[list[float], list[float]]:
+    """Every rank's summed values and counts per name, in one all-reduce when the names are the
+    agreed ones (see `flush_logs`); raises the same ValueError on every rank when they differ."""
+    lineage = state.lineage
+    agreed = lineage.log_names
+    if agreed is not None:
+        if names == agreed:
+            tail = torch.tensor([*counts, 0.0], device=device)
+            vector = torch.cat([*([torch.stack(sums)] if sums else []), tail])
+        else:  # agreed's length, so that the all-reduce matches the other ranks' and completes
+            vector = torch.zeros(2 * len(agreed) + 1, device=device)
+            vector[-1] = 1.0
+        dist.all_reduce(vector)
+        values = vector.tolist()
+        if values[-1] == 0.0:
+            n = len(names)
+            return values[:n], values[n:2 * n]
+    lineage.log_names = None
+    _check_same_names(state, names, device)
+    lineage.log_names = names
+    if not names:  # every rank agreed that there is nothing to report (a finish after a report)
+        return [], []
+    vector = torch.tensor(counts, device=device, dtype=torch.float32)
+    if sums:
+        vector = torch.cat([torch.stack(sums), vector])
+    dist.all_reduce(vector)
+    values = vector.tolist()
+    return values[:len(names)], values[len(names):]
+
+
+def _check_same_names(state: RunState, names: tuple[str, ...], device: torch.device) -> None:
+    digest = hashlib.blake2b("\0".join(names).encode(), digest_size=7).digest()
+    header = torch.tensor([len(names), int.from_bytes(digest, "big")], dtype=torch.int64, device=device)
+    headers = [torch.empty_like(header) for _ in range(state.world_size)]
+    dist.all_gather(headers, header)
+    if all(torch.equal(h, headers[0]) for h in headers):
+        return
+    every_rank: list[Any] = [None] * state.world_size
+    dist.all_gather_object(every_rank, list(names))  # the failure path only: the names, for the error
+    listed = "; ".join(f"rank {rank}: {', '.join(logged) or '(none)'}" for rank, logged in enumerate(every_rank))
+    raise ValueError(
+        f"log: the ranks logged different metric names for the report at step {state.step} ({listed}). "
+        "Every rank must log the same names between two reports: log each name on every rank, "
+        "or reduce a value only some ranks have with tl.reduce"
+    )

@@ -134,16 +134,23 @@ def join(requested_device: str | None, timeout_s: float, environ: Mapping[str, s
         timeout=timeout,
         device_id=device if device.type != "cpu" else None,
     )
-    # A worker that dies of an exception would otherwise abort (SIGABRT) in gloo's threads at
-    # interpreter exit, hiding its real exit code; leaving the group first exits cleanly.
-    atexit.register(leave_process_group)
-    sys.excepthook = _explain_distributed_failures(
-        sys.excepthook, store, rank, world_size, under_launcher="TORCHELASTIC_RUN_ID" in environ)
+    _current.update(store=store, rank=rank, world_size=world_size,
+                    under_launcher="TORCHELASTIC_RUN_ID" in environ)
+    if not _current.get("hooked"):
+        # Once per process, however many runs follow one another in it.
+        # A worker that dies of an exception would otherwise abort (SIGABRT) in gloo's threads at
+        # interpreter exit, hiding its real exit code; leaving the group first exits cleanly.
+        atexit.register(leave_process_group)
+        sys.excepthook = _explain_distributed_failures(sys.excepthook)
+        _current["hooked"] = True
     return attrs.evolve(topology, backend=backend, owns_process_group=True)
 
 
-def _explain_distributed_failures(excepthook, store: dist.Store, rank: int, world_size: int,
-                                  under_launcher: bool):
+# The process group this process joined last: what the excepthook needs to explain a failure.
+_current: dict = {}
+
+
+def _explain_distributed_failures(excepthook):
     """An excepthook that makes a failure across ranks point at its cause.
 
     - A collective that timed out: the ranks that also timed out say so in the store; the ranks
@@ -157,9 +164,16 @@ def _explain_distributed_failures(excepthook, store: dist.Store, rank: int, worl
     """
     def hook(kind, error, traceback):
         message = str(error)
-        if "timed out" in message.lower():
-            print(_hung_ranks(store, rank, world_size), file=sys.stderr, flush=True)
-        elif under_launcher and (isinstance(error, dist.DistBackendError) or "by peer" in message):
+        joined = dict(_current)
+        if "store" not in joined:
+            pass  # no process group joined by trainloop, or already left
+        elif "timed out" in message.lower():
+            print(_hung_ranks(joined["store"], joined["rank"], joined["world_size"]), file=sys.stderr, flush=True)
+        elif joined["under_launcher"] and (isinstance(error, dist.DistBackendError) or "by peer" in message):
+            if "by peer" in message:
+                print(f"trainloop: rank {joined['rank']} lost its connection to another rank: that "
+                      "rank's process died, or its machine did (on many machines, look at the other "
+                      "machines' output first). This rank stops too.", file=sys.stderr, flush=True)
             time.sleep(_PEER_FAILURE_GRACE_S)
         excepthook(kind, error, traceback)
 
@@ -187,6 +201,7 @@ _PEER_FAILURE_GRACE_S = 5.0
 
 def leave_process_group() -> None:
     """Destroy the default process group if one is joined (idempotent)."""
+    _current.pop("store", None)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         # gloo's worker threads release a finished collective's tensors a moment after the
@@ -203,12 +218,21 @@ _RELEASE_GRACE_S = 0.2
 
 def _rendezvous_store(env: Mapping[str, str], environ: Mapping[str, str], rank: int,
                       world_size: int, timeout: datetime.timedelta) -> dist.Store:
-    """The key-value store the ranks meet in.
+    """The key-value store the ranks meet in, under a key prefix no earlier group of theirs used.
 
     Under torch's elastic agent (`trainloop.spawn`, torchrun) the agent already serves a store at
-    MASTER_ADDR:MASTER_PORT and keeps it across restarts; workers of a restarted attempt would
-    read the previous attempt's keys and fail to connect (pytorch#135712), so each attempt gets
-    a key prefix of its own. Otherwise rank 0 serves the store.
+    MASTER_ADDR:MASTER_PORT; otherwise rank 0 serves it. Either way the store outlives a process
+    group, and a new group must never read an old one's keys: gloo would connect to the
+    addresses a destroyed group listened on and time out (seen when the ranks reach a second
+    `init` at different moments). So every join gets a prefix of its own, made of:
+
+    - the restart attempt: a restarted attempt's fresh workers meet in the agent's store, which
+      still holds the previous attempt's keys (pytorch#135712);
+    - the number of groups this process has joined: runs that follow one another in the same
+      processes (`init ... finish`, then `init` again) use one prefix each. Every rank counts
+      its own joins, so the count agrees as long as every rank runs the same sequence of runs.
+
+    The store itself is made once per process and reused: rank 0's server keeps its port.
     """
     if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
         raise RuntimeError(
@@ -216,8 +240,20 @@ def _rendezvous_store(env: Mapping[str, str], environ: Mapping[str, str], rank: 
             "`python -m trainloop.spawn -n N script.py` (or torchrun, or srun)"
         )
     host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
-    if environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
-        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
-        attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        return dist.PrefixStore(f"trainloop/attempt_{attempt}", store)
-    return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    under_agent = environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    key = (host, port, under_agent, rank, world_size)
+    store = _stores.get(key)
+    if store is None:
+        store = dist.TCPStore(host, port, world_size, is_master=not under_agent and rank == 0,
+                              timeout=timeout)
+        _stores[key] = store
+    else:
+        store.set_timeout(timeout)
+    _joins[key] = _joins.get(key, 0) + 1
+    attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"trainloop/attempt_{attempt}/join_{_joins[key]}", store)
+
+
+# Per process: the stores it met its peers in, and how many groups it joined through each.
+_stores: dict[tuple, dist.TCPStore] = {}
+_joins: dict[tuple, int] = {}

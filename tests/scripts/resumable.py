@@ -5,7 +5,9 @@ rank 0's final weights, optimizer state, LR, step and loss scale (fp16), and eve
 RNG draws, to `out`.
 
 `--kill-in-save STEP` SIGKILLs the process in the middle of writing the checkpoint of STEP (all
-files written, not yet renamed into place).
+files written, not yet renamed into place). `--kill-in-prune` SIGKILLs it in the middle of the
+first prune (`keep`), after one of the old checkpoint's files is deleted. `--slow-write` makes
+every write of a checkpoint file slower, so that background saves are in flight most of the time.
 """
 
 import argparse
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import trainloop as tl
 import trainloop.checkpoint
+import trainloop.checkpoint_files
 from reference import mse, regression_data, tiny_model
 from trainloop.callbacks import Checkpoint, LossScale
 
@@ -29,7 +32,11 @@ parser.add_argument("out")
 parser.add_argument("--epochs", type=int, default=3)
 parser.add_argument("--every", type=int, default=2)
 parser.add_argument("--slow", type=float, default=0.0, help="seconds to sleep per optimizer step")
+parser.add_argument("--keep", type=int, default=3)
+parser.add_argument("--slow-write", type=float, default=0.0,
+                    help="seconds each write of a checkpoint file takes longer (a slow disk)")
 parser.add_argument("--kill-in-save", type=int, default=None)
+parser.add_argument("--kill-in-prune", action="store_true")
 parser.add_argument("--precision", default="fp32")
 args = parser.parse_args()
 
@@ -43,8 +50,28 @@ if args.kill_in_save is not None:
 
     trainloop.checkpoint._replace_dir = replace_dir_or_die
 
+if args.slow_write:  # the background saves then span several steps: kills land mid-write
+    write = trainloop.checkpoint_files.HashingFile.write
+
+    def slow_write(self, data):
+        time.sleep(args.slow_write)
+        return write(self, data)
+
+    trainloop.checkpoint_files.HashingFile.write = slow_write
+
+if args.kill_in_prune:  # the run's first deletions are a prune's (it starts in a fresh directory)
+    unlink, unlinked = os.unlink, []
+
+    def unlink_or_die(*unlink_args, **kwargs):
+        unlink(*unlink_args, **kwargs)
+        unlinked.append(1)
+        if len(unlinked) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.unlink = unlink_or_die
+
 state = tl.init(accumulate=3, seed=11, precision=args.precision,
-                callbacks=[Checkpoint(args.checkpoints, every=args.every, keep=3)])
+                callbacks=[Checkpoint(args.checkpoints, every=args.every, keep=args.keep)])
 model = tiny_model(dropout=0.2)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)

@@ -2,12 +2,15 @@
 
 `--die-once DIR`: the first attempt's rank 1 kills itself (SIGKILL) mid-run; the marker file in
 DIR makes the restarted attempt run through.
+`--then-reduce DIR`: after saving, each worker writes its pid to DIR/<rank>.pid and all-reduces
+with the others until something stops the job (a test kills one machine).
 """
 
 import argparse
 import os
 import signal
 import sys
+import time
 
 import torch
 from torch.utils.data import DataLoader
@@ -19,6 +22,7 @@ from reference import mse, regression_data, tiny_model
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--die-once", default=None)
+parser.add_argument("--then-reduce", default=None)
 args = parser.parse_args()
 
 state = tl.init(seed=3)
@@ -38,4 +42,10 @@ for _epoch in range(loader.epoch, 2):
 if state.is_main:
     torch.save({"weights": tl.unwrap(model).state_dict(), "world_size": state.world_size,
                 "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))}, args.out)
+if args.then_reduce:
+    with open(os.path.join(args.then_reduce, f"{state.rank}.pid"), "w") as file:
+        file.write(str(os.getpid()))
+    while True:
+        tl.reduce(state, torch.ones(1))
+        time.sleep(0.05)
 tl.finish(state)
