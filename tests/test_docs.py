@@ -266,36 +266,44 @@ def _table_rows(text: str, heading: str) -> str:
     return "\n".join(line for line in text[start:end].splitlines() if line.startswith("| `"))
 
 
+def _written_arguments(rows: str, name: str) -> list[str]:
+    """The argument names of `name(...)` as a table writes it: `save(state, path, background=False, *, x=None)`."""
+    signature = re.search(rf"`{name}\(([^`]*)\)", rows).group(1)
+    return [re.match(r"\**(\w*)", part.strip()).group(1) for part in signature.split(",")]
+
+
 def test_readme_api_table_lists_every_public_function_with_its_arguments():
     rows = _table_rows(_readme(), "## API")
     documented = set(re.findall(r"`(\w+)\(", rows))
     public = {name for name in (*tl.__all__, "any", "all")
               if inspect.isfunction(getattr(tl, name))}
     assert public - documented == set(), "functions missing from README's API table"
-    for name in public:  # each argument of each function is named in its row
-        row = next(line for line in rows.splitlines() if f"`{name}(" in line)
+    for name in public:  # the signature written in the table names each argument
+        written = _written_arguments(rows, name)
         for parameter in inspect.signature(getattr(tl, name)).parameters.values():
-            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-                assert parameter.name in row, f"README API table: {name} lacks {parameter.name}"
+            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) and name != "init":
+                assert parameter.name in written, f"README API table: {name}({', '.join(written)}) lacks {parameter.name}"
 
 
 def test_readme_callbacks_table_lists_every_callback_with_its_arguments():
     rows = _table_rows(_readme(), "### Callbacks")
     bases = {"Callback", "Tracker", "CheckpointWarning"}
     for name in set(trainloop.callbacks.__all__) - bases:
-        row = next((line for line in rows.splitlines() if f"`{name}(" in line), None)
-        assert row is not None, f"README callbacks table lacks {name}"
+        assert f"`{name}(" in rows, f"README callbacks table lacks {name}"
+        written = _written_arguments(rows, name)
         for parameter in inspect.signature(getattr(trainloop.callbacks, name)).parameters.values():
             if parameter.kind != parameter.VAR_KEYWORD:
-                assert parameter.name in row, f"README callbacks table: {name} lacks {parameter.name}"
+                assert parameter.name in written, f"README callbacks table: {name}({', '.join(written)}) lacks {parameter.name}"
 
 
-def test_readme_lists_every_setting_in_init_and_spawn():
+def test_readme_lists_every_setting_with_its_default_and_flag():
     text = _readme()
-    init_row = next(line for line in _table_rows(text, "## API").splitlines() if "`init(" in line)
+    settings = _table_rows(text, "## Settings and precedence").splitlines()
     flags_row = next(line for line in text.splitlines() if line.startswith("| `--precision`"))
     for field in attrs.fields(Config):
-        assert f"`{field.name}`" in init_row, f"README's init row lacks the setting {field.name}"
+        row = next((line for line in settings if line.startswith(f"| `{field.name}` |")), None)
+        assert row is not None, f"README's settings table lacks {field.name}"
+        assert row.split("|")[2].strip().strip("`").strip('"') == str(field.default), f"default of {row}"
         assert f"`--{field.name.replace('_', '-')}`" in flags_row, f"README's flags lack --{field.name}"
 
 
