@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a training script on many processes (and machines) with torch's elastic "
                     "launcher. spawn reads its own flags up to the script's name; everything after "
                     "it goes to the script untouched.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # Each flag's help says its default itself (many defaults depend on SLURM or the machine).
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # `--n` is the script's flag, never a prefix of --nproc or --nnodes
     )
     launch = parser.add_argument_group("processes")
