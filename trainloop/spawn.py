@@ -300,11 +300,29 @@ def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
     """
     from torch.distributed.launcher.api import elastic_launch
 
+    _check_importable(fn)
     parsed = _validated_settings(settings)
     with _launcher_scope(parsed, n) as log_dir:
         config = launch_config(n, max_restarts=max_restarts, log_dir=log_dir)
         results = elastic_launch(config, InWorker(fn, os.getpid()))(*args)
     return results[0]
+
+
+def _check_importable(fn: Callable[..., Any]) -> None:
+    """Refuse, before any worker starts, a function the fresh worker processes cannot import."""
+    qualname = getattr(fn, "__qualname__", "")
+    main = sys.modules.get("__main__")
+    if "<" in qualname:  # a lambda or a function defined inside another function
+        where = f"{qualname} is a lambda or a nested function"
+    elif getattr(fn, "__module__", None) == "__main__" and not getattr(main, "__file__", None):
+        where = f"{qualname} is defined in a notebook cell or `python -c`"
+    else:
+        return
+    raise TypeError(
+        f"spawn.run needs a function the worker processes can import by name, but {where}: the "
+        "workers are fresh Python processes (not forks). Put it in a module (a .py file beside the "
+        "notebook) and import it from there."
+    )
 
 
 def rendezvous_failure(error: BaseException, nnodes: int, endpoint: str, join_timeout: int) -> str:
