@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     for field in SETTINGS:
         settings.add_argument(
             "--" + field.name.replace("_", "-"), dest=field.name, default=None, metavar="VALUE",
-            help=f"{field.metadata['help']} (default: {field.default})",
+            help=_with_default(field.metadata["help"], field.default),
         )
     parser.add_argument("-m", dest="module", action="store_true",
                         help="run the target as a module (python -m target), not a script")
@@ -306,6 +306,11 @@ def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
         config = launch_config(n, max_restarts=max_restarts, log_dir=log_dir)
         results = elastic_launch(config, InWorker(fn, os.getpid()))(*args)
     return results[0]
+
+
+def _with_default(help_text: str, default: Any) -> str:
+    """A setting's help with its default, unless the help already says it in words."""
+    return help_text if "(default:" in help_text else f"{help_text} (default: {default})"
 
 
 def _check_importable(fn: Callable[..., Any]) -> None:
