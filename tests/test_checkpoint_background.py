@@ -80,7 +80,8 @@ def test_a_background_checkpoint_equals_a_synchronous_one_of_the_same_step(tmp_p
 def test_one_save_in_flight_and_finish_waits_for_it(tmp_path, slow_disk):
     state, model, optimizer, batches = prepared_run()
     first = tl.save(state, tmp_path / "first", background=True)
-    second = tl.save(train(state, model, optimizer, batches, 1), tmp_path / "second", background=True)
+    state = train(state, model, optimizer, batches, 1)
+    second = tl.save(state, tmp_path / "second", background=True)
     assert first.done() and not second.done()  # the second save began after the first was done
     tl.finish(state)
     assert second.done() and verify(tmp_path / "second")["step"] == 1

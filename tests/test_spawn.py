@@ -103,6 +103,7 @@ def test_help_lists_every_flag_with_its_default():
                  "--timeout", "--device"):
         assert flag in output
     assert "(default: fp32)" in output and "(default: 1)" in output
+    assert "(default: None)" not in output  # each flag states its default once, in its own words
 
 
 def test_settings_from_a_toml_file_and_flags_reach_init(tmp_path):
@@ -248,3 +249,15 @@ def test_bad_trainloop_variables_already_set_are_refused_before_any_worker_start
     monkeypatch.setenv("TRAINLOOP_TIMEOUT", "30")
     monkeypatch.setenv("TRAINLOOP_PRECISON", "bf16")
     assert "unknown environment variable TRAINLOOP_PRECISON" in _command_line_error(capsys, "--accumulate", "2", script)
+
+
+def test_a_function_the_workers_cannot_import_is_refused_before_any_worker_starts():
+    with pytest.raises(TypeError, match="lambda or a nested function"):
+        spawn.run(lambda: 1, n=2)
+    # A function of a notebook cell (or `python -c`) lives in a __main__ without a file.
+    code = ("from trainloop import spawn\n"
+            "def train(): return 1\n"
+            "try:\n    spawn.run(train, n=2)\n"
+            "except TypeError as error:\n    print(error)\n")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "defined in a notebook cell" in shown.stdout, shown.stderr

@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     options = parser.parse_args(argv)
     report = collect()
-    print(json.dumps(report, indent=2) if options.json else format_report(report))
+    try:
+        print(json.dumps(report, indent=2) if options.json else format_report(report), flush=True)
+    except BrokenPipeError:  # `python -m trainloop env | head`: the reader has what it wanted
+        sys.stdout = None  # nothing more to flush at exit
     return 0
 
 

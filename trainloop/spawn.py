@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a training script on many processes (and machines) with torch's elastic "
                     "launcher. spawn reads its own flags up to the script's name; everything after "
                     "it goes to the script untouched.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # Each flag's help says its default itself (many defaults depend on SLURM or the machine).
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # `--n` is the script's flag, never a prefix of --nproc or --nnodes
     )
     launch = parser.add_argument_group("processes")
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     for field in SETTINGS:
         settings.add_argument(
             "--" + field.name.replace("_", "-"), dest=field.name, default=None, metavar="VALUE",
-            help=f"{field.metadata['help']} (default: {field.default})",
+            help=_with_default(field.metadata["help"], field.default),
         )
     parser.add_argument("-m", dest="module", action="store_true",
                         help="run the target as a module (python -m target), not a script")
@@ -299,11 +300,34 @@ def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
     """
     from torch.distributed.launcher.api import elastic_launch
 
+    _check_importable(fn)
     parsed = _validated_settings(settings)
     with _launcher_scope(parsed, n) as log_dir:
         config = launch_config(n, max_restarts=max_restarts, log_dir=log_dir)
         results = elastic_launch(config, InWorker(fn, os.getpid()))(*args)
     return results[0]
+
+
+def _with_default(help_text: str, default: Any) -> str:
+    """A setting's help with its default, unless the help already says it in words."""
+    return help_text if "(default:" in help_text else f"{help_text} (default: {default})"
+
+
+def _check_importable(fn: Callable[..., Any]) -> None:
+    """Refuse, before any worker starts, a function the fresh worker processes cannot import."""
+    qualname = getattr(fn, "__qualname__", "")
+    main = sys.modules.get("__main__")
+    if "<" in qualname:  # a lambda or a function defined inside another function
+        where = f"{qualname} is a lambda or a nested function"
+    elif getattr(fn, "__module__", None) == "__main__" and not getattr(main, "__file__", None):
+        where = f"{qualname} is defined in a notebook cell or `python -c`"
+    else:
+        return
+    raise TypeError(
+        f"spawn.run needs a function the worker processes can import by name, but {where}: the "
+        "workers are fresh Python processes (not forks). Put it in a module (a .py file beside the "
+        "notebook) and import it from there."
+    )
 
 
 def rendezvous_failure(error: BaseException, nnodes: int, endpoint: str, join_timeout: int) -> str:
