@@ -279,8 +279,8 @@ class Config:
         converter=_json_object,
         validator=_optional_tp_plan,
         metadata={"help": "tp > 1: module-name patterns -> 'colwise' | 'rowwise' | "
-                          "'sequence_parallel' (JSON, e.g. '{\"blocks.*.up\": \"colwise\"}'); "
-                          "none: a Hugging Face model's own base_model_tp_plan"},
+                          "'sequence_parallel' (JSON, e.g. '{\"blocks.*.up\": \"colwise\"}') "
+                          "(default: none: a Hugging Face model's own base_model_tp_plan)"},
     )
 
     def __attrs_post_init__(self) -> None:
