@@ -8,8 +8,8 @@ What is measured, and why it is fair:
 
 - One run state for every variant: a 25M-parameter MLP (6 x Linear(2000, 2000)) and its AdamW
   optimizer after one real step (every parameter has both moments): 289 MB on disk. One
-  process, the CPU, one torch thread; trainloop's own threads (the background writer, BLAKE3's
-  hashing) are part of what it costs.
+  process, the CPU, one torch thread; trainloop's own threads (the background writer, the
+  hashing beside each write, the staging copy split across idle cores) are part of what it costs.
 - Save variants, each into a new directory on one filesystem (`--dir`, default the system's
   temp directory):
   raw: `safetensors.torch.save_file(model.state_dict())` + `torch.save(optimizer.state_dict())`,
@@ -17,7 +17,7 @@ What is measured, and why it is fair:
   raw durable: the same, then each file, the directory and its parent fsynced.
   accelerate: `Accelerator.save_state` (its own copy of the model and optimizer).
   dcp: `torch.distributed.checkpoint.save` of `get_state_dict(model, optimizer)`, one process.
-  trainloop: `tl.save`: RNG states, counters, a manifest, every file hashed (BLAKE3) as it is
+  trainloop: `tl.save`: RNG states, counters, a manifest, every file hashed (XXH3-128) as it is
   written and fsynced, then an atomic rename: durable and verifiable when it returns.
   trainloop background: `tl.save(background=True)`; "blocked" is the time until it returns
   (the loop's stall: staging copies of the tensors), "committed" the time until its Future's

@@ -9,6 +9,7 @@ and ends bit-identical to the uninterrupted run.
 from __future__ import annotations
 
 import resource
+import shutil
 import signal
 import time
 from concurrent.futures import Future
@@ -163,12 +164,70 @@ def test_new_checkpoints_name_their_hash_and_files_are_hashed_as_written(tmp_pat
     state, *_ = prepared_run()
     tl.save(state, tmp_path / "saved")
     manifest = verify(tmp_path / "saved")
-    assert manifest["format_version"] == 2 and manifest["hash"] == "blake3"
+    assert manifest["format_version"] == 2 and manifest["hash"] == "xxh3_128"
     for name, record in manifest["files"].items():
-        assert record == checkpoint_files.file_record(tmp_path / "saved" / name, "blake3"), name
+        assert record == checkpoint_files.file_record(tmp_path / "saved" / name, "xxh3_128"), name
     # The weights file, written by trainloop's own streaming writer, is plain safetensors.
     weights = load_file(tmp_path / "saved" / "model.safetensors")
     assert all(torch.equal(weights[k], v) for k, v in state.models[0].state_dict().items())
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "blake3", "sha256"])
+def test_each_hash_algorithm_loads_and_refuses_a_flipped_byte(tmp_path, monkeypatch, algorithm):
+    """XXH3-128 is the default; checkpoints hashed with BLAKE3 (the first format-2 trainloop) or
+    SHA-256 (a machine without xxhash and blake3) still load, and a flipped byte in any of them is
+    refused. The large files are hashed beside their writes, so this covers the overlapped writer."""
+    from trainloop import checkpoint
+
+    monkeypatch.setattr(checkpoint, "default_hash", lambda: algorithm)
+    state, model, optimizer, batches = prepared_run()
+    state = train(state, model, optimizer, batches, 2)
+    saved = tl.save(state, tmp_path / "saved", background=True).result()
+    manifest = verify(saved)
+    assert manifest["hash"] == algorithm
+    for name, record in manifest["files"].items():
+        assert set(record) == {"size", algorithm}
+        assert record == checkpoint_files.file_record(saved / name, algorithm), name
+    fresh, fresh_model, fresh_optimizer, _ = prepared_run(seed=1)
+    fresh = tl.load(fresh, saved)
+    assert fresh.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(fresh_model.state_dict().values(), model.state_dict().values()))
+    for name in ("model.safetensors", "optimizer.pt"):
+        damaged = tmp_path / f"damaged-{name}"
+        shutil.copytree(saved, damaged)
+        data = bytearray((damaged / name).read_bytes())
+        data[len(data) * 2 // 3] ^= 0x10
+        (damaged / name).write_bytes(bytes(data))
+        spelled = {"xxh3_128": "XXH3-128", "blake3": "BLAKE3", "sha256": "SHA-256"}[algorithm]
+        with pytest.raises(CheckpointError, match=f"{name} does not match its {spelled} hash"):
+            tl.load(fresh, damaged)
+
+
+def test_large_writes_are_hashed_in_order_beside_the_write(tmp_path):
+    """The writer hashes a large buffer on another thread while writing it: the digest of many
+    writes, large and small interleaved, is the digest of the file they make."""
+    pieces = [bytes([i]) * size for i, size in enumerate([3, 5 << 20, 1, 2 << 20, 7, 9 << 20])]
+    record = checkpoint_files.write_file(tmp_path / "file", lambda f: [f.write(p) for p in pieces], "xxh3_128")
+    assert record == checkpoint_files.file_record(tmp_path / "file", "xxh3_128")
+    assert record["size"] == sum(map(len, pieces)) == (tmp_path / "file").stat().st_size
+    assert record["xxh3_128"] == checkpoint_files.hash_bytes(b"".join(pieces), "xxh3_128")
+
+
+def test_staging_copies_on_several_cores_are_exact(monkeypatch):
+    """A large CPU tensor is staged in pieces on several threads: every byte lands, small and
+    non-contiguous tensors too."""
+    from trainloop import checkpoint_staging
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(checkpoint_staging.os, "cpu_count", lambda: 4)
+    checkpoint_staging._copiers.cache_clear()
+    staging = checkpoint_staging.Staging()
+    tensors = {"big": torch.randn(3_000_007), "small": torch.arange(10), "strided": torch.randn(2000, 600).t()}
+    staged = staging.tree(tensors, ("t",))
+    staging.wait()
+    for name, tensor in tensors.items():
+        assert torch.equal(staged[name], tensor) and staged[name].data_ptr() != tensor.data_ptr(), name
+    assert checkpoint_staging._copiers.cache_info().currsize == 1  # the big one was split
 
 
 def v1_run():

@@ -12,8 +12,9 @@ A checkpoint is a directory:
         trainer.json         the counters, the loaders' positions, the optimizers' and
                              schedulers' classes (plain JSON)
 
-Format 2 (this one) hashes files with BLAKE3 and names the algorithm in the manifest; format 1
-(SHA-256) checkpoints still load. Under FSDP (`strategy="fsdp"`) the weights and the optimizers'
+Format 2 (this one) names the files' hash algorithm in the manifest: XXH3-128 for new
+checkpoints (see `trainloop.checkpoint_files` for why that is enough), BLAKE3 or SHA-256 in
+earlier ones, which still load, as do format-1 (SHA-256) checkpoints. Under FSDP (`strategy="fsdp"`) the weights and the optimizers'
 tensors are sharded instead: `__0_0.distcp`, `__1_0.distcp`, ... (each rank's shards) and
 `.metadata`, written by torch.distributed.checkpoint, take the place of the safetensors files,
 and `optimizer.pt` holds the optimizers' non-tensor state (hyperparameters, parameter names). A
@@ -91,7 +92,7 @@ __all__ = ["CheckpointError", "CheckpointWarning", "checkpoints_in", "export", "
            "save", "verify"]
 
 FORMAT = "trainloop-checkpoint"
-# 2: the manifest names its hash algorithm ("hash": "blake3"), and each file's record keys its
+# 2: the manifest names its hash algorithm ("hash": "xxh3_128"), and each file's record keys its
 # digest by it. 1: SHA-256 only, records {"size", "sha256"}; still read.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"

@@ -11,10 +11,19 @@ pass each way:
   a regular file, and checks the bytes against the record before returning them: what is then
   deserialized is exactly what was hashed.
 
-Hashes: BLAKE3 (the `blake3` package, a dependency; about 2-3x SHA-256's speed, on several
-threads for large buffers) for new checkpoints, SHA-256 for format-1 checkpoints and when
-`blake3` is not installed. The manifest names the algorithm, and a record keys the digest by it:
-`{"size": 4096, "blake3": "9f86..."}`. Every failure to read is a CheckpointError.
+Hashes: XXH3-128 (the `xxhash` package, a dependency; 28 GB/s on one core of the development
+machine: 4x BLAKE3 on one core, 2x BLAKE3 on two, 13x SHA-256) for new checkpoints; BLAKE3
+(`blake3`) when `xxhash` is not installed, SHA-256 when neither is, and for format-1 checkpoints.
+Every algorithm here stays readable. The manifest names the algorithm, and a record keys the
+digest by it: `{"size": 4096, "xxh3_128": "9f86..."}`. Every failure to read is a CheckpointError.
+
+Why a non-cryptographic hash is enough: the manifest sits beside the files it describes, so
+whoever can rewrite a file can rewrite the manifest too, and no hash stored there, however
+strong, authenticates a checkpoint. What the hash guards against is accidents: truncation,
+torn or partial writes, bit rot, files mixed up between checkpoints. A 128-bit hash whose
+every output bit depends on every input bit detects those as surely as SHA-256 does (a random
+change goes unnoticed with probability 2^-128). Authenticity, where it matters, comes from
+where the checkpoint is kept (permissions) or from signing its manifest.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import stat
 import struct
 import sys
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +49,18 @@ import torch
 
 from trainloop.errors import CheckpointError
 
-HASHES = ("blake3", "sha256")
-_SPELLED = {"blake3": "BLAKE3", "sha256": "SHA-256"}
+HASHES = ("xxh3_128", "blake3", "sha256")
+_SPELLED = {"xxh3_128": "XXH3-128", "blake3": "BLAKE3", "sha256": "SHA-256"}
+_PACKAGES = {"xxh3_128": "xxhash", "blake3": "blake3"}
 
 
 @functools.cache
 def default_hash() -> str:
-    """The algorithm new checkpoints are hashed with: BLAKE3, installed with trainloop; SHA-256
-    without it. (Looked up at the first save, not at `import trainloop`.)"""
-    return "blake3" if importlib.util.find_spec("blake3") is not None else "sha256"
+    """The algorithm new checkpoints are hashed with: XXH3-128 (`xxhash`, installed with
+    trainloop); BLAKE3 without it, SHA-256 without either. (Looked up at the first save, not at
+    `import trainloop`.)"""
+    return next((algorithm for algorithm, package in _PACKAGES.items()
+                 if importlib.util.find_spec(package) is not None), "sha256")
 
 _BLOCK = 8 << 20  # bytes per read when a file is only hashed: big enough for BLAKE3's threads
 
@@ -56,12 +69,18 @@ def new_hash(algorithm: str) -> Any:
     """A hashlib-style object (`update`, `hexdigest`) for `algorithm`, one of HASHES."""
     if algorithm == "sha256":
         return hashlib.sha256()
-    if algorithm == "blake3":
+    if algorithm in _PACKAGES:
         try:
+            if algorithm == "xxh3_128":
+                from xxhash import xxh3_128
+
+                return xxh3_128()
             from blake3 import blake3
+
+            return blake3(max_threads=blake3.AUTO)
         except ImportError:
-            raise CheckpointError("this checkpoint is hashed with BLAKE3: pip install blake3 to read it") from None
-        return blake3(max_threads=blake3.AUTO)
+            raise CheckpointError(f"this checkpoint is hashed with {_SPELLED[algorithm]}: "
+                                  f"pip install {_PACKAGES[algorithm]} to read it") from None
     raise CheckpointError(f"unknown hash algorithm {algorithm!r} (this trainloop knows {', '.join(HASHES)})")
 
 
@@ -83,6 +102,15 @@ def fsync(path: Path) -> None:
 # -- writing -----------------------------------------------------------------------------------
 
 
+_OVERLAP_FROM = 1 << 20  # bytes from which a write is hashed beside it, not before it
+
+
+@functools.cache
+def _hasher() -> ThreadPoolExecutor:
+    """The threads that hash large writes while they are written (one per file in flight)."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="trainloop-hash")
+
+
 class HashingFile:
     """A new file, written front to back: hashed as it is written, fsynced when closed.
 
@@ -98,12 +126,22 @@ class HashingFile:
         self.size = 0
 
     def write(self, data: Any) -> int:
+        """Write and hash `data`; a large buffer is hashed on a helper thread while this one
+        writes it (both release the GIL), so that the hash costs no time of its own."""
         view = memoryview(data).cast("B")
+        hashing = None
         if self.digest is not None:
-            self.digest.update(view)
-        written = 0
-        while written < len(view):
-            written += os.write(self.fd, view[written:])
+            if len(view) >= _OVERLAP_FROM:
+                hashing = _hasher().submit(self.digest.update, view)
+            else:
+                self.digest.update(view)
+        try:
+            written = 0
+            while written < len(view):
+                written += os.write(self.fd, view[written:])
+        finally:
+            if hashing is not None:
+                hashing.result()  # the digest is updated in order, before the next write
         self.size += len(view)
         return len(view)
 

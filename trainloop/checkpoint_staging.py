@@ -19,6 +19,8 @@ committed (the write is all-or-nothing, see `trainloop.checkpoint`).
 from __future__ import annotations
 
 import copy
+import functools
+import os
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,7 +47,9 @@ class Staging:
             self._buffers[key] = buffer
         if tensor.device.type != "cpu":
             self._devices.add(tensor.device)
-        buffer.copy_(tensor, non_blocking=True)
+            buffer.copy_(tensor, non_blocking=True)
+        else:
+            _copy_on_cores(buffer, tensor)
         return buffer
 
     def tree(self, obj: Any, key: tuple) -> Any:
@@ -67,6 +71,32 @@ class Staging:
 
     def release(self) -> None:
         self._buffers.clear()
+
+
+_SPLIT_FROM = 4 << 20  # bytes from which a CPU copy is shared between cores
+
+
+def _copy_on_cores(buffer: torch.Tensor, tensor: torch.Tensor) -> None:
+    """`buffer.copy_(tensor)` on the CPU, a large one split across the cores that torch's own
+    intra-op threads leave idle (a run limited to one thread per process): the loop is stalled
+    while it stages, so idle cores shorten the stall, and the save's commit with it."""
+    pieces = min(4, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
+    size = tensor.numel() * tensor.element_size()
+    if pieces < 2 or size < _SPLIT_FROM or not (tensor.is_contiguous() and buffer.is_contiguous()):
+        buffer.copy_(tensor)
+        return
+    source, target = tensor.reshape(-1), buffer.view(-1)
+    bounds = [source.numel() * i // pieces for i in range(pieces + 1)]
+    parts = [(target[a:b], source[a:b]) for a, b in zip(bounds, bounds[1:])]
+    copies = [_copiers().submit(t.copy_, s) for t, s in parts[1:]]  # copy_ releases the GIL
+    parts[0][0].copy_(parts[0][1])
+    for copy_done in copies:
+        copy_done.result()
+
+
+@functools.cache
+def _copiers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=3, thread_name_prefix="trainloop-stage")
 
 
 class SaveFuture(Future):
