@@ -178,6 +178,29 @@ def test_log_reports_means_every_log_every_steps_without_reading_tensors_early()
                        (5, {"constant": 1.0, "value": 4.0})]
 
 
+def test_a_report_with_no_on_log_hook_drops_the_buffer_and_a_later_tracker_gets_only_new_values():
+    reports = []
+
+    class Recorder(Callback):
+        def on_log(self, state, metrics):
+            reports.append((state.step, metrics))
+
+    model = tiny_model()
+    state = tl.init(log_every=2)
+    state, model, opt = tl.prepare(state, model, torch.optim.SGD(model.parameters(), lr=0.0))
+    x, y = regression_data(4).tensors
+    for i in range(3):
+        state = tl.step(tl.backward(state, mse(model, x, y)), opt)
+        state = tl.log(state, value=torch.tensor(float(i)))
+        if i == 1:  # the report at step 2, with no one to receive it: buffer dropped, step noted
+            assert state.pending_logs is None and state.logged_step == 2
+    state = tl.attach(state, Recorder())
+    state = tl.step(tl.backward(state, mse(model, x, y)), opt)
+    state = tl.log(state, value=torch.tensor(10.0))
+    tl.finish(state)
+    assert reports == [(4, {"value": 6.0})]  # the mean of 2 and 10: the values since step 2
+
+
 def test_hooks_fire_in_order_and_only_when_overridden():
     calls = []
 
