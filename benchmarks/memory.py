@@ -29,7 +29,8 @@ first time, and the pages of a memory-mapped checkpoint that a load read, while 
 open (the page cache's, reclaimable and shared between processes). So a sampling thread also
 records the peak of the anonymous part alone (RssAnon, every 2 ms): "peak anon" is the memory
 the process itself allocated (a spike shorter than 2 ms can escape it; "peak" never misses one).
-Each job runs its measured work twice and reports the second run (see REHEARSAL_ENV).
+Each job runs its measured work twice and reports the second run (see REHEARSAL_ENV; not with
+`--quick`).
 
 Rows whose wiring is not in this trainloop (HSDP, activation checkpointing, meta-init in
 prepare) are skipped with a message saying what is missing. Figures are printed, never asserted:
@@ -144,10 +145,11 @@ def _all_ranks(state, report: dict) -> list[dict]:
 # -- table 1: strategies -----------------------------------------------------------------------------
 
 
-def strategy_job(settings: dict, width: int, depth: int, batch: int, sequence: int) -> list[dict]:
+def strategy_job(settings: dict, width: int, depth: int, batch: int, sequence: int, rehearse: bool) -> list[dict]:
     """One strategy: build, prepare, step, backward; what each rank holds and its peak."""
-    _train_once(settings, width, depth, batch, sequence)  # see REHEARSAL
-    gc.collect()  # wrappers' hooks make reference cycles: free the rehearsal's model now
+    if rehearse:  # see REHEARSAL_ENV
+        _train_once(settings, width, depth, batch, sequence)
+        gc.collect()  # wrappers' hooks make reference cycles: free the rehearsal's model now
     state, report = _train_once(settings, width, depth, batch, sequence)
     reports = _all_ranks(state, report)
     tl.finish(state)
@@ -205,10 +207,11 @@ def wiring_problem(label: str, ranks: list[dict]) -> str | None:
 # -- table 2: whole build vs meta-init ---------------------------------------------------------------
 
 
-def build_job(on_meta: bool, file: str, width: int, depth: int) -> list[dict]:
+def build_job(on_meta: bool, file: str, width: int, depth: int, rehearse: bool) -> list[dict]:
     """Build (whole, or under empty_weights), prepare with FSDP2, load the file; peak and equality."""
-    _build_and_load(on_meta, file, width, depth)  # see REHEARSAL
-    gc.collect()
+    if rehearse:  # see REHEARSAL_ENV
+        _build_and_load(on_meta, file, width, depth)
+        gc.collect()
     state, report = _build_and_load(on_meta, file, width, depth)
     reports = _all_ranks(state, report)
     tl.finish(state)
@@ -298,7 +301,8 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=4, help="ranks of the strategy table (even)")
     parser.add_argument("--tables", default="strategies,builds",
                         help="which tables to measure: strategies, builds, or both (comma-separated)")
-    parser.add_argument("--quick", action="store_true", help="a tiny model on 2 ranks, for a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny model on 2 ranks, no rehearsal runs: a smoke run of the code paths")
     args = parser.parse_args()
     if args.quick:
         args.width, args.depth, args.batch, args.sequence, args.nproc = 32, 2, 2, 8, 2
@@ -328,7 +332,7 @@ def measure_strategies(args: argparse.Namespace) -> None:
         reason = missing_wiring(label, settings)
         if reason is None:
             ranks = spawn.run(strategy_job, settings, args.width, args.depth, args.batch, args.sequence,
-                              n=args.nproc)
+                              not args.quick, n=args.nproc)
             reason = wiring_problem(label, ranks)
             if reason is None:
                 strategies[label] = ranks
@@ -343,7 +347,7 @@ def measure_builds(args: argparse.Namespace) -> None:
 
         file = str(Path(directory) / "weights.safetensors")
         save_file(Net(args.width, args.depth, seed=1).state_dict(), file)
-        builds = {label: spawn.run(build_job, on_meta, file, args.width, args.depth, n=2)
+        builds = {label: spawn.run(build_job, on_meta, file, args.width, args.depth, not args.quick, n=2)
                   for label, on_meta in (("whole", False), ("meta-init", True))}
     print_builds(builds)
 
