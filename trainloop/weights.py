@@ -10,8 +10,9 @@ The checkpoint is one `.safetensors` file, or a directory holding a Hugging Face
 `model.safetensors`. Files are memory-mapped (safetensors' `safe_open`), and a tensor is read
 one slice at a time: a parameter sharded as a `DTensor` (FSDP2, HSDP, tensor parallelism) reads
 only the region its local shard covers, worked out from its placements; a whole parameter
-(DDP, one process) reads the whole tensor. So a rank's peak memory is its shards plus one tensor
-slice in flight, never the model.
+(DDP, one process) reads the whole tensor. Each file is re-opened after every 16 MiB read
+through it, which unmaps the pages read so far. So a rank's peak memory is its shards plus one
+tensor slice in flight and a few MiB of mapped file, never the model.
 
 The model is the one `prepare` returned (its wrappers are looked through: `tl.unwrap`) or the
 user's module itself, also one built under `empty_weights()`: a parameter or buffer still on the
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -70,10 +70,10 @@ def load_weights(state: RunState, model: nn.Module, path: str | Path, *, strict:
     module = unwrap(model)
     files = checkpoint_files(Path(path))
     groups = _tensor_groups(module)
-    with _open_all(files) as readers:
-        plan, result = _plan(groups, files, readers, strict)
+    with contextlib.closing(_MappedFiles()) as mapped:
+        plan, result = _plan(groups, files, mapped, strict)
         for name, tensor in plan:
-            _load_one(readers[files[name]], name, tensor, state.device)
+            _load_one(mapped, files[name], name, tensor, state.device)
     return result
 
 
@@ -108,17 +108,47 @@ def _tensor_groups(module: nn.Module) -> list[tuple[list[str], torch.Tensor]]:
     return list(by_identity.values())
 
 
-@contextlib.contextmanager
-def _open_all(files: dict[str, Path]) -> Iterator[dict[Path, Any]]:
-    """Each file safe_open-ed once (memory-mapped: reading a slice touches only its pages)."""
-    from safetensors import safe_open
+class _MappedFiles:
+    """The checkpoint's files, opened with safe_open (memory-mapped) when first needed.
 
-    with contextlib.ExitStack() as stack:
-        yield {path: stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-               for path in sorted(set(files.values()))}
+    A value read from a mapped file is a view of the mapping: the pages it touches count as this
+    process's resident memory until the mapping is closed (with the kernel's large folios often
+    twice the bytes asked for). Each file is therefore closed and re-opened after every
+    `window` bytes read through it, so a load's resident file pages stay bounded, whatever the
+    checkpoint's size. Re-opening re-reads only the file's header.
+    """
+
+    window = 16 * 2**20
+
+    def __init__(self) -> None:
+        self._open: dict[Path, Any] = {}
+        self._read: dict[Path, int] = {}
+
+    def reader(self, path: Path) -> Any:
+        if path not in self._open:
+            from safetensors import safe_open
+
+            handle = safe_open(path, framework="pt", device="cpu")
+            self._open[path] = (handle, handle.__enter__())
+            self._read[path] = 0
+        return self._open[path][1]
+
+    def done_reading(self, path: Path, nbytes: int) -> None:
+        """Count `nbytes` read from `path` (and already copied out of the mapping)."""
+        self._read[path] += nbytes
+        if self._read[path] >= self.window:
+            self._close(path)
+
+    def _close(self, path: Path) -> None:
+        handle, _ = self._open.pop(path)
+        handle.__exit__(None, None, None)
+
+    def close(self) -> None:
+        for path in list(self._open):
+            self._close(path)
 
 
-def _plan(groups, files, readers, strict: bool) -> tuple[list[tuple[str, torch.Tensor]], LoadResult]:
+def _plan(groups, files, mapped: _MappedFiles, strict: bool) -> tuple[list[tuple[str, torch.Tensor]], LoadResult]:
     """Which checkpoint name loads into which tensor; every problem found, raised at once."""
     from torch.distributed.tensor import DTensor
 
@@ -132,7 +162,7 @@ def _plan(groups, files, readers, strict: bool) -> tuple[list[tuple[str, torch.T
             if tensor.is_meta or (isinstance(tensor, DTensor) and tensor.to_local().is_meta):
                 problems.append(f"{names[0]}: not in the checkpoint, and still on the meta device")
             continue
-        stored = readers[files[found]].get_slice(found)
+        stored = mapped.reader(files[found]).get_slice(found)
         shape, dtype = tuple(stored.get_shape()), stored.get_dtype()
         if shape != tuple(tensor.shape):
             problems.append(f"{found}: checkpoint shape {shape}, model shape {tuple(tensor.shape)}")
@@ -164,21 +194,27 @@ def _is_floating(safetensors_dtype: str) -> bool:
     return safetensors_dtype.startswith(("F", "BF"))  # F64, F32, F16, BF16, F8_E4M3, F8_E5M2, ...
 
 
-def _load_one(reader: Any, name: str, tensor: torch.Tensor, device: torch.device) -> None:
+def _load_one(mapped: _MappedFiles, path: Path, name: str, tensor: torch.Tensor, device: torch.device) -> None:
     """Read `name`'s values for `tensor` (this rank's region of it) and put them in, in place."""
     from torch.distributed.tensor import DTensor
 
+    reader = mapped.reader(path)
     with torch.no_grad():
         if isinstance(tensor, DTensor):
             local = tensor.to_local()
             local.copy_(_local_values(reader, name, tensor))
+            nbytes = local.numel() * local.element_size()
         elif tensor.is_meta:
-            values = reader.get_tensor(name).to(device=device, dtype=tensor.dtype)
+            # A copy (never a view of the mapped file) in the model's dtype, on the run's device.
+            values = reader.get_tensor(name).to(device=device, dtype=tensor.dtype, copy=True)
             replacement = (nn.Parameter(values, requires_grad=tensor.requires_grad)
                            if isinstance(tensor, nn.Parameter) else values)
             torch.utils.swap_tensors(tensor, replacement)
+            nbytes = values.numel() * values.element_size()
         else:
             tensor.copy_(reader.get_tensor(name))
+            nbytes = tensor.numel() * tensor.element_size()
+    mapped.done_reading(path, nbytes)
 
 
 def _local_values(reader: Any, name: str, tensor: torch.Tensor) -> torch.Tensor:
