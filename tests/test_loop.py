@@ -235,3 +235,21 @@ def test_prepare_returns_objects_in_the_order_given():
     assert isinstance(p_loader, tl.PreparedLoader) and p_sched is sched and p_opt is opt
     assert tl.unwrap(p_model) is model
     assert state.models == (p_model,) and state.loaders == (p_loader,)
+
+
+def test_log_takes_scalars_of_shapes_0_and_1_under_one_name():
+    reports = []
+
+    class Recorder(Callback):
+        def on_log(self, state, metrics):
+            reports.append(metrics)
+
+    model = tiny_model()
+    state = tl.init(log_every=2, callbacks=[Recorder()])
+    state, model, opt = tl.prepare(state, model, torch.optim.SGD(model.parameters(), lr=0.0))
+    x, y = regression_data(4).tensors
+    for value in (torch.tensor(1.0), torch.tensor([3.0])):  # () and (1,): e.g. a sum over a dim
+        state = tl.step(tl.backward(state, mse(model, x, y)), opt)
+        state = tl.log(state, value=value)
+    tl.finish(state)
+    assert reports == [{"value": 2.0}]

@@ -261,3 +261,10 @@ def test_a_function_the_workers_cannot_import_is_refused_before_any_worker_start
             "except TypeError as error:\n    print(error)\n")
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "defined in a notebook cell" in shown.stdout, shown.stderr
+
+
+def test_a_mapping_setting_reaches_the_workers_as_json(monkeypatch):
+    seen = {}
+    with spawn._launcher_scope({"tp_plan": {"blocks.*.up": "colwise"}}, 1):
+        seen.update(os.environ)
+    assert json.loads(seen["TRAINLOOP_TP_PLAN"]) == {"blocks.*.up": "colwise"}

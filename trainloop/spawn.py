@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -261,7 +262,8 @@ def _launcher_scope(settings: Mapping[str, Any], nproc: int) -> Iterator[str]:
     log_dir = tempfile.mkdtemp(prefix="trainloop-spawn-")
     try:
         for name, value in settings.items():
-            os.environ[env_name(name)] = str(value)
+            # A mapping (tp_plan) travels as JSON, which the setting's parser reads back.
+            os.environ[env_name(name)] = json.dumps(value) if isinstance(value, dict) else str(value)
         if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
             os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
         yield log_dir

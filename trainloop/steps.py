@@ -278,6 +278,8 @@ def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
         tensors = [v for v in series if isinstance(v, torch.Tensor)]
         plain = float(sum(v for v in series if not isinstance(v, torch.Tensor)))
         if tensors:  # one stack and one sum per name, whatever the number of values
+            if len({t.shape for t in tensors}) > 1:  # scalars of shapes () and (1,) mixed
+                tensors = [t.reshape(()) for t in tensors]
             total = torch.stack(tensors).to(device, torch.float32).sum()
             sums.append(total + plain if plain else total)
         else:
