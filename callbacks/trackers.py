@@ -223,8 +223,11 @@ class TensorBoard(Tracker):
     def start(self, config: dict[str, Any], resume_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        existing = list(self.logdir.glob("events.out.tfevents.*"))
         # A resumed run recorded its config when it began, unless it never wrote anything.
-        recorded = resume_step is not None and any(self.logdir.glob("events.out.tfevents.*"))
+        recorded = resume_step is not None and bool(existing)
+        if resume_step is not None:
+            _after_every_event_file(existing)
         self._writer = SummaryWriter(str(self.logdir), purge_step=resume_step)
         if not recorded:
             self._record_config(config)
@@ -250,6 +253,20 @@ class TensorBoard(Tracker):
 
     def __repr__(self) -> str:
         return f"TensorBoard({str(self.logdir)!r})"
+
+
+def _after_every_event_file(files: list[Path]) -> None:
+    """Wait, if need be, until the second after the newest event file's.
+
+    TensorBoard reads a logdir's event files in name order, and a name is
+    `events.out.tfevents.<whole seconds>.<host>.<pid>.<counter>`: a resumed run's file made in
+    the same second by the same process (runs in a row, tests) can sort before the older one
+    (counter 10 before 9), and its purge would then hide its own values instead of the crashed
+    run's.
+    """
+    newest = max((int(f.name.split(".")[3]) for f in files if f.name.split(".")[3].isdigit()), default=0)
+    while int(time.time()) <= newest:
+        time.sleep(0.05)
 
 
 class WandB(Tracker):

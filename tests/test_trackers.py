@@ -506,3 +506,16 @@ def test_a_killed_and_resumed_run_continues_the_same_tracker_runs_without_repeat
     assert [line["step"] for line in read_jsonlines(tmp_path / "metrics.jsonl")] == every_second_step
     [run_id] = mlflow_run_ids(tmp_path / "ml", "killed")
     assert [step for step, _ in read_mlflow(tmp_path / "ml", run_id)] == every_second_step
+
+
+def test_a_resumed_tensorboard_file_sorts_after_every_older_one(tmp_path):
+    # TensorBoard reads event files in name order; names hold whole seconds, then a counter that
+    # sorts as text (10 before 9): a resumed writer waits for a second of its own.
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now:010d}.host.1.9").write_bytes(b"")
+    tracker = TensorBoard(tmp_path)
+    tracker.start({}, resume_step=3)
+    tracker.close()
+    names = sorted(path.name for path in tmp_path.glob("events.out.tfevents.*"))
+    assert len(names) == 2 and names[-1] != f"events.out.tfevents.{now:010d}.host.1.9"
+    assert int(names[-1].split(".")[3]) > now
