@@ -60,7 +60,7 @@ from trainloop import spawn
 # The workers re-import this file by path, with no guarantee that its directory is on their
 # sys.path: put it there, so that `fsdp` (benchmarks/fsdp.py) resolves in them as in the script.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fsdp import held_bytes  # noqa: E402  (parameters, gradients, optimizer state of a rank)
+from fsdp import held_bytes
 
 MIB = 2**20
 # Each job runs its measured work twice and reports the second run: the first run of a process

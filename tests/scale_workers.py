@@ -10,11 +10,11 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from fsdp_workers import BlockModel
 from torch import nn
 from torch.utils.data import DataLoader
 
 import trainloop as tl
-from fsdp_workers import BlockModel
 from reference import mse, regression_data, tiny_model
 from trainloop.bigmodel import empty_weights
 from trainloop.forwarding import wrapper_layers

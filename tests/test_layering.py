@@ -169,8 +169,8 @@ def strategy_branches(source: str) -> list[str]:
                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr"
                and len(node.args) == 2 and getattr(node.args[1], "value", None) in WRAPPER_ATTRIBUTES]
     types = [ast.unparse(node) for node in ast.walk(tree)
-             if isinstance(node, ast.Attribute) and node.attr in STRATEGY_TYPES
-             or isinstance(node, ast.Name) and node.id in STRATEGY_TYPES]
+             if (isinstance(node, ast.Attribute) and node.attr in STRATEGY_TYPES)
+             or (isinstance(node, ast.Name) and node.id in STRATEGY_TYPES)]
     return named + sniffed + types
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from fsdp_workers import BlockModel
 from scale_workers import MESH_SAMPLES, MeshModel, Rotary, RotaryModel, WithSpare, four_rank_checks, two_rank_checks
+from torch.utils.data import DataLoader
 
 import trainloop as tl
 from reference import big_batch_reference, epoch_order, mse, regression_data, tiny_model

@@ -87,7 +87,7 @@ class Lineage:
     with the same names checks them inside its one collective (see `trainloop.steps.flush_logs`).
     """
 
-    __slots__ = ("generation", "made_by", "finished", "log_names")
+    __slots__ = ("finished", "generation", "log_names", "made_by")
 
     def __init__(self) -> None:
         self.generation = 0

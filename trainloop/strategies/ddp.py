@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from trainloop import forwarding
+from trainloop.forwarding import unwrap, wrapper_layers
 from trainloop.strategies import blocks
 from trainloop.strategies.base import WholeModel, refuse_mesh
 from trainloop.strategies.meta_init import materialize
-from trainloop.forwarding import unwrap, wrapper_layers
 
 if TYPE_CHECKING:
     from trainloop.config import Config

@@ -34,14 +34,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from trainloop.precision import AUTOCAST_DTYPES
-from trainloop.strategies.base import clip, rebind
+from trainloop.forwarding import unwrap
 from trainloop.mesh import Mesh, build_mesh, mesh_shape
+from trainloop.precision import AUTOCAST_DTYPES
 from trainloop.strategies import blocks
+from trainloop.strategies.base import clip, rebind
 from trainloop.strategies.blocks import find_blocks
 from trainloop.strategies.meta_init import materialize
 from trainloop.topology import leave_process_group
-from trainloop.forwarding import unwrap
 
 if TYPE_CHECKING:
     from trainloop.config import Config

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from trainloop.forwarding import unwrap
-
 from trainloop.strategies import blocks
 from trainloop.strategies.base import WholeModel
 from trainloop.strategies.meta_init import materialize
