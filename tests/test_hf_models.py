@@ -267,3 +267,12 @@ def test_pipeline_takes_keyword_inputs_and_refuses_values_it_was_not_traced_for(
     scale, shape = checks["refusals"]
     assert "traced with scale=2.0, got scale=3.0" in scale
     assert "traced for inputs float32[4, 8], mask=float32[4, 8], got float32[4, 8], mask=float32[4, 4]" in shape
+
+
+def test_fsdp_blocks_default_to_the_models_own_no_split_modules():
+    from trainloop.strategies.blocks import find_blocks
+
+    model = tiny_gpt2(layers=2)  # declares _no_split_modules = ["GPT2Block"]
+    blocks = find_blocks(model)
+    assert [type(block).__name__ for block in blocks] == ["GPT2Block", "GPT2Block"]
+    assert {id(block) for block in blocks} == {id(layer) for layer in model.transformer.h}

@@ -109,7 +109,7 @@ def device_map(model: nn.Module, max_memory: Mapping[str | int, int | str] | str
     `max_memory` or `no_split`.
     """
     budgets = _budgets(max_memory)
-    keep_whole = _no_split_test(_declared_no_split(model) if no_split is None else no_split)
+    keep_whole = _no_split_test(declared_no_split(model) if no_split is None else no_split)
     placement: dict[str, str] = {}
     counted: set[int] = set()  # ids of the tensors already placed: a tied weight is counted once
     device_index, used = 0, 0
@@ -152,7 +152,7 @@ def _uncounted(tensors: list[torch.Tensor], counted: set[int]) -> list[torch.Ten
     return [tensor for tensor in tensors if id(tensor) not in counted]
 
 
-def _declared_no_split(model: nn.Module) -> list[str]:
+def declared_no_split(model: nn.Module) -> list[str]:
     """The class names a model's modules declare in `_no_split_modules` (Hugging Face's convention)."""
     names: list[str] = []
     for module in model.modules():

@@ -23,7 +23,8 @@ def find_blocks(model: nn.Module, class_names: str = "") -> list[nn.Module]:
 
     Innermost first.
 
-    `class_names` ("Block" or "Block,Head"): every submodule of those classes. Empty: the
+    `class_names` ("Block" or "Block,Head"): every submodule of those classes. Empty: those the
+    model declares in `_no_split_modules` (Hugging Face's convention: its decoder layers), else the
     children that hold parameters of the model's largest `nn.ModuleList` (by parameter count),
     and none (a warning: the root alone is sharded, and gathered whole) when it has none.
     Raises ValueError naming the classes the model does not contain.
@@ -39,6 +40,12 @@ def find_blocks(model: nn.Module, class_names: str = "") -> list[nn.Module]:
                 f"of that class; its module classes are {present}"
             )
         return found[::-1]  # modules() is pre-order: reversed, inner blocks come before outer ones
+    from trainloop.bigmodel.placement import declared_no_split  # lazily: bigmodel's imports
+
+    declared = set(declared_no_split(model))  # a Hugging Face model names its blocks itself
+    found = [m for m in model.modules() if m is not model and type(m).__name__ in declared]
+    if found:
+        return found[::-1]
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     largest = max(lists, key=_parameter_count, default=None)
     if largest is None or _parameter_count(largest) == 0:
