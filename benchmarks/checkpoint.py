@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
 import logging
 import os
 import shutil
@@ -203,8 +204,9 @@ def measure(run: Run, scratch: Path, rounds: int, warmup: int) -> dict[str, list
         if round_index >= 0:
             times.setdefault(key, []).append(milliseconds)
 
+    variants = tuple(v for v in VARIANTS if v != "accelerate" or importlib.util.find_spec("accelerate"))
     for round_index in range(-warmup, rounds):
-        for variant in rotated(VARIANTS, round_index):
+        for variant in rotated(variants, round_index):
             directory = scratch / f"{variant.replace(' ', '-')}-{round_index}"
             if variant == "trainloop background":
                 blocked, committed = background_save(run, directory)
@@ -253,6 +255,8 @@ def main() -> int:
         megabytes = checkpoint_mb(run, scratch)
         times = measure(run, scratch, rounds, warmup=1)
     print(f"  {megabytes:.1f} MB on disk (trainloop's checkpoint)")
+    if importlib.util.find_spec("accelerate") is None:
+        print("  accelerate is not installed (pip install -e .[bench]): its rows are left out")
 
     print(TABLE_HEADER)
     ratios = {}
