@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 import trainloop as tl
 from reference import regression_data, tiny_model
 from trainloop.callbacks import Checkpoint, CheckpointWarning
-from trainloop.checkpoint import CheckpointError, _canonical_hash, verify
+from trainloop.checkpoint import CheckpointError, verify
+from trainloop.checkpoint.manifest import _canonical_hash
 
 NEWEST = "step-00000002"
 

@@ -10,7 +10,7 @@ of already-reduced shards is the only traffic).
     shape = mesh_shape(state.config, state.world_size)  # validates; resolves dp_shard=-1
     mesh = build_mesh(shape, state.device.type)          # a `Mesh`: torch DeviceMeshes
     fully_shard(block, mesh=mesh.fsdp_mesh)              # 1-D dp_shard, or 2-D for HSDP
-    apply_tp_plan(model, mesh.tp_mesh, plan)             # trainloop.tensor_parallel
+    apply_tp_plan(model, mesh.tp_mesh, plan)             # trainloop.strategies.tensor_parallel
     mesh.data_parallel_rank, mesh.data_parallel_size     # what the loaders shard by
     mesh.data_parallel_group                             # what metrics are reduced over
 

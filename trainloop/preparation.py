@@ -14,9 +14,8 @@ from torch.utils.data import DataLoader
 
 from trainloop import precision
 from trainloop.data import PreparedLoader
-from trainloop.forwarding import unwrap, wrapper_layers  # noqa: F401 (their old home: re-exported)
+from trainloop.models.meta import move_real_tensors
 from trainloop.state import RunState
-from trainloop.strategies.meta_init import move_real_tensors
 
 _SUPPORTED = "nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, torch.optim.lr_scheduler.LRScheduler"
 
