@@ -54,8 +54,7 @@ def test_every_function_that_moves_the_run_on_refuses_a_superseded_state(tmp_pat
         "prepare": lambda s: tl.prepare(s, nn.Linear(2, 2)),
         "attach": lambda s: tl.attach(s, Callback()),
         "load": lambda s: tl.load(s, tmp_path / "ckpt"),
-        "finish": tl.finish,
-    }
+    }  # not finish: it is cleanup, and ends the run from its newest state (test_run_end.py)
     tl.save(new, tmp_path / "ckpt")
     for name, call in checks.items():
         with pytest.raises(StaleStateError, match=rf"tl\.{name} was given a state that a later call superseded"):

@@ -26,3 +26,9 @@ class StaleStateError(TrainloopError, ValueError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (damaged) or not written (and `on_error="warn"`)."""
+
+
+class RunEndWarning(UserWarning):
+    """The end of a run did not go as written: a run the script never finished (finished at
+    exit, or what was lost named), or a failure inside `tl.finish` that was not raised because
+    another exception was in flight."""

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import random
+import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from trainloop import strategies
+from trainloop import strategies, unfinished
 from trainloop.checkpoint import finish_saves
 from trainloop.config import resolve_config
+from trainloop.errors import RunEndWarning
 from trainloop.hooks import Callback, Hooks, overridden_hooks
 from trainloop.state import RunState
 from trainloop.steps import flush_logs
@@ -69,25 +72,76 @@ def attach(state: RunState, *callbacks: Any) -> RunState:
 def finish(state: RunState) -> None:
     """End the run: report every value still buffered, fire `on_finish`, leave the process group.
 
-    Values logged since the last report are reported at `state.step`, even when that step was
-    just reported (a final `val_acc` logged after the last step): a tracker may then get two
-    reports at one step. Every rank takes part in that report, also one with nothing buffered:
-    a value logged on some ranks only raises the names error of `log` on every rank (the process
-    group is still left). A background checkpoint save still in flight is waited for; if it
-    failed unreported, CheckpointError is raised on every rank. The process group is left only
-    if `init` joined it. Afterwards every state of the run is stale: the run is over.
+    `finish` is cleanup, meant for a `finally:` block. It accepts any state of its run and ends
+    the run from the newest one: after a callback raised inside `tl.step`, the state the user
+    holds is the one before that step, and the newest is the one the step made. Every part runs
+    even when one before it failed; then the first failure is raised (the others as its notes).
+    A second call does nothing.
+
+    Values logged since the last report are reported at the newest state's step, even when that
+    step was just reported (a final `val_acc` logged after the last step): a tracker may then get
+    two reports at one step. Every rank takes part in that report, also one with nothing
+    buffered: a value logged on some ranks only raises the names error of `log` on every rank. A
+    background checkpoint save still in flight is waited for; if it failed unreported,
+    CheckpointError is raised on every rank. The process group is left only if `init` joined it.
+    Afterwards every state of the run is stale: the run is over.
+
+    Called while an exception is in flight (from a `finally:` or `except` block), `finish` never
+    replaces it: its own failures become `RunEndWarning`s. On several processes it then starts no
+    collective (the other ranks may not be finishing: they could wait forever): only this
+    process's background save in flight is completed, and a warning (main process) names what
+    was not done: the final report and the `on_finish` hooks.
     """
-    state.check_current("finish")
+    lineage = state.lineage
+    if lineage.finished:
+        return
+    if state.generation != lineage.generation and lineage.newest is not None:
+        state = lineage.newest
+    in_flight = sys.exc_info()[1]
+    failures: list[Exception] = []
     try:
-        state = flush_logs(state, every_rank=True)
-        for hook in state.hooks.on_finish:
-            hook(state)
-        finish_saves(state)  # waits for a background save; raises on every rank if it failed
+        if in_flight is not None and state.world_size > 1:
+            failures += unfinished.settle(state, f"an exception is in flight ({type(in_flight).__name__}): "
+                                                 "no collective is started")
+        else:
+            failures += _end(state)
     finally:
-        state.lineage.finished = True
-        state.lineage.generation += 1
+        lineage.finished = True
+        lineage.generation += 1
+        lineage.newest = None
+        unfinished.forget(lineage)
         if state.topology.owns_process_group:
             leave_process_group()
+    if not failures:
+        return
+    if in_flight is not None:
+        for failure in failures:
+            warnings.warn(f"tl.finish: {type(failure).__name__}: {failure} (not raised: the exception in "
+                          f"flight, {type(in_flight).__name__}, is the one that propagates)",
+                          RunEndWarning, stacklevel=2)
+        return
+    for failure in failures[1:]:
+        failures[0].add_note(f"tl.finish also failed with {type(failure).__name__}: {failure}")
+    raise failures[0]
+
+
+def _end(state: RunState) -> list[Exception]:
+    """Every part of ending the run, each attempted whatever the ones before did; their failures."""
+    failures = []
+    try:
+        state = flush_logs(state, every_rank=True)
+    except Exception as failure:  # the names error of `log`, on every rank alike
+        failures.append(failure)
+    for hook in state.hooks.on_finish:
+        try:
+            hook(state)
+        except Exception as failure:
+            failures.append(failure)
+    try:
+        finish_saves(state)  # waits for a background save; raises on every rank if it failed
+    except Exception as failure:
+        failures.append(failure)
+    return failures
 
 
 def _check_callbacks(callbacks: tuple) -> None:

@@ -62,9 +62,14 @@ class Lineage:
     with the same names checks them inside its one collective (see `trainloop.steps.flush_logs`),
     and the resources that belong to the run rather than the process: its background checkpoint
     `writer` (made by its first background save, `trainloop.checkpoint.staging.writer_of`).
+
+    `newest` is the newest state of the run (the last one `advance` made, or a copy of it):
+    what `finish` ends the run from when it is given an older one (a call that raised
+    mid-way superseded the state the user holds), and what is finished at exit when the script
+    never called `finish` (`trainloop.unfinished`). `finish` drops it.
     """
 
-    __slots__ = ("finished", "generation", "log_names", "made_by", "writer")
+    __slots__ = ("__weakref__", "finished", "generation", "log_names", "made_by", "newest", "writer")
 
     def __init__(self) -> None:
         self.generation = 0
@@ -72,6 +77,7 @@ class Lineage:
         self.finished = False
         self.log_names: tuple[str, ...] | None = None
         self.writer: Writer | None = None
+        self.newest: RunState | None = None
 
     def __repr__(self) -> str:
         return f"Lineage(generation={self.generation}, made_by={self.made_by!r}, finished={self.finished})"
@@ -191,7 +197,11 @@ class RunState:
         step. The copy is of the same generation (see `Lineage`); new `callbacks` bring their
         `hooks` with them.
         """
-        return _copy_with(self, changes)
+        new = _copy_with(self, changes)
+        lineage = self.lineage
+        if lineage.newest is self:
+            lineage.newest = new
+        return new
 
     def advance(self, made_by: str, **changes: Any) -> RunState:
         """`evolve(**changes)` as the run's new current state: every older one becomes stale.
@@ -202,7 +212,7 @@ class RunState:
         lineage = self.lineage
         generation = lineage.generation + 1
         changes["generation"] = generation
-        new = _copy_with(self, changes)
+        new = lineage.newest = _copy_with(self, changes)
         lineage.generation = generation
         lineage.made_by = made_by
         return new
@@ -213,9 +223,13 @@ class RunState:
         For `prepare`: a state that objects were prepared from can be prepared from again, into
         a second, independent run (a test's or a notebook's common base state).
         """
+        from trainloop import unfinished
+
         lineage = Lineage()
         lineage.made_by = made_by
-        return self.evolve(lineage=lineage, generation=0, **changes)
+        new = lineage.newest = _copy_with(self, {"lineage": lineage, "generation": 0, **changes})
+        unfinished.track(lineage)  # finished (or warned about) at exit unless `finish` ends it
+        return new
 
     def check_current(self, caller: str) -> None:
         """Raise StaleStateError if a later call superseded this state (`caller`: for the message)."""

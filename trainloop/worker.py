@@ -61,19 +61,25 @@ class InWorker:
         return self.fn(*args)
 
 
+# The script's globals once it has run. `python script.py` keeps its `__main__` alive until the
+# interpreter exits; runpy would drop it at once, and with it a run the script left unfinished,
+# which `trainloop.unfinished` must still find at exit.
+script_globals: dict[str, Any] = {}
+
+
 def main(argv: Sequence[str]) -> None:
     """Run `argv` (LAUNCHER_PID, then a script or `-m module`, then its arguments) as python would."""
     launcher_pid, *command = argv
     die_with_launcher(int(launcher_pid))
     if command[0] == "-m":
         sys.argv = command[1:]  # run_module puts the module's file in argv[0], as `python -m` does
-        runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+        script_globals.update(runpy.run_module(command[1], run_name="__main__", alter_sys=True))
     else:
         # As `python script.py` has it: argv[0] as given, the script's (real) directory first on
         # the path instead of the current one, `__file__` absolute.
         sys.argv = command
         sys.path[0] = os.path.dirname(os.path.realpath(command[0]))
-        runpy.run_path(os.path.abspath(command[0]), run_name="__main__")
+        script_globals.update(runpy.run_path(os.path.abspath(command[0]), run_name="__main__"))
 
 
 if __name__ == "__main__":
