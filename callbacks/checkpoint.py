@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 from trainloop import CheckpointError, CheckpointWarning, PreviousSaveFailed, RunState, broadcast, load, save
-from trainloop.extension import checkpoints_in, finish_saves, fsync
+from trainloop.extension import checkpoints_in, finish_saves, fsync, lock_directory, unlock_directory
 from trainloop.hooks import Callback
 
 __all__ = ["Checkpoint", "CheckpointWarning"]
@@ -26,10 +27,15 @@ class Checkpoint(Callback):
         every: optimizer steps between checkpoints; None saves only at `tl.finish`.
         keep: how many checkpoints to keep; older ones are deleted only after a newer one is
             safely in place. None keeps all.
-        resume: restore the run in `tl.prepare` from the newest checkpoint that loads. A
-            damaged one (truncated, altered, half-written, unreadable, ill-formed) is skipped
-            with one warning naming the file and the reason, and the one before it is used. One
-            that does not fit the run (other models, optimizers, schedulers) raises ValueError.
+        resume: restore the run in `tl.prepare` from the newest checkpoint that loads, and say
+            so once (main process, stderr): "resumed from ... at step N (epoch E)". A damaged
+            one (truncated, altered, half-written, unreadable, ill-formed) is skipped with one
+            warning naming the file and the reason, and the one before it is used; when none
+            loads, CheckpointError (a resume never silently starts over on a directory that
+            holds checkpoints). One that does not fit the run (other models, optimizers,
+            schedulers) raises ValueError naming the ways out: `resume=False` (start afresh
+            there) or another directory. A resumed run that ends without a step (its loop was
+            complete already) says so at `tl.finish`.
         on_error: "raise" (default) stops the run when a checkpoint cannot be written (disk
             full, permission denied); "warn" warns and trains on. Either way the previous
             checkpoints are untouched.
@@ -43,6 +49,11 @@ class Checkpoint(Callback):
 
     Prepare every object of the run in one `tl.prepare` call: the checkpoint is restored there,
     and it must find the same models, optimizers, schedulers and loaders it saved.
+
+    One job writes a directory at a time: `tl.prepare` takes the directory's lock (`dir/.lock`,
+    naming this job's host and pid) and `tl.finish` gives it back. Another job's prepare is
+    refused with a CheckpointError naming the holder; the lock of a job that died on this host
+    (or of an earlier attempt of this elastic job) is taken over. Runs in one process share it.
     """
 
     def __init__(self, dir: str | os.PathLike, every: int | None = None, keep: int | None = None,
@@ -62,18 +73,24 @@ class Checkpoint(Callback):
         self.background = background
         self.restored_from: Path | None = None
         self._looked_for_checkpoint = False
+        self._locked = False
         self._last_saved_step: int | None = None
+        self._restored_at: tuple[int, int] | None = None
 
     # -- resume --------------------------------------------------------------------------------
 
     def on_prepare(self, state: RunState) -> RunState | None:
+        if not self._locked:
+            self._lock(state)
         if not self.resume or self._looked_for_checkpoint:
             return None
         self._looked_for_checkpoint = True
         candidates = None
         if state.is_main:
             candidates = [str(c) for c in checkpoints_in(self.dir) if c.name.startswith("step-")]
-        for candidate in broadcast(state, candidates):  # every rank tries the same ones
+        candidates = broadcast(state, candidates)  # every rank tries the same ones
+        skipped = []
+        for candidate in candidates:
             try:
                 # Reads and checks everything before restoring anything; a CheckpointError is
                 # raised on every rank alike, so the ranks move on to the same next candidate.
@@ -81,11 +98,41 @@ class Checkpoint(Callback):
             except CheckpointError as reason:
                 if state.is_main:
                     warnings.warn(f"skipping checkpoint {candidate}: {reason}", CheckpointWarning, stacklevel=2)
+                skipped.append(f"{Path(candidate).name}: {reason}")
                 continue
+            except ValueError as misfit:
+                raise ValueError(
+                    f"{misfit}. The run's models, optimizers or schedulers are not those that wrote "
+                    f"{self.dir}: pass Checkpoint(resume=False) to start afresh there (its checkpoints "
+                    "are then overwritten step by step), or give the Checkpoint another directory"
+                ) from None
             self.restored_from = Path(candidate)
             self._last_saved_step = state.step
+            self._restored_at = (state.step, state.micro_step)
+            if state.is_main:
+                epoch = f" (epoch {state.loaders[0].epoch})" if state.loaders else ""
+                print(f"trainloop: resumed from {candidate} at step {state.step}{epoch}", file=sys.stderr, flush=True)
             return state
+        if skipped:
+            raise CheckpointError(
+                f"none of the {len(skipped)} checkpoints in {self.dir} could be loaded (newest first: "
+                f"{'; '.join(skipped)}). Starting over would overwrite them: repair them or move them "
+                "away, or pass Checkpoint(resume=False) to start afresh in this directory"
+            )
         return None
+
+    def _lock(self, state: RunState) -> None:
+        """Take the directory for this job (main process), or raise on every rank."""
+        error = None
+        if state.is_main:
+            try:
+                lock_directory(self.dir)
+            except CheckpointError as refused:
+                error = str(refused)
+        error = broadcast(state, error)
+        if error is not None:
+            raise CheckpointError(error)
+        self._locked = True
 
     # -- save ----------------------------------------------------------------------------------
 
@@ -94,18 +141,32 @@ class Checkpoint(Callback):
             self._save(state)
 
     def on_finish(self, state: RunState) -> None:
-        if state.step != self._last_saved_step:
-            if state.window_micro_steps:
-                warnings.warn(
-                    f"the run finished inside an accumulation window ({state.window_micro_steps} "
-                    f"micro-steps not yet applied): the final checkpoint is the last optimizer step's",
-                    CheckpointWarning, stacklevel=2)
-            else:
-                self._save(state)
         try:
-            finish_saves(state)  # the last background save is committed before the run ends
-        except CheckpointError as error:
-            self._failed(error)
+            if state.step != self._last_saved_step:
+                if state.window_micro_steps:
+                    warnings.warn(
+                        f"the run finished inside an accumulation window ({state.window_micro_steps} "
+                        f"micro-steps not yet applied): the final checkpoint is the last optimizer step's",
+                        CheckpointWarning, stacklevel=2)
+                else:
+                    self._save(state)
+            try:
+                finish_saves(state)  # the last background save is committed before the run ends
+            except CheckpointError as error:
+                self._failed(error)
+        finally:
+            if self._locked and state.is_main:
+                unlock_directory(self.dir)
+            self._locked = False
+        if self._restored_at == (state.step, state.micro_step) and state.is_main:
+            print(f"trainloop: resumed from {self.restored_from} at step {state.step}, and nothing was left to "
+                  "train: the run ended without a step (its loop had run to the end). To train again from "
+                  "the start, pass Checkpoint(resume=False) or another directory", file=sys.stderr, flush=True)
+
+    def unsaved_at_finish(self, state: RunState) -> bool:
+        """Whether `on_finish` would write a final checkpoint of `state` (what a run that ends
+        without `tl.finish` loses, `trainloop.unfinished` says)."""
+        return state.step != self._last_saved_step and not state.window_micro_steps
 
     def _save(self, state: RunState) -> None:
         path = self.dir / f"step-{state.step:08d}"

@@ -7,14 +7,18 @@
   hook's own metrics in that report: return the state it gives).
 - Collectives: `collective_device(state)` (where a collective's buffers live).
 - Checkpoints: `checkpoints_in(directory)` (committed ones, newest first), `finish_saves(state)`
-  (wait for the run's background save, raising its failure on every rank), `fsync(path)`.
+  (wait for the run's background save, raising its failure on every rank), `fsync(path)`,
+  `lock_directory(directory)` / `unlock_directory(directory)` (one job per checkpoint directory:
+  CheckpointError naming the other job's host and pid; see `trainloop.checkpoint.lock`).
 """
 
 from trainloop.checkpoint.api import checkpoints_in, finish_saves
 from trainloop.checkpoint.files import fsync
+from trainloop.checkpoint.lock import acquire as lock_directory
+from trainloop.checkpoint.lock import release as unlock_directory
 from trainloop.collectives import collective_device
 from trainloop.forwarding import unwrap, wrapper_layers
 from trainloop.steps import add_to_report, report_due
 
-__all__ = ["add_to_report", "checkpoints_in", "collective_device", "finish_saves", "fsync", "report_due",
-           "unwrap", "wrapper_layers"]
+__all__ = ["add_to_report", "checkpoints_in", "collective_device", "finish_saves", "fsync", "lock_directory",
+           "report_due", "unlock_directory", "unwrap", "wrapper_layers"]
