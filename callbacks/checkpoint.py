@@ -14,9 +14,10 @@ from trainloop.hooks import Callback
 
 __all__ = ["Checkpoint", "CheckpointWarning"]
 
-# Hidden names in the checkpoint directory: a save being written, and a pruned checkpoint being
-# deleted. Neither is ever taken for a committed checkpoint (those have no leading dot).
-_REMAINS = (".*.partial", ".*.pruned")
+# Hidden names in the checkpoint directory: a save being written, a checkpoint being replaced,
+# and a pruned one being deleted. None is ever taken for a committed checkpoint (those have no
+# leading dot). The lock (`.lock`) is not one of them.
+_REMAINS = (".*.partial", ".*.old", ".*.pruned")
 
 
 class Checkpoint(Callback):

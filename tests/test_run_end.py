@@ -127,7 +127,7 @@ class FailsToClose(Callback):
 
 
 def test_an_error_inside_finish_never_masks_the_exception_in_flight(tmp_path):
-    state, model, optimizer, batches = prepared(tmp_path, FailsToClose())
+    state, *_ = prepared(tmp_path, FailsToClose())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(KeyError, match="the user's error"):

@@ -25,7 +25,8 @@ class StaleStateError(TrainloopError, ValueError):
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (damaged) or not written (and `on_error="warn"`)."""
+    """A checkpoint was skipped (damaged) or not written (and `on_error="warn"`), or a resume
+    continues with another schedule (accumulate, batch size, world size)."""
 
 
 class RunEndWarning(UserWarning):

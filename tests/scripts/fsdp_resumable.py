@@ -35,7 +35,8 @@ if args.kill_in_save is not None and int(os.environ.get("RANK", "0")) == args.ki
 
     def write_data_then_die(self, plan, planner):
         written = write_data(self, plan, planner)
-        if Path(self.path).name == f".step-{args.kill_in_save:08d}.partial":
+        name = Path(self.path).name  # the save's own temporary directory: .step-N.<host>-<pid>-<n>.partial
+        if name.startswith(f".step-{args.kill_in_save:08d}.") and name.endswith(".partial"):
             os.kill(os.getpid(), signal.SIGKILL)
         return written
 

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import trainloop as tl
 from trainloop.callbacks import Checkpoint
 
-state = tl.init(callbacks=[Checkpoint(sys.argv[1], every=1)])
+state = tl.init(callbacks=[Checkpoint(sys.argv[1], every=1, resume=False)])
 model = torch.nn.Linear(2, 2)
 state, model, optimizer = tl.prepare(state, model, torch.optim.SGD(model.parameters(), lr=0.1))
 print("holding", flush=True)

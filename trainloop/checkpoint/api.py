@@ -21,7 +21,8 @@ and `optimizer.pt` holds the optimizers' non-tensor state (hyperparameters, para
 sharded checkpoint loads at any world size (see `trainloop.checkpoint.distcp`). Which kind a run writes is
 its strategy's choice (`state.strategy.sharded`).
 
-Writing is all-or-nothing. Everything is written into `.<name>.partial/` next to the target,
+Writing is all-or-nothing. Everything is written into a temporary directory of the save's own
+(`.<name>.<host>-<pid>-<n>.partial/`) next to the target,
 each file and the directory fsynced, and only then renamed into place (`os.replace`); the
 `latest` pointer file is replaced the same way. A process killed at any instant leaves either
 the previous checkpoint or the new one, never a mix. (torch.distributed.checkpoint and
@@ -51,7 +52,6 @@ the directory must be on a filesystem they share.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -72,8 +72,9 @@ from trainloop.checkpoint.files import (
 from trainloop.checkpoint.manifest import LATEST, _hash_algorithm, _read_manifest, _record
 from trainloop.checkpoint.reading import _check_fit, _read_checkpoint, _restore
 from trainloop.checkpoint.rng import _gather_rng_states
+from trainloop.checkpoint.safe_state import check_callback_states
 from trainloop.checkpoint.staging import writer_of
-from trainloop.checkpoint.writing import _Snapshot, _without_duplicates, _write, _write_shards
+from trainloop.checkpoint.writing import _Snapshot, _unique, _without_duplicates, _write, _write_shards
 from trainloop.collectives import broadcast
 from trainloop.errors import CheckpointWarning
 from trainloop.state import RunState
@@ -101,26 +102,46 @@ def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
     through DCP) and the returned Future is already done.
 
     `after_commit` (rank 0): called once the checkpoint is committed, on the thread that wrote
-    it (the `Checkpoint` callback prunes there); its failure is the save's.
+    it (the `Checkpoint` callback prunes there). Its failure is raised as the save's
+    CheckpointError, which then says that the checkpoint was committed.
+
+    What every callback's `state_dict()` holds must load with `torch.load(weights_only=True)`:
+    tensors, numbers, strings, bytes, None, and dicts, lists, tuples and sets of them. Anything
+    else (a NumPy scalar or array, an object) is refused before anything is written, with a
+    CheckpointError naming the callback and the key: a checkpoint that no resume can load would
+    be worse than none.
     """
     path = Path(path)
+    check_callback_states(state)
     rng = _gather_rng_states(state)  # also waits for, and settles, the save before this one
     if background and not state.strategy.sharded:
         return _save_in_background(state, path, rng, after_commit)
-    error, sharded_optimizers = None, None
+    error, sharded_optimizers, partial = None, None, None
     if state.strategy.sharded:
-        error, sharded_optimizers = _write_shards(state, path)
+        error, sharded_optimizers, partial = _write_shards(state, path)
     if state.is_main and error is None:
         try:
-            _write(_Snapshot(state, rng, sharded_optimizers), path)
-            if after_commit is not None:
-                after_commit()
+            _write(_Snapshot(state, rng, sharded_optimizers), path, partial)
         except Exception as failure:  # OSError, and safetensors' own error type for a full disk
-            error = f"could not write checkpoint {path}: {failure}"
+            error = f"could not write checkpoint {path}: {failure} (the previous checkpoints are untouched)"
+        else:
+            error = _after(after_commit, path)
     error = broadcast(state, error)  # every rank learns the outcome: no one waits
     if error is not None:
-        raise CheckpointError(error + " (the previous checkpoints are untouched)")
+        raise CheckpointError(error)
     return writer_of(state).done(path) if background else path
+
+
+def _after(after_commit: Callable[[], None] | None, path: Path) -> str | None:
+    """Run `after_commit`; the error message if it failed (the checkpoint stands)."""
+    if after_commit is None:
+        return None
+    try:
+        after_commit()
+    except Exception as failure:
+        return (f"checkpoint {path} was committed (it is whole and loads), but what was to follow "
+                f"its commit failed: {type(failure).__name__}: {failure}")
+    return None
 
 
 def _save_in_background(state: RunState, path: Path, rng: list[dict],
@@ -137,11 +158,12 @@ def _save_in_background(state: RunState, path: Path, rng: list[dict],
     def write() -> Path:
         try:
             _write(snapshot, path)
-            if after_commit is not None:
-                after_commit()
         except Exception as failure:
             raise CheckpointError(f"could not write checkpoint {path} (in the background): {failure} "
                                   "(the previous checkpoints are untouched)") from None
+        error = _after(after_commit, path)
+        if error is not None:
+            raise CheckpointError(error + " (in the background)")
         return path
 
     return writer.submit(write)
@@ -227,10 +249,8 @@ def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | No
     path = Path(path)
     state_dict = state.strategy.export_state_dict(model)  # sharded: every rank sends its shards to rank 0
     if state.is_main:
-        temporary = path.parent / f".{path.name}.partial"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()  # left by an export that was killed
+        temporary = _unique(path, "partial")
         tensors, metadata = _without_duplicates(state_dict)
         write_file(temporary, lambda handle: write_safetensors(handle, tensors, metadata), None)
         os.replace(temporary, path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from trainloop.checkpoint.manifest import (
     _sharded,
 )
 from trainloop.checkpoint.rng import _set_rng_state
+from trainloop.errors import CheckpointWarning
 from trainloop.forwarding import unwrap
 
 if TYPE_CHECKING:
@@ -206,6 +208,39 @@ def _check_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], fil
         raise ValueError(f"{file} does not fit {type(model).__name__}: {shown}")
 
 
+def _say_schedule_changes(state: RunState, path: Path, trainer: dict[str, Any]) -> None:
+    """One warning when the run resumes with another accumulate, batch size or world size:
+    every sample is still seen once per epoch, but an optimizer step now takes another number
+    of samples, and everything counted in steps (`every=`, `log_every`, LR schedules) shifts."""
+    saved_accumulate = trainer.get("accumulate")  # absent before this was recorded
+    accumulate = state.config.accumulate
+    changes = []
+    if isinstance(saved_accumulate, int) and saved_accumulate != accumulate:
+        changes.append(f"accumulate {saved_accumulate} -> {accumulate}")
+    old_samples = new_samples = None
+    for index, (loader, saved) in enumerate(zip(state.loaders, trainer["loaders"])):
+        batch_size, world_size = saved.get("batch_size"), saved.get("world_size")
+        if not (isinstance(batch_size, int) and isinstance(world_size, int)):
+            continue
+        which = f" (loader {index})" if len(state.loaders) > 1 else ""
+        if batch_size != loader.batch_size:
+            changes.append(f"batch_size {batch_size} -> {loader.batch_size}{which}")
+        if world_size != loader.world_size and index == 0:
+            changes.append(f"world size {world_size} -> {loader.world_size}")
+        if index == 0 and isinstance(saved_accumulate, int):
+            old_samples = batch_size * world_size * saved_accumulate
+            new_samples = loader.batch_size * loader.world_size * accumulate
+    if not changes:
+        return
+    samples = (f" The checkpoint's run took {old_samples} samples per optimizer step, now {new_samples} "
+               "(batch_size x world size x accumulate)." if old_samples is not None else "")
+    warnings.warn(
+        f"resuming from {path} with another schedule: {', '.join(changes)}.{samples} Every sample of an "
+        f"epoch is still seen once, from where the checkpoint stopped; the step count continues from "
+        f"{trainer['step']}, so what counts steps (Checkpoint every=, log_every, LR schedulers) now counts "
+        "steps of the new size", CheckpointWarning, stacklevel=5)
+
+
 def _restore(state: RunState, path: Path, contents: _Contents) -> RunState:
     manifest, trainer, optimization = contents.manifest, contents.trainer, contents.optimization
     if _sharded(manifest):
@@ -220,6 +255,8 @@ def _restore(state: RunState, path: Path, contents: _Contents) -> RunState:
             optimizer.load_state_dict(saved)
     for scheduler, saved in zip(state.schedulers, optimization["schedulers"]):
         scheduler.load_state_dict(saved)
+    if state.is_main:
+        _say_schedule_changes(state, path, trainer)
     for loader, saved in zip(state.loaders, trainer["loaders"]):
         loader.load_state_dict(saved)
     for callback in state.callbacks:
