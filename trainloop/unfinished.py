@@ -21,6 +21,7 @@ status 1: a lost checkpoint is never an exit status of 0.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import sys
@@ -101,7 +102,7 @@ def _at_exit() -> None:
                    f"on {state.world_size} processes nothing collective can run at exit")
             for error in settle(state, why + "; end the run in a `finally:` block"):
                 _fail(f"trainloop: the background checkpoint save in flight at exit failed: {error}")
-        except BaseException:  # noqa: BLE001  at exit there is no caller left to raise to
+        except BaseException:  # at exit there is no caller left to raise to
             _fail("trainloop: ending the unfinished run at exit failed:\n" + traceback.format_exc())
 
 
@@ -127,8 +128,6 @@ def _exit_status() -> None:
     registered before this one, at trainloop's first prepare, are skipped)."""
     if _failed:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
         os._exit(1)
