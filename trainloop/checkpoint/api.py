@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -69,10 +69,11 @@ from trainloop.checkpoint.files import (
     write_file,
     write_safetensors,
 )
+from trainloop.checkpoint.fitting import PARTS, plan, restore
 from trainloop.checkpoint.manifest import LATEST, _hash_algorithm, _read_manifest, _record
-from trainloop.checkpoint.reading import _check_fit, _read_checkpoint, _restore
+from trainloop.checkpoint.reading import _read_checkpoint
 from trainloop.checkpoint.rng import _gather_rng_states
-from trainloop.checkpoint.safe_state import check_callback_states
+from trainloop.checkpoint.safe_state import check_callback_states, extra_states
 from trainloop.checkpoint.staging import writer_of
 from trainloop.checkpoint.writing import _Snapshot, _unique, _without_duplicates, _write, _write_shards
 from trainloop.collectives import broadcast
@@ -84,6 +85,7 @@ __all__ = ["CheckpointError", "CheckpointWarning", "checkpoints_in", "export", "
 
 
 def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
+         extra: Mapping[str, Any] | None = None, filter: Mapping[str, Callable[[str, Any], bool]] | None = None,
          after_commit: Callable[[], None] | None = None) -> Path | Future:
     """Write a checkpoint of the run to the directory `path`, atomically. Call it on every rank.
 
@@ -101,6 +103,15 @@ def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
     that next save or `finish`. Under FSDP the save is synchronous (every rank writes its shards
     through DCP) and the returned Future is already done.
 
+    `extra`: the user's own objects, by name, saved beside the run (`extra.pt`) and restored by
+    `tl.load(..., extra=...)`: an object with `state_dict()` (an EMA model, a metric, a data
+    module) is saved as its state dict, anything else as the plain data it is (a config dict,
+    a best score). Rank 0's objects are saved, whole. `filter`: by name ("model" for the
+    prepared models' weights, or an `extra` name), a function `(key, value) -> bool` that keeps
+    the entries of that state dict it returns True for (e.g. only the adapter weights); a
+    checkpoint of filtered weights loads with `tl.load(..., strict=False)`. As Fabric's
+    `save(path, state, filter=)`.
+
     `after_commit` (rank 0): called once the checkpoint is committed, on the thread that wrote
     it (the `Checkpoint` callback prunes there). Its failure is raised as the save's
     CheckpointError, which then says that the checkpoint was committed.
@@ -113,15 +124,19 @@ def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
     """
     path = Path(path)
     check_callback_states(state)
+    extras = extra_states(extra, filter)
+    keep_weight = (filter or {}).get("model")
+    if keep_weight is not None and state.strategy.sharded:
+        raise ValueError("save filter={'model': ...} needs whole weights: a sharded (FSDP) checkpoint holds every shard")
     rng = _gather_rng_states(state)  # also waits for, and settles, the save before this one
     if background and not state.strategy.sharded:
-        return _save_in_background(state, path, rng, after_commit)
+        return _save_in_background(state, path, rng, after_commit, extras, keep_weight)
     error, sharded_optimizers, partial = None, None, None
     if state.strategy.sharded:
         error, sharded_optimizers, partial = _write_shards(state, path)
     if state.is_main and error is None:
         try:
-            _write(_Snapshot(state, rng, sharded_optimizers), path, partial)
+            _write(_Snapshot(state, rng, sharded_optimizers, extra=extras, keep_weight=keep_weight), path, partial)
         except Exception as failure:  # OSError, and safetensors' own error type for a full disk
             error = f"could not write checkpoint {path}: {failure} (the previous checkpoints are untouched)"
         else:
@@ -144,14 +159,14 @@ def _after(after_commit: Callable[[], None] | None, path: Path) -> str | None:
     return None
 
 
-def _save_in_background(state: RunState, path: Path, rng: list[dict],
-                        after_commit: Callable[[], None] | None) -> Future:
+def _save_in_background(state: RunState, path: Path, rng: list[dict], after_commit: Callable[[], None] | None,
+                        extras: dict[str, Any], keep_weight: Callable | None) -> Future:
     writer = writer_of(state)
     writer.began_background_save()
     if not state.is_main:
         return writer.done(path)  # rank 0 writes; its outcome reaches this rank at the next save
     try:
-        snapshot = _Snapshot(state, rng, None, writer.staging)
+        snapshot = _Snapshot(state, rng, None, writer.staging, extra=extras, keep_weight=keep_weight)
     except Exception as failure:  # out of memory for the staging copies
         raise CheckpointError(f"could not stage checkpoint {path}: {failure}") from None
 
@@ -198,7 +213,8 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load(state: RunState, path: str | os.PathLike) -> RunState:
+def load(state: RunState, path: str | os.PathLike, *, strict: bool = True,
+         only: Iterable[str] | None = None, extra: MutableMapping[str, Any] | None = None) -> Any:
     """Restore the run from the checkpoint at `path`; return the state with its counters.
 
     Restores in place the prepared models' weights, the optimizers, schedulers and loader
@@ -207,9 +223,32 @@ def load(state: RunState, path: str | os.PathLike) -> RunState:
     checkpoint, and ValueError for one that does not fit the run (other parameter names or
     shapes, another optimizer or scheduler class, other param groups, another number of
     objects: the differences are listed). Either way nothing has been restored.
+
+    Args:
+        strict: False restores what fits and leaves the rest as it is: a model's weights where
+            names and shapes match, the optimizers, schedulers and loaders that pair up, the
+            extra objects the checkpoint holds. Then `(state, not_restored)` is returned,
+            `not_restored` a list naming, in words, each thing left as it was (and each extra
+            object the checkpoint holds that was not asked for).
+        only: restore these parts alone, of "models", "optimizers", "schedulers", "loaders",
+            "callbacks", "rng" and "counters" (`state.step` and the other counters): e.g.
+            `only=("models",)` for the weights of a run, to fine-tune them with a new optimizer.
+            The counters stay as they are unless "counters" is named. None: everything.
+        extra: the user's own objects saved with `tl.save(..., extra=...)`, by name: an object
+            with `load_state_dict` (a module, an EMA, a metric) is restored in place; plain data
+            is put back into this mapping. Strict, every name must be in the checkpoint.
+
+    Example:
+        ema = EMA(model)
+        state = tl.load(state, "ckpt/step-00000500", extra={"ema": ema})
+        state, skipped = tl.load(state, "pretrained/", only=("models",), strict=False)
     """
     state.check_current("load")
     path = Path(path)
+    parts = frozenset(PARTS if only is None else ((only,) if isinstance(only, str) else only))
+    unknown = sorted(parts - set(PARTS))
+    if unknown:
+        raise ValueError(f"load only= takes {', '.join(PARTS)} (got {unknown[0]!r})")
     if state.lineage.writer is not None:
         state.lineage.writer.wait_quietly()  # a save in flight may be writing this very checkpoint
     contents, error = None, None
@@ -220,8 +259,17 @@ def load(state: RunState, path: str | os.PathLike) -> RunState:
     error = _first_error(state, error)  # a rank that cannot read it must not leave the others waiting
     if error is not None:
         raise CheckpointError(error)
-    _check_fit(state, path, contents)
-    return _restore(state, path, contents).advance("load")  # the state given becomes stale
+    if _is_sharded(contents) and (not strict or not {"models", "optimizers"} <= parts):
+        raise ValueError(f"{path} is a sharded (FSDP) checkpoint: it loads whole (models and optimizers "
+                         "together, strict); for a part of it, tl.export the model and load that")
+    not_restored: list[str] | None = None if strict else []
+    fitted = plan(state, path, contents, parts, not_restored, extra)
+    state = restore(state, path, contents, fitted, extra).advance("load")  # the state given becomes stale
+    return state if strict else (state, not_restored)
+
+
+def _is_sharded(contents: Any) -> bool:
+    return ".metadata" in contents.manifest["files"]
 
 
 def _first_error(state: RunState, error: str | None) -> str | None:

@@ -42,6 +42,7 @@ LATEST = "latest"
 
 # The files `load` reads besides the weights (`_model_file`) or DCP's shards.
 _STATE_FILES = ("optimizer.pt", "callbacks.pt", "rng.pt", "trainer.json")
+EXTRA = "extra.pt"  # the user's own objects (`tl.save(..., extra=...)`), when there are any
 
 
 def _model_file(index: int) -> str:

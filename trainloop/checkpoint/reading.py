@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -24,7 +23,7 @@ from trainloop.checkpoint.files import (
     read_verified,
 )
 from trainloop.checkpoint.manifest import (
-    _class_name,
+    EXTRA,
     _hash_algorithm,
     _is_count,
     _model_file,
@@ -33,13 +32,6 @@ from trainloop.checkpoint.manifest import (
     _required_files,
     _sharded,
 )
-from trainloop.checkpoint.rng import _set_rng_state
-from trainloop.errors import CheckpointWarning
-from trainloop.forwarding import unwrap
-
-if TYPE_CHECKING:
-    from trainloop.state import RunState
-
 
 def safe_torch_load(file: Any, name: str | None = None) -> Any:
     """`torch.load(weights_only=True)` of a file, its bytes or a file object (`name` then says
@@ -68,9 +60,10 @@ class _Contents:
     """A checkpoint read into memory and checked for form: what `_restore` restores from."""
 
     def __init__(self, manifest: dict, trainer: dict, optimization: dict, callbacks: dict,
-                 rng: list, weights: list[dict[str, torch.Tensor]]):
+                 rng: list, weights: list[dict[str, torch.Tensor]], extra: dict | None = None):
         self.manifest, self.trainer, self.optimization = manifest, trainer, optimization
         self.callbacks, self.rng, self.weights = callbacks, rng, weights
+        self.extra = extra or {}  # `tl.save(..., extra=...)`: the user's own objects, by name
 
 
 def _read_checkpoint(path: Path) -> _Contents:
@@ -81,7 +74,7 @@ def _read_checkpoint(path: Path) -> _Contents:
     here: DCP reads them when restoring."""
     manifest = _read_manifest(path)
     algorithm = _hash_algorithm(manifest)
-    kept = _required_files(manifest)
+    kept = _required_files(manifest) + ([EXTRA] if EXTRA in manifest["files"] else [])
     data = {name: map_listed(path / name, _record(path, manifest, name)) for name in kept}
     others = [name for name in manifest["files"] if name not in data]
     with ThreadPoolExecutor(max_workers=min(len(manifest["files"]), os.cpu_count() or 1)) as pool:
@@ -111,6 +104,7 @@ def _deserialize(path: Path, manifest: dict[str, Any], data: dict[str, Any]) -> 
         safe_torch_load(data["rng.pt"], path / "rng.pt"),
         [] if _sharded(manifest) else [read_safetensors(data[_model_file(i)], path / _model_file(i))
                                        for i in range(manifest["models"])],
+        safe_torch_load(data[EXTRA], path / EXTRA) if EXTRA in data else None,
     )
     _check_form(path, contents)
     return contents
@@ -142,132 +136,8 @@ def _check_form(path: Path, contents: _Contents) -> None:
         raise damaged("optimizer.pt", "it is not the optimizers' and schedulers' state dicts")
     if not isinstance(contents.callbacks, dict):
         raise damaged("callbacks.pt", "it is not the callbacks' state dicts by key")
+    if not (isinstance(contents.extra, dict) and all(isinstance(k, str) for k in contents.extra)):
+        raise damaged(EXTRA, "it is not the extra objects' states by name")
     if not (isinstance(contents.rng, list)
             and all(isinstance(r, dict) and "python" in r and "torch" in r for r in contents.rng)):
         raise damaged("rng.pt", "it is not every rank's RNG states")
-
-
-def _check_fit(state: RunState, path: Path, contents: _Contents) -> None:
-    """ValueError listing what differs between the checkpoint and the run; changes nothing."""
-    manifest, trainer, optimization = contents.manifest, contents.trainer, contents.optimization
-    counts = {
-        "models": (manifest["models"], len(state.models)),
-        "optimizers": (len(optimization["optimizers"]), len(state.optimizers)),
-        "schedulers": (len(optimization["schedulers"]), len(state.schedulers)),
-        "loaders": (len(trainer["loaders"]), len(state.loaders)),
-    }
-    for kind, (saved, prepared) in counts.items():
-        if saved != prepared:
-            raise ValueError(f"{path} holds {saved} {kind} but the run prepared {prepared}: prepare the same objects")
-    if _sharded(manifest):
-        pass  # the shards' shapes are checked by distcp.load_sharded before it loads anything
-    elif state.strategy.sharded:
-        raise ValueError(
-            f"{path} holds whole (unsharded) weights from a {manifest['strategy']!r} run; a "
-            f"strategy={state.config.strategy!r} run loads sharded checkpoints only: resume with that "
-            "strategy, or start from its weights with tl.export and load_state_dict before sharding"
-        )
-    else:
-        for index, model in enumerate(state.models):
-            _check_weights(unwrap(model), contents.weights[index], path / _model_file(index))
-    classes = trainer.get("classes", {})
-    problems = []
-    for kind, objects, saved_states in (("optimizer", state.optimizers, optimization["optimizers"]),
-                                        ("scheduler", state.schedulers, optimization["schedulers"])):
-        saved_classes = classes.get(f"{kind}s", [])
-        for index, obj in enumerate(objects):
-            if index < len(saved_classes) and saved_classes[index] != _class_name(obj):
-                problems.append(f"{kind} {index} is a {_class_name(obj)} in the run, a {saved_classes[index]} "
-                                "in the checkpoint")
-            elif kind == "optimizer":
-                saved_sizes = [len(group["params"]) for group in saved_states[index]["param_groups"]]
-                sizes = [len(group["params"]) for group in obj.param_groups]
-                if saved_sizes != sizes:
-                    problems.append(f"optimizer {index} ({type(obj).__name__}) has param groups of "
-                                    f"{sizes} parameters in the run, {saved_sizes} in the checkpoint")
-    if problems:
-        raise ValueError(f"{path} does not fit the run: {'; '.join(problems)}. Prepare the same "
-                         "optimizers and schedulers, built the same way, as the run that saved it")
-
-
-def _check_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """ValueError listing the first differences of names and shapes (as `load_model` matches them:
-    a tied weight is stored once)."""
-    from safetensors.torch import _remove_duplicate_names
-
-    expected = model.state_dict()
-    for removed in _remove_duplicate_names(expected, preferred_names=list(tensors)).values():
-        for name in removed:
-            del expected[name]
-    problems = [f"{name}: checkpoint {tuple(t.shape)}, model {tuple(expected[name].shape)}"
-                for name, t in tensors.items() if name in expected and expected[name].shape != t.shape]
-    problems += [f"{name}: in the checkpoint, not in the model" for name in tensors if name not in expected]
-    problems += [f"{name}: in the model, not in the checkpoint" for name in expected if name not in tensors]
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(f"{file} does not fit {type(model).__name__}: {shown}")
-
-
-def _say_schedule_changes(state: RunState, path: Path, trainer: dict[str, Any]) -> None:
-    """One warning when the run resumes with another accumulate, batch size or world size:
-    every sample is still seen once per epoch, but an optimizer step now takes another number
-    of samples, and everything counted in steps (`every=`, `log_every`, LR schedules) shifts."""
-    saved_accumulate = trainer.get("accumulate")  # absent before this was recorded
-    accumulate = state.config.accumulate
-    changes = []
-    if isinstance(saved_accumulate, int) and saved_accumulate != accumulate:
-        changes.append(f"accumulate {saved_accumulate} -> {accumulate}")
-    old_samples = new_samples = None
-    for index, (loader, saved) in enumerate(zip(state.loaders, trainer["loaders"])):
-        batch_size, world_size = saved.get("batch_size"), saved.get("world_size")
-        if not (isinstance(batch_size, int) and isinstance(world_size, int)):
-            continue
-        which = f" (loader {index})" if len(state.loaders) > 1 else ""
-        if batch_size != loader.batch_size:
-            changes.append(f"batch_size {batch_size} -> {loader.batch_size}{which}")
-        if world_size != loader.world_size and index == 0:
-            changes.append(f"world size {world_size} -> {loader.world_size}")
-        if index == 0 and isinstance(saved_accumulate, int):
-            old_samples = batch_size * world_size * saved_accumulate
-            new_samples = loader.batch_size * loader.world_size * accumulate
-    if not changes:
-        return
-    samples = (f" The checkpoint's run took {old_samples} samples per optimizer step, now {new_samples} "
-               "(batch_size x world size x accumulate)." if old_samples is not None else "")
-    warnings.warn(
-        f"resuming from {path} with another schedule: {', '.join(changes)}.{samples} Every sample of an "
-        f"epoch is still seen once, from where the checkpoint stopped; the step count continues from "
-        f"{trainer['step']}, so what counts steps (Checkpoint every=, log_every, LR schedulers) now counts "
-        "steps of the new size", CheckpointWarning, stacklevel=5)
-
-
-def _restore(state: RunState, path: Path, contents: _Contents) -> RunState:
-    manifest, trainer, optimization = contents.manifest, contents.trainer, contents.optimization
-    if _sharded(manifest):
-        from trainloop.checkpoint import distcp
-
-        distcp.load_sharded([unwrap(m) for m in state.models], state.optimizers, path,
-                            manifest["files"], optimization["optimizers"])
-    else:
-        for model, tensors in zip(state.models, contents.weights):
-            unwrap(model).load_state_dict(tensors, strict=False)  # _check_weights matched the names
-        for optimizer, saved in zip(state.optimizers, optimization["optimizers"]):
-            optimizer.load_state_dict(saved)
-    for scheduler, saved in zip(state.schedulers, optimization["schedulers"]):
-        scheduler.load_state_dict(saved)
-    if state.is_main:
-        _say_schedule_changes(state, path, trainer)
-    for loader, saved in zip(state.loaders, trainer["loaders"]):
-        loader.load_state_dict(saved)
-    for callback in state.callbacks:
-        if callback.key in contents.callbacks:
-            callback.load_state_dict(contents.callbacks[callback.key])
-    if state.rank < len(contents.rng):
-        _set_rng_state(contents.rng[state.rank], state.device)
-    # The report due at the checkpoint's own step was made by the run that saved it (it logs
-    # right after its on_step hooks): count it as made, so reports continue at the same steps.
-    every = state.config.log_every
-    logged_step = max(trainer["logged_step"], trainer["step"] // every * every)
-    return state.evolve(step=trainer["step"], micro_step=trainer["micro_step"],
-                        logged_step=logged_step, window_micro_steps=0, window_items=None,
-                        pending_logs=None)

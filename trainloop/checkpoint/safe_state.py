@@ -10,6 +10,7 @@ callback and the key, and what to store instead.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +39,37 @@ def check_callback_states(state: RunState) -> None:
                 "bytes, None, or dicts, lists, tuples and sets of them (float(x) or x.item() for a "
                 "NumPy scalar, torch.from_numpy(a) for an array)"
             )
+
+
+def extra_states(extra: Mapping[str, Any] | None, filter: Mapping[str, Callable] | None) -> dict[str, Any]:
+    """The states of `tl.save`'s `extra` objects, by name: `state_dict()` of an object that has
+    one, else the value itself; each `filter[name](key, value)` keeps the entries of a state
+    dict it returns True for. CheckpointError for what a safe load refuses; ValueError for a
+    filter of no saved thing."""
+    extra, filter = dict(extra or {}), dict(filter or {})
+    unknown = sorted(set(filter) - {"model", *extra})
+    if unknown:
+        raise ValueError(f"save filter= names {unknown[0]!r}, which is neither 'model' nor a name in extra= "
+                         f"({', '.join(map(repr, extra)) or 'none given'})")
+    states = {}
+    for name, obj in extra.items():
+        if not isinstance(name, str):
+            raise ValueError(f"save extra= names must be strings (got {name!r})")
+        value = obj.state_dict() if callable(getattr(obj, "state_dict", None)) else obj
+        if name in filter:
+            if not isinstance(value, dict):
+                raise ValueError(f"save filter={name!r}: extra {name!r} is not a state dict to filter")
+            value = {k: v for k, v in value.items() if filter[name](k, v)}
+        where = _refused(value)
+        if where is not None:
+            path, refused = where
+            raise CheckpointError(
+                f"cannot checkpoint extra {name!r}: {name}{path} is a {type(refused).__module__}."
+                f"{type(refused).__qualname__}, which torch.load(weights_only=True) refuses: store tensors, "
+                "numbers, strings, bytes, None, or dicts, lists, tuples and sets of them (never code)"
+            )
+        states[name] = value
+    return states
 
 
 def _refused(obj: Any, path: str = "") -> tuple[str, Any] | None:

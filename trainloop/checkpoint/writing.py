@@ -35,7 +35,7 @@ from trainloop.checkpoint.files import (
     write_file,
     write_safetensors,
 )
-from trainloop.checkpoint.manifest import LATEST, MANIFEST, _class_name, _manifest, _manifest_body, _model_file
+from trainloop.checkpoint.manifest import EXTRA, LATEST, MANIFEST, _class_name, _manifest, _manifest_body, _model_file
 from trainloop.checkpoint.staging import Staging
 from trainloop.collectives import broadcast
 from trainloop.forwarding import unwrap
@@ -50,13 +50,17 @@ class _Snapshot:
     whose shards DCP has written already."""
 
     def __init__(self, state: RunState, rng: list[dict], sharded_optimizers: list[dict] | None,
-                 staging: Staging | None = None):
+                 staging: Staging | None = None, extra: dict[str, Any] | None = None,
+                 keep_weight: Callable[[str, Any], bool] | None = None):
         stage = staging.tree if staging is not None else (lambda obj, key: obj)
         self.weights = None
         if sharded_optimizers is None:
             self.weights = []
             for index, model in enumerate(state.models):
                 tensors, metadata = _weights(unwrap(model))
+                if keep_weight is not None:  # save(filter={"model": ...})
+                    tensors = {name: t for name, t in tensors.items() if keep_weight(name, t)}
+                    metadata = {k: v for k, v in (metadata or {}).items() if v in tensors} or None
                 self.weights.append((stage(tensors, ("model", index)), metadata))
         optimizers = sharded_optimizers
         if optimizers is None:
@@ -65,6 +69,7 @@ class _Snapshot:
                              "schedulers": [stage(sched.state_dict(), ("scheduler", i))
                                             for i, sched in enumerate(state.schedulers)]}
         self.callbacks = {cb.key: stage(cb.state_dict(), ("callback", cb.key)) for cb in state.callbacks}
+        self.extra = {name: stage(value, ("extra", name)) for name, value in (extra or {}).items()}
         self.rng = rng
         self.trainer = stage(_trainer_record(state), ("trainer",))
         self.manifest = _manifest_body(state)
@@ -97,6 +102,8 @@ def _write(snapshot: _Snapshot, path: Path, partial: Path | None = None) -> None
         contents["callbacks.pt"] = _torch_saver(snapshot.callbacks)
         contents["rng.pt"] = _torch_saver(snapshot.rng)
         contents["trainer.json"] = json.dumps(snapshot.trainer, indent=1).encode()
+        if snapshot.extra:
+            contents[EXTRA] = _torch_saver(snapshot.extra)
         names = list(contents)
         files.update(in_parallel(lambda name: write_file(partial / name, contents[name], algorithm), names, names))
         manifest = _manifest(snapshot.manifest, dict(sorted(files.items())), algorithm)
@@ -146,6 +153,7 @@ def _snapshot_bytes(snapshot: _Snapshot) -> int:
     add([tensors for tensors, _ in snapshot.weights or []])
     add(snapshot.optimization)
     add(snapshot.callbacks)
+    add(snapshot.extra)
     return total + (64 << 10)  # the manifest, RNG states, counters and the files' headers
 
 
