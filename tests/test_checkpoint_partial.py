@@ -98,3 +98,20 @@ def test_a_filtered_save_holds_only_what_the_filter_kept(tmp_path):
     state, not_restored = tl.load(state, tmp_path / "ckpt", strict=False)
     assert torch.equal(fresh_model[0].weight, model[0].weight) and torch.equal(fresh_model[3].weight, last_layer)
     assert sorted(item.split(": ")[1] for item in not_restored if item.startswith("model 0")) == ["3.bias", "3.weight"]
+
+
+def test_the_docs_snippets_run_as_written(tmp_path, monkeypatch):
+    """docs/checkpoints.md, block by block, in one namespace (a prepared run as the page assumes)."""
+    from docs_snippets import python_blocks
+
+    monkeypatch.chdir(tmp_path)
+    state, model, optimizer, loader = fresh()
+    namespace = {"tl": tl, "torch": torch, "state": state, "model": model, "optimizer": optimizer, "loader": loader}
+    for heading in ("## Your own objects: `extra=`", "## A part of a state dict: `filter=`",
+                    "## Partial and non-strict loads", "## The end of a run"):
+        blocks = python_blocks("docs/checkpoints.md", heading)
+        assert blocks, heading
+        for block in blocks:
+            exec(compile(block, f"docs/checkpoints.md {heading}", "exec"), namespace)
+    assert namespace["wanted"]["best"] == 0.91 and isinstance(namespace["not_restored"], list)
+    assert namespace["state"].lineage.finished
