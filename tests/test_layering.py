@@ -49,7 +49,7 @@ LAYERS: list[set[str]] = [
     # 8: starting and ending a run (init attaches LossScale)
     {"trainloop.lifecycle"},
     # 9: the front door, the launcher and the tools
-    {"trainloop", "trainloop.spawn", "trainloop.__main__", "trainloop.env"},
+    {"trainloop", "trainloop.spawn", "trainloop.__main__", "trainloop.env", "trainloop.unfinished"},
 ]
 
 # What the old code sniffed wrappers and shards by (`hasattr(inner, "set_requires_gradient_sync")`).

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from trainloop import strategies, unfinished
+from trainloop import strategies
 from trainloop.checkpoint import finish_saves
 from trainloop.config import resolve_config
 from trainloop.errors import RunEndWarning
 from trainloop.hooks import Callback, Hooks, overridden_hooks
-from trainloop.state import RunState
+from trainloop.state import UNFINISHED, RunState
 from trainloop.steps import flush_logs
 from trainloop.topology import join, leave_process_group
 
@@ -101,15 +101,15 @@ def finish(state: RunState) -> None:
     failures: list[Exception] = []
     try:
         if in_flight is not None and state.world_size > 1:
-            failures += unfinished.settle(state, f"an exception is in flight ({type(in_flight).__name__}): "
-                                                 "no collective is started")
+            failures += settle(state, f"an exception is in flight ({type(in_flight).__name__}): "
+                                      "no collective is started")
         else:
             failures += _end(state)
     finally:
         lineage.finished = True
         lineage.generation += 1
         lineage.newest = None
-        unfinished.forget(lineage)
+        UNFINISHED.discard(lineage)
         if state.topology.owns_process_group:
             leave_process_group()
     if not failures:
@@ -142,6 +142,34 @@ def _end(state: RunState) -> list[Exception]:
     except Exception as failure:
         failures.append(failure)
     return failures
+
+
+def settle(state: RunState, why: str) -> list[Exception]:
+    """End the run without a collective: complete this process's background save in flight,
+    and (main process) warn naming what is lost. The save's failure, if any, is returned."""
+    writer = state.lineage.writer
+    error = writer.wait() if writer is not None else None
+    if writer is not None:
+        writer.release()
+    if state.is_main:
+        message = (f"the run ended without tl.finish(state) ({why}): lost {_lost(state)}. This process's "
+                   "background save in flight, if any, was completed")
+        warnings.warn(message, RunEndWarning, stacklevel=3)
+    return [] if error is None else [error]
+
+
+def _lost(state: RunState) -> str:
+    """What ending the run without its report and `on_finish` hooks loses, in words."""
+    lost = []
+    for callback in state.callbacks:
+        unsaved = getattr(callback, "unsaved_at_finish", None)  # the Checkpoint callback's
+        if unsaved is not None and unsaved(state):
+            lost.append(f"the final checkpoint at step {state.step} ({type(callback).__name__})")
+        elif "on_finish" in overridden_hooks(callback):
+            lost.append(f"the on_finish of {type(callback).__name__}")
+    if state.pending_logs is not None:
+        lost.append(f"the values logged since the report at step {state.logged_step}")
+    return ", ".join(lost) or "nothing but the end of the run"
 
 
 def _check_callbacks(callbacks: tuple) -> None:

@@ -13,6 +13,7 @@ the run and *where* the run is; torch owns the tensors.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -66,7 +67,7 @@ class Lineage:
     `newest` is the newest state of the run (the last one `advance` made, or a copy of it):
     what `finish` ends the run from when it is given an older one (a call that raised
     mid-way superseded the state the user holds), and what is finished at exit when the script
-    never called `finish` (`trainloop.unfinished`). `finish` drops it.
+    never called `finish` (`trainloop.unfinished`, through `UNFINISHED`). `finish` drops it.
     """
 
     __slots__ = ("__weakref__", "finished", "generation", "log_names", "made_by", "newest", "writer")
@@ -81,6 +82,11 @@ class Lineage:
 
     def __repr__(self) -> str:
         return f"Lineage(generation={self.generation}, made_by={self.made_by!r}, finished={self.finished})"
+
+
+# The runs `prepare` started and `finish` has not ended, weakly (a run the program dropped is
+# not kept alive): `trainloop.unfinished` ends the ones still held when the interpreter exits.
+UNFINISHED: weakref.WeakSet[Lineage] = weakref.WeakSet()
 
 
 def raise_stale(state: RunState, caller: str) -> None:
@@ -223,12 +229,10 @@ class RunState:
         For `prepare`: a state that objects were prepared from can be prepared from again, into
         a second, independent run (a test's or a notebook's common base state).
         """
-        from trainloop import unfinished
-
         lineage = Lineage()
         lineage.made_by = made_by
         new = lineage.newest = _copy_with(self, {"lineage": lineage, "generation": 0, **changes})
-        unfinished.track(lineage)  # finished (or warned about) at exit unless `finish` ends it
+        UNFINISHED.add(lineage)  # finished (or warned about) at exit unless `finish` ends it
         return new
 
     def check_current(self, caller: str) -> None:

@@ -2,8 +2,9 @@
 
 A script that ends without `tl.finish(state)` would lose its final checkpoint, its last report
 and its background save in flight (the writer thread would try to use thread pools that the
-interpreter has already shut down). So every prepared run is tracked here (weakly: a run the
-program dropped is not kept alive), and a hook that runs when the main thread ends, before
+interpreter has already shut down). So every prepared run is tracked (`trainloop.state.UNFINISHED`,
+weakly: a run the program dropped is not kept alive), and a hook that runs when the main thread
+ends, before
 Python shuts down its thread pools (`threading._register_atexit`, which `concurrent.futures`
 uses for the same purpose; registered after it, so called before it), ends the runs the
 program still holds:
@@ -28,69 +29,25 @@ import sys
 import threading
 import traceback
 import warnings
-import weakref
+from concurrent.futures import thread  # noqa: F401  its exit hook is registered first (see the end)
 from typing import TYPE_CHECKING
 
 from trainloop.errors import RunEndWarning
+from trainloop.lifecycle import finish, settle
+from trainloop.state import UNFINISHED
 
 if TYPE_CHECKING:
-    from trainloop.state import Lineage, RunState
+    from trainloop.state import RunState
 
-_runs: weakref.WeakSet[Lineage] = weakref.WeakSet()
-_hooked = False
 _failed = False
 
 
-def track(lineage: Lineage) -> None:
-    """Finish (or warn about) the run of `lineage` at exit unless `tl.finish` ends it first."""
-    global _hooked
-    if not _hooked:
-        import concurrent.futures.thread  # noqa: F401  its exit hook first, so that ours runs before it
-
-        threading._register_atexit(_at_exit)
-        atexit.register(_exit_status)
-        _hooked = True
-    _runs.add(lineage)
-
-
-def forget(lineage: Lineage) -> None:
-    _runs.discard(lineage)
-
-
-def settle(state: RunState, why: str) -> list[Exception]:
-    """End the run without a collective: complete this process's background save in flight,
-    and (main process) warn naming what is lost. The save's failure, if any, is returned."""
-    writer = state.lineage.writer
-    error = writer.wait() if writer is not None else None
-    if writer is not None:
-        writer.release()
-    if state.is_main:
-        message = (f"the run ended without tl.finish(state) ({why}): lost {lost(state)}. This process's "
-                   "background save in flight, if any, was completed")
-        warnings.warn(message, RunEndWarning, stacklevel=3)
-    return [] if error is None else [error]
-
-
-def lost(state: RunState) -> str:
-    """What ending the run without its report and `on_finish` hooks loses, in words."""
-    from trainloop.hooks import overridden_hooks
-
-    lost = []
-    for callback in state.callbacks:
-        unsaved = getattr(callback, "unsaved_at_finish", None)
-        if unsaved is not None and unsaved(state):
-            lost.append(f"the final checkpoint at step {state.step} ({type(callback).__name__})")
-        elif "on_finish" in overridden_hooks(callback):
-            lost.append(f"the on_finish of {type(callback).__name__}")
-    if state.pending_logs is not None:
-        lost.append(f"the values logged since the report at step {state.logged_step}")
-    return ", ".join(lost) or "nothing but the end of the run"
-
-
 def _at_exit() -> None:
+    if not UNFINISHED:
+        return
     gc.collect()  # runs the program no longer holds are not finished
     crashed = getattr(sys, "last_value", None) is not None  # an uncaught exception ends the program
-    for lineage in list(_runs):
+    for lineage in list(UNFINISHED):
         state = lineage.newest
         if lineage.finished or state is None:
             continue
@@ -107,8 +64,6 @@ def _at_exit() -> None:
 
 
 def _finish(state: RunState) -> None:
-    from trainloop.lifecycle import finish
-
     message = (f"the script ended without tl.finish(state): the run was finished at exit (step {state.step}): "
                "values still buffered were reported, on_finish hooks ran (the final checkpoint, the "
                "trackers closed) and saves were awaited. End the run yourself at the end of the script, "
@@ -124,10 +79,16 @@ def _fail(message: str) -> None:
 
 
 def _exit_status() -> None:
-    """Exit handler: after a failure at exit, end the process with status 1 (the handlers
-    registered before this one, at trainloop's first prepare, are skipped)."""
+    """Exit handler: after a failure at exit, end the process with status 1 (the exit handlers
+    registered before trainloop was imported are skipped)."""
     if _failed:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
         os._exit(1)
+
+
+# Registered after concurrent.futures' own exit hook (imported above), so called before it: the
+# pools a save in flight uses still take work.
+threading._register_atexit(_at_exit)
+atexit.register(_exit_status)

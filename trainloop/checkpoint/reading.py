@@ -33,6 +33,7 @@ from trainloop.checkpoint.manifest import (
     _sharded,
 )
 
+
 def safe_torch_load(file: Any, name: str | None = None) -> Any:
     """`torch.load(weights_only=True)` of a file, its bytes or a file object (`name` then says
     which file it was), with a clear refusal naming what an unsafe file wanted."""
