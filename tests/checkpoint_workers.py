@@ -42,5 +42,6 @@ def background_disk_full(directory: str) -> list[dict]:
     resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     everyone: list = [None] * state.world_size
     dist.all_gather_object(everyone, {"rank": state.rank, "raised": raised,
-                                      "committed": sorted(p.name for p in Path(directory).iterdir())})
+                                      "committed": sorted(p.name for p in Path(directory).iterdir()
+                                                                  if not p.name.startswith("."))})
     return everyone

@@ -148,7 +148,10 @@ def test_state_is_immutable_and_readable():
 
 def test_evolve_copies_every_field():
     fields = attrs.fields(tl.RunState)
-    original = tl.RunState(**{field.name: object() for field in fields})
+    # Any value in every field, except the lineage that evolve keeps the newest state in.
+    from trainloop.state import Lineage
+
+    original = tl.RunState(**{field.name: object() for field in fields if field.name != "lineage"}, lineage=Lineage())
     copy = original.evolve()
     assert copy is not original
     for field in fields:
