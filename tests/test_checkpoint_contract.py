@@ -1,6 +1,5 @@
 """What a checkpoint promises beyond its bytes: what it refuses to write, whose failures are
-whose, one writer per directory, and what a resume says. (Issue 23 items 2, 3, 8, 9, 14; issue 21
-item 11; issue 19 item 5.)"""
+whose, one writer per directory, and what a resume says."""
 
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ def train(state, model, optimizer, batches, steps: int):
     return state
 
 
-# -- item 2: a callback state that cannot be loaded safely is refused at save ------------------
+# -- a callback state that cannot be loaded safely is refused at save ------------------
 
 
 class Best(Callback):
@@ -87,7 +86,7 @@ def test_a_resume_never_starts_over_on_a_directory_whose_checkpoints_all_fail(tm
     assert fresh.step == 0
 
 
-# -- item 3: one run's failed background save belongs to that run ------------------------------
+# -- one run's failed background save belongs to that run ------------------------------
 
 
 def test_one_runs_failed_background_save_is_raised_by_its_own_finish_only(tmp_path):
@@ -102,7 +101,7 @@ def test_one_runs_failed_background_save_is_raised_by_its_own_finish_only(tmp_pa
         tl.finish(failing)
 
 
-# -- item 8: a full disk says so --------------------------------------------------------------
+# -- a full disk says so --------------------------------------------------------------
 
 
 @pytest.fixture
@@ -131,7 +130,7 @@ def test_a_full_disk_is_named_with_the_space_needed(small_filesystem):
     assert not list(small_filesystem.iterdir())  # nothing left behind
 
 
-# -- item 9: after_commit failing does not deny the commit ------------------------------------
+# -- after_commit failing does not deny the commit ------------------------------------
 
 
 def test_an_after_commit_failure_says_the_checkpoint_was_committed(tmp_path):
@@ -152,7 +151,7 @@ def test_an_after_commit_failure_says_the_checkpoint_was_committed(tmp_path):
         assert verify(path)["step"] == 0
 
 
-# -- item 14 and issue 19 item 5: what a resume says ----------------------------------------
+# -- what a resume says ---------------------------------------------------------------------
 
 
 def test_resume_says_where_it_resumed_once_on_the_main_process(tmp_path, capfd):
@@ -205,7 +204,7 @@ def test_resuming_with_another_accumulate_or_batch_size_says_what_changed_once(t
     assert not [w for w in caught if "accumulate" in str(w.message)]  # the same schedule: silent
 
 
-# -- issue 21 item 11: one writer per checkpoint directory -----------------------------------
+# -- one writer per checkpoint directory ---------------------------------------------------
 
 
 def test_two_jobs_saving_one_path_at_once_never_commit_a_mix(tmp_path):

@@ -1,5 +1,5 @@
-"""Partial and non-strict loads, the user's own objects, and filtered saves (issue 21, the
-features Fabric users miss: `fabric.save(path, state, filter=)`, `fabric.load(path, state, strict=)`)."""
+"""Partial and non-strict loads, the user's own objects, and filtered saves (what Fabric users
+reach for: `fabric.save(path, state, filter=)`, `fabric.load(path, state, strict=)`)."""
 
 from __future__ import annotations
 

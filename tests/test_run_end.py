@@ -1,9 +1,9 @@
 """The end of a run: a script that never calls `tl.finish`, and `finish` as cleanup.
 
-Issue 23 item 1 and issue 19 item 6: a save in flight when the interpreter exits completes (or
-the process says so and exits non-zero), and a run that was not finished is finished at exit
-(one process) or warned about, naming what was lost (several: no collective runs at exit).
-Issue 21 item 10: `finish` accepts any state of its run and never masks the exception in flight.
+A save in flight when the interpreter exits completes (or the process says so and exits
+non-zero), and a run that was not finished is finished at exit (one process) or warned about,
+naming what was lost (several: no collective runs at exit). `finish` accepts any state of its
+run and never masks the exception in flight.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_under_spawn_the_save_in_flight_completes_and_the_loss_is_named(tmp_path
     assert "final checkpoint" in done.stderr and "Checkpoint" in done.stderr, done.stderr
 
 
-# -- finish is cleanup (issue 21 item 10) ----------------------------------------------------
+# -- finish is cleanup ---------------------------------------------------------------------
 
 
 class FailsAt(Callback):

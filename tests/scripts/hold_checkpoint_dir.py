@@ -1,4 +1,4 @@
-"""A job that checkpoints into a directory and waits there until it is killed (issue 21 item 11)."""
+"""A job that checkpoints into a directory and waits there until it is killed."""
 
 import os
 import sys

@@ -1,4 +1,4 @@
-"""One of two jobs saving the same checkpoint path at once (issue 21 item 11).
+"""One of two jobs saving the same checkpoint path at once.
 
 Every weight of the model and the callback's state hold `marker`; saves `times` times to `path`
 (synchronously) and prints how many saves succeeded and how many were refused.

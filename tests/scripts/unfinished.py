@@ -1,4 +1,4 @@
-"""A run that ends without `tl.finish` (issue 23 item 1, issue 19 item 6).
+"""A run that ends without `tl.finish`.
 
 Trains `--steps` steps with `Checkpoint(every=5)` and a JSONLines tracker (log_every=1), then the
 script simply ends. `--slow-write` makes every checkpoint write slower, so the last periodic save
@@ -31,10 +31,8 @@ parser.add_argument("--fail-last-save", action="store_true")
 args = parser.parse_args()
 
 if args.slow_write:
-    try:
-        from trainloop.checkpoint.files import HashingFile
-    except ImportError:  # before the checkpoint package (issue 24)
-        from trainloop.checkpoint_files import HashingFile
+    from trainloop.checkpoint.files import HashingFile
+
     write = HashingFile.write
 
     def slow_write(self, data):
