@@ -134,6 +134,8 @@ def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
     error, sharded_optimizers, partial = None, None, None
     if state.strategy.sharded:
         error, sharded_optimizers, partial = _write_shards(state, path)
+        if error is not None:
+            error += " (the previous checkpoints are untouched)"
     if state.is_main and error is None:
         try:
             _write(_Snapshot(state, rng, sharded_optimizers, extra=extras, keep_weight=keep_weight), path, partial)
