@@ -145,3 +145,18 @@ def test_finish_twice_is_harmless(tmp_path):
     state, *_ = prepared(tmp_path)
     tl.finish(state)
     tl.finish(state)  # cleanup may run twice (a finally after an explicit finish)
+
+
+@pytest.mark.multiprocess
+def test_finish_with_an_exception_in_flight_on_two_ranks_starts_no_collective(tmp_path):
+    from run_end_workers import finish_in_finally
+
+    from trainloop import spawn
+
+    results = spawn.run(finish_in_finally, str(tmp_path), n=2)
+    for result in results:
+        assert result["caught"] == "callback failed at step 3" and result["finished"], result
+    assert len(results[0]["warnings"]) == 1 and "no collective is started" in results[0]["warnings"][0], results
+    assert "the final checkpoint at step 3" in results[0]["warnings"][0]
+    assert results[1]["warnings"] == []
+    assert latest(tmp_path) == "step-00000002" and verify(tmp_path / "step-00000002")["step"] == 2
