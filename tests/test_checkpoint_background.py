@@ -1,4 +1,4 @@
-"""Background checkpoint saves, one pass over the bytes, format 2 and format 1 (issue 14).
+"""Background checkpoint saves, one pass over the bytes, format 2 and format 1.
 
 The kill tests of background saves are in test_checkpoint.py and test_checkpoint_fallback.py:
 `Checkpoint(background=True)` is the default, so every SIGKILL there (at fixed points of a save,

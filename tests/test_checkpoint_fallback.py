@@ -1,5 +1,5 @@
 """Damaged checkpoints fall back, never crash; misfits are refused before anything is restored;
-pruning is atomic. (Issue 12, items 7-12.)
+pruning is atomic.
 
 A damaged checkpoint is a CheckpointError from `tl.load`, and for `Checkpoint(resume=True)` one
 warning and the previous good checkpoint: never an AttributeError, KeyError, UnicodeDecodeError

@@ -1,7 +1,7 @@
 """`prepare`: make the user's model, optimizer, loader and scheduler ready for this run.
 
 Objects come back in the order they were given. Models are prepared first, whatever the order,
-so that optimizers can be checked against (and, under FSDP, rebuilt for) the final parameters.
+so that optimizers can be checked against (and, under FSDP, rebound to) the final parameters.
 """
 
 from __future__ import annotations
