@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,10 +23,11 @@ class FailsAt(Callback):
             raise RuntimeError(f"callback failed at step {state.step}")
 
 
-def finish_in_finally(directory: str) -> dict:
+def finish_in_finally(directory: str, results: str) -> None:
     """Every rank: a callback raises at step 3, and the user's `finally: tl.finish(state)` runs
     with the exception in flight. It must return (no collective another rank may never join),
-    keep the exception, and complete the background save of step 2."""
+    keep the exception, and complete the background save of step 2. Each rank writes what it
+    saw to `results/rank-N.json` (the process group is gone after finish: no gather)."""
     state = tl.init(seed=0, callbacks=[Checkpoint(directory, every=2), FailsAt(3)])
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -41,5 +44,6 @@ def finish_in_finally(directory: str) -> dict:
                 tl.finish(state)
         except RuntimeError as error:
             caught = str(error)
-    return {"rank": state.rank, "caught": caught, "finished": state.lineage.finished,
+    seen = {"caught": caught, "finished": state.lineage.finished,
             "warnings": [str(w.message) for w in given if issubclass(w.category, tl.RunEndWarning)]}
+    (Path(results) / f"rank-{state.rank}.json").write_text(json.dumps(seen))

@@ -153,10 +153,12 @@ def test_finish_with_an_exception_in_flight_on_two_ranks_starts_no_collective(tm
 
     from trainloop import spawn
 
-    results = spawn.run(finish_in_finally, str(tmp_path), n=2)
+    (tmp_path / "results").mkdir()
+    spawn.run(finish_in_finally, str(tmp_path / "ckpt"), str(tmp_path / "results"), n=2)
+    results = [json.loads((tmp_path / "results" / f"rank-{rank}.json").read_text()) for rank in range(2)]
     for result in results:
         assert result["caught"] == "callback failed at step 3" and result["finished"], result
     assert len(results[0]["warnings"]) == 1 and "no collective is started" in results[0]["warnings"][0], results
     assert "the final checkpoint at step 3" in results[0]["warnings"][0]
     assert results[1]["warnings"] == []
-    assert latest(tmp_path) == "step-00000002" and verify(tmp_path / "step-00000002")["step"] == 2
+    assert latest(tmp_path / "ckpt") == "step-00000002" and verify(tmp_path / "ckpt" / "step-00000002")["step"] == 2
