@@ -15,6 +15,8 @@ program still holds:
   safely at exit (another rank may have exited already, or crashed), so only this process's
   background save in flight is completed, and one warning (main process) names what was lost.
 
+A background save still being written for a run the program no longer holds (a script that
+ended with `sys.exit` under `spawn`, say) is completed too (`trainloop.checkpoint.staging.IN_FLIGHT`).
 A save that fails at exit, or a finish that fails there, is printed and the process exits with
 status 1: a lost checkpoint is never an exit status of 0.
 """
@@ -32,6 +34,7 @@ import warnings
 from concurrent.futures import thread  # noqa: F401  its exit hook is registered first (see the end)
 from typing import TYPE_CHECKING
 
+from trainloop.checkpoint.staging import IN_FLIGHT
 from trainloop.errors import RunEndWarning
 from trainloop.lifecycle import finish, settle
 from trainloop.state import UNFINISHED
@@ -43,7 +46,7 @@ _failed = False
 
 
 def _at_exit() -> None:
-    if not UNFINISHED:
+    if not (UNFINISHED or IN_FLIGHT):
         return
     gc.collect()  # runs the program no longer holds are not finished
     crashed = getattr(sys, "last_value", None) is not None  # an uncaught exception ends the program
@@ -61,6 +64,10 @@ def _at_exit() -> None:
                 _fail(f"trainloop: the background checkpoint save in flight at exit failed: {error}")
         except BaseException:  # at exit there is no caller left to raise to
             _fail("trainloop: ending the unfinished run at exit failed:\n" + traceback.format_exc())
+    for future in list(IN_FLIGHT):  # the saves of runs the program no longer holds
+        error = future.unreported_error()  # waits for the write
+        if error is not None:
+            _fail(f"trainloop: the background checkpoint save in flight at exit failed: {error}")
 
 
 def _finish(state: RunState) -> None:

@@ -128,6 +128,12 @@ class SaveFuture(Future):
         return error
 
 
+# Every background save being written, whatever became of its run: at exit
+# (`trainloop.unfinished`) each is completed, and a failure nobody saw is printed, also for a run
+# the program had dropped.
+IN_FLIGHT: set[SaveFuture] = set()
+
+
 class Writer:
     """A run's checkpoint writer thread and its one save in flight."""
 
@@ -146,6 +152,8 @@ class Writer:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainloop-checkpoint")
             self._in_flight = future
+            IN_FLIGHT.add(future)
+            future.add_done_callback(IN_FLIGHT.discard)
             self._pool.submit(_run_into, write, future)
         return future
 
