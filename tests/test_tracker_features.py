@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from docs_snippets import python_blocks
 from test_trackers import finished_records, mlflow_client, mlflow_run_ids, read_tensorboard
 
 import trainloop as tl
@@ -144,6 +145,21 @@ def test_log_hparams_reaches_every_tracker(tmp_path):
     config = _wandb_config(tmp_path / "wandb")
     assert config["lr"] == 0.1 and config["model"] == {"width": 8, "act": "relu"}
     assert config["seed_note"] == "after the first report" and config["log_every"] == 2
+
+
+def test_the_trackers_guide_log_hparams_snippet_runs_as_written(tmp_path, monkeypatch):
+    [block] = python_blocks("docs/trackers.md", "## Hyper-parameters: `tl.log_hparams`")
+    model = torch.nn.Linear(2, 1)
+    namespace = {"tl": tl, "TensorBoard": TensorBoard, "CSV": CSV, "model": model,
+                 "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+                 "loader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)), batch_size=2)}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "trackers.md", "exec"), namespace)
+    state = namespace["state"]
+    state = _one_step(state, namespace["model"], namespace["optimizer"], loss=1.0)
+    tl.finish(state)
+    recorded = json.loads((tmp_path / "runs/exp1/metrics.hparams.json").read_text())
+    assert recorded == {"lr": 3e-4, "batch_size": 64, "model": {"width": 512, "depth": 8}}
 
 
 def test_log_hparams_refuses_what_no_tracker_can_store(tmp_path):
