@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10

@@ -22,10 +22,10 @@ from trainloop.data import PreparedLoader
 from trainloop.data.batch_size import find_batch_size
 from trainloop.errors import CheckpointError, CheckpointWarning, PreviousSaveFailed, StaleStateError, TrainloopError
 from trainloop.forwarding import unwrap
-from trainloop.lifecycle import attach, finish, init
+from trainloop.lifecycle import attach, finish, init, log_hparams
 from trainloop.preparation import prepare
 from trainloop.state import RunState
-from trainloop.steps import accumulate, backward, log, log_hparams, step
+from trainloop.steps import accumulate, backward, log, step
 from trainloop.topology import Topology
 
 __all__ = [
