@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import io
+import json
 import os
 import re
 import subprocess
@@ -47,18 +48,38 @@ def _steps_and_warnings(prepare_loader: bool) -> list[str]:
     return [str(w.message) for w in caught]
 
 
-def unprepared_loader_checks() -> dict[str, list[str]]:
-    """spawn.run worker: the warnings of a run without a prepared loader, then of one with."""
-    return {"without": _steps_and_warnings(False), "with": _steps_and_warnings(True)}
+def _report_at_a_step_and_hparams(directory: str) -> None:
+    """`log(step=)` averages across ranks at once; `log_hparams` is recorded by the main process."""
+    from trainloop.callbacks import JSONLines
+
+    state = tl.init(log_every=100, callbacks=[JSONLines(os.path.join(directory, "m.jsonl"))])
+    model = torch.nn.Linear(1, 1)
+    state, model, optimizer = tl.prepare(state, model, torch.optim.SGD(model.parameters(), lr=0.0))
+    tl.log_hparams(state, {"rank_that_called": state.rank})  # every rank calls; rank 0's is kept
+    state = tl.backward(state, model(torch.ones(1, 1)).sum())
+    state = tl.step(state, optimizer)
+    state = tl.log(state, step=1, accuracy=torch.tensor(float(state.rank)))  # ranks 0 and 1: mean 0.5
+    tl.finish(state)
+
+
+def unprepared_loader_checks(directory: str) -> dict[str, list[str]]:
+    """spawn.run worker: the warnings of a run without a prepared loader, then of one with; then
+    a report at a step and hyper-parameters on two ranks (one start-up for all)."""
+    seen = {"without": _steps_and_warnings(False), "with": _steps_and_warnings(True)}
+    _report_at_a_step_and_hparams(directory)
+    return seen
 
 
 @pytest.mark.multiprocess
-def test_a_multi_process_run_stepping_without_a_prepared_loader_warns_once():
-    seen = spawn.run(unprepared_loader_checks, n=2)  # rank 0's warnings
+def test_on_two_ranks_no_prepared_loader_warns_once_and_log_step_and_hparams_are_one_job(tmp_path):
+    seen = spawn.run(unprepared_loader_checks, str(tmp_path), n=2)  # rank 0's warnings
     about_data = [m for m in seen["without"] if "DataLoader" in m]
     assert len(about_data) == 1, seen["without"]  # once, not once per step
     assert "every rank" in about_data[0] and "tl.prepare" in about_data[0]
     assert not [m for m in seen["with"] if "DataLoader" in m], seen["with"]
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "accuracy": 0.5}]
+    assert json.loads((tmp_path / "m.hparams.json").read_text()) == {"rank_that_called": 0}
 
 
 def test_one_process_without_a_prepared_loader_does_not_warn():
