@@ -19,7 +19,7 @@ from typing import Any
 # Every core dependency (setup.cfg's install_requires besides torch, which is reported above
 # them), then the libraries trainloop uses when they are installed (the extras) and the
 # alternatives a report may need to mention.
-CORE_LIBRARIES = ("attrs", "tqdm", "safetensors", "xxhash", "blake3", "tomli")
+CORE_LIBRARIES = ("attrs", "tqdm", "safetensors", "xxhash", "blake3") + (("tomli",) if sys.version_info < (3, 11) else ())
 OPTIONAL_LIBRARIES = ("numpy", "tensorboard", "wandb", "mlflow", "torchao", "transformers", "accelerate")
 
 # Variables shown by exact name, then by prefix.
