@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trainloop import strategies
+from trainloop import precision, strategies
 from trainloop.checkpoint import finish_saves
 from trainloop.config import resolve_config
 from trainloop.state import Hooks, RunState
@@ -39,13 +39,14 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
     _check_callbacks(callbacks)
     topology = join(config.device, config.timeout)
     _seed_everything(config.seed + topology.rank)
-    if config.precision == "fp16":
+    policy = precision.policy(config.precision)
+    if policy.loss_scaling:
         from trainloop.callbacks import LossScale
 
         if not any(isinstance(c, LossScale) for c in callbacks):
             callbacks = (LossScale(), *callbacks)  # fp16 gradients underflow without scaling
     return RunState(topology=topology, config=config, callbacks=callbacks, hooks=Hooks.of(callbacks),
-                    strategy=strategies.create(config, topology))
+                    strategy=strategies.create(config, topology), precision=policy)
 
 
 def attach(state: RunState, *callbacks: Any) -> RunState:

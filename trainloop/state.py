@@ -26,6 +26,7 @@ from trainloop.topology import Topology
 if TYPE_CHECKING:
     from trainloop.callbacks import Callback
     from trainloop.data import PreparedLoader
+    from trainloop.precision import Precision
     from trainloop.strategies.base import Strategy
 
 
@@ -140,6 +141,7 @@ class RunState:
         pending_logs, logged_step: `log`'s buffer and the step it last flushed at.
         generation, lineage: which state of the run is current (see `Lineage`).
         strategy: how models are spread over the processes (`trainloop.strategies`).
+        precision: the precision policy of `config.precision` (`trainloop.precision.Precision`).
 
     `hooks` is derived from `callbacks`: `evolve(callbacks=...)` recomputes it.
     """
@@ -163,6 +165,7 @@ class RunState:
     generation: int = attrs.field(default=0, eq=False)
     lineage: Lineage = attrs.field(factory=Lineage, eq=False)
     strategy: Strategy = attrs.field(kw_only=True, eq=False)  # set by `init`: strategies.create
+    precision: Precision = attrs.field(kw_only=True, eq=False)  # set by `init`: precision.policy
 
     # -- where this process sits ---------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from trainloop.strategies.meta_init import materialize
 
 if TYPE_CHECKING:
     from trainloop.config import Config
-    from trainloop.state import RunState
     from trainloop.topology import Topology
 
 DDP = nn.parallel.DistributedDataParallel
@@ -50,7 +49,7 @@ class DataParallel(WholeModel):
                 "accumulate=1, or leave ddp_static_graph off"
             )
         refuse_mesh(config, "ddp")
-        super().__init__(topology.rank, topology.world_size)
+        super().__init__(config, topology)
         self.options: dict[str, Any] = {
             "find_unused_parameters": config.ddp_find_unused_parameters,
             "static_graph": config.ddp_static_graph,
@@ -60,10 +59,10 @@ class DataParallel(WholeModel):
         }
         self.comm_hook = config.ddp_comm_hook
 
-    def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
-        blocks.apply(unwrap(model), state.config)
-        replaced = materialize(model, state.device, state.config.seed)  # built under tl.empty_weights()
-        device_ids = [state.device.index] if state.device.type != "cpu" else None
+    def wrap(self, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+        blocks.apply(unwrap(model), self._config)
+        replaced = materialize(model, self._device, self._config.seed)  # built under tl.empty_weights()
+        device_ids = [self._device.index] if self._device.type != "cpu" else None
         # The constructor broadcasts rank 0's parameters and buffers to every rank; the subclass
         # only adds reading the user's attributes through it (trainloop.forwarding).
         wrapped = forwarding.DistributedDataParallel(model, device_ids=device_ids, **self.options)

@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from trainloop.forwarding import unwrap
 from trainloop.mesh import Mesh, build_mesh, mesh_shape
-from trainloop.precision import AUTOCAST_DTYPES
+from trainloop import precision
 from trainloop.strategies import blocks
 from trainloop.strategies.base import clip, rebind
 from trainloop.strategies.blocks import find_blocks
@@ -45,7 +45,6 @@ from trainloop.topology import leave_process_group
 
 if TYPE_CHECKING:
     from trainloop.config import Config
-    from trainloop.state import RunState
     from trainloop.topology import Topology
 
 
@@ -56,7 +55,7 @@ class FullyShard:
     sharded = True
 
     def __init__(self, config: Config, topology: Topology):
-        self.config = config
+        self.config, self.topology = config, topology
         self.shape = mesh_shape(config, topology.world_size)  # checked in init, built on first use
         self._rank, self._device = topology.rank, topology.device
         self._mesh: Mesh | None = None
@@ -68,9 +67,9 @@ class FullyShard:
             self._mesh = build_mesh(self.shape, device.type)
         return self._mesh
 
-    def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+    def wrap(self, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
         # In place, also on one process; under compile, the user's module inside the wrapper.
-        return model, shard(state, unwrap(model), self.mesh(state.device))
+        return model, shard(unwrap(model), self.mesh(self._device), self.config, self.topology)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:
         bind_optimizer(optimizer, replaced)
@@ -147,8 +146,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # -- sharding ----------------------------------------------------------------------------------
 
 
-def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Parameter]:
-    """Parallelise `model` (on `state.device`) over `mesh`, in place: TP, blocks, FSDP2, storage.
+def shard(model: nn.Module, mesh: Mesh, config: Config, topology: Topology) -> dict[int, nn.Parameter]:
+    """Parallelise `model` (on `topology.device`) over `mesh`, in place: TP, blocks, FSDP2, storage.
 
     In this order (torchtitan's): tensor parallelism over the "tp" dimension when tp > 1
     (`trainloop.tensor_parallel`, the plan `tp_plan` or the Hugging Face model's own); the
@@ -161,14 +160,14 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
     Afterwards its parameters are `DTensor` shards. Parameters and buffers are rank 0's on every
     rank; a model built on the meta device gets storage for its shards only, initialised by each
     module's `reset_parameters()` (`meta_init.materialize`). Mixed precision follows
-    `state.config.precision`: under bf16 (and fp8) and fp16 the gathered parameters and the
+    `config.precision` (its policy's `fsdp_policy()`): under bf16 (and fp8) and fp16 the gathered parameters and the
     compute are in that dtype while the sharded parameters, the optimizer and the gradient
     reduction stay fp32. On one process a single-rank process group is joined, so the run is the
     same FSDP program at any world size. Raises ValueError if `fsdp_blocks` names a class the
     model does not contain.
     """
-    config = state.config
-    if state.world_size > 1:
+    device = topology.device
+    if topology.world_size > 1:
         _broadcast_from_rank0(model)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     if mesh.shape.tp > 1:
@@ -179,8 +178,8 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
     found = find_blocks(model, config.fsdp_blocks)
     options: dict[str, Any] = {
         "mesh": mesh.fsdp_mesh,
-        "mp_policy": mixed_precision(config.precision),
-        "offload_policy": (CPUOffloadPolicy(pin_memory=state.device.type != "cpu")
+        "mp_policy": precision.policy(config.precision).fsdp_policy(),
+        "offload_policy": (CPUOffloadPolicy(pin_memory=device.type != "cpu")
                            if config.fsdp_cpu_offload else OffloadPolicy()),
     }
     for block in found:
@@ -188,7 +187,7 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
     # The root's parameters are needed again as soon as backward starts: keep them gathered.
     fully_shard(model, reshard_after_forward=False, **options)
     # Built under tl.empty_weights(): allocate and initialise this rank's shards only.
-    materialize(model, state.device, config.seed)
+    materialize(model, device, config.seed)
     # Tensor parallelism and FSDP replaced the parameters; checkpoint_wrapper renamed their paths.
     now = {_without_wrappers(name): parameter for name, parameter in model.named_parameters()}
     return {key: now[name] for key, name in names.items()}
@@ -197,17 +196,6 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
 def _without_wrappers(name: str) -> str:
     """A parameter's name without the `_checkpoint_wrapped_module.` that checkpoint_wrapper inserts."""
     return name.replace("_checkpoint_wrapped_module.", "")
-
-
-def mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    """FSDP's policy for a trainloop precision: compute in the autocast dtype, reduce in fp32.
-
-    fp32 and bf16-true get no policy: their parameters already have the compute dtype.
-    """
-    dtype = AUTOCAST_DTYPES.get(precision)
-    if dtype is None:
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 def _join_single_process_group(device: torch.device) -> None:
