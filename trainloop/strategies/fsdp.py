@@ -34,9 +34,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from trainloop import precision
 from trainloop.forwarding import unwrap
 from trainloop.mesh import Mesh, build_mesh, mesh_shape
-from trainloop import precision
 from trainloop.strategies import blocks
 from trainloop.strategies.base import clip, rebind
 from trainloop.strategies.blocks import find_blocks
