@@ -22,7 +22,7 @@ PACKAGES = ((REPO / "trainloop", "trainloop"), (REPO / "callbacks", "trainloop.c
 
 LAYERS: list[set[str]] = [
     # 0: no trainloop imports at all
-    {"trainloop._version", "trainloop.errors", "trainloop.config", "trainloop.callbacks.base",
+    {"trainloop._version", "trainloop.errors", "trainloop.settings", "trainloop.callbacks.base",
      "trainloop.forwarding", "trainloop.data", "trainloop.topology", "trainloop.worker",
      "trainloop.checkpoint_files", "trainloop.checkpoint_staging"},
     # 1: the precision policy's wrapper (a forwarding one)
@@ -36,15 +36,17 @@ LAYERS: list[set[str]] = [
     {"trainloop.strategies", "trainloop.strategies.base", "trainloop.strategies.local",
      "trainloop.strategies.ddp", "trainloop.strategies.fsdp", "trainloop.strategies.meta_init",
      "trainloop.strategies.blocks"},
-    # 5: the core functions
+    # 5: the run's settings: its own, and the records the strategies own (config.ddp, ...)
+    {"trainloop.config"},
+    # 6: the core functions
     {"trainloop.steps", "trainloop.prepare", "trainloop.checkpoint", "trainloop.weights"},
-    # 6: the callbacks, on the public API
+    # 7: the callbacks, on the public API
     {"trainloop.callbacks", "trainloop.callbacks.checkpoint", "trainloop.callbacks.precision",
      "trainloop.callbacks.progress", "trainloop.callbacks.trackers", "trainloop.callbacks.profile",
      "trainloop.callbacks.throughput"},
-    # 7: starting and ending a run (init attaches LossScale)
+    # 8: starting and ending a run (init attaches LossScale)
     {"trainloop.lifecycle"},
-    # 8: the front door, the launcher and the tools
+    # 9: the front door, the launcher and the tools
     {"trainloop", "trainloop.spawn", "trainloop.__main__", "trainloop.env"},
 ]
 # trainloop.bigmodel is a package of its own on top of torch: its modules import only each other.
@@ -156,7 +158,7 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(sources):
                "trainloop.state": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                   "    from trainloop.lifecycle import init\n"}
     assert upward_imports(tangled) == [
-        "trainloop.strategies.fsdp (layer 4) imports trainloop.checkpoint (layer 5)"]
+        "trainloop.strategies.fsdp (layer 4) imports trainloop.checkpoint (layer 6)"]
     assert ["trainloop.checkpoint", "trainloop.strategies.fsdp", "trainloop.checkpoint"] in import_cycles(tangled)
 
 

@@ -20,6 +20,7 @@ from trainloop.collectives import any_rank as any  # noqa: F401  (tl.any; see __
 from trainloop.collectives import barrier, broadcast, gather, gather_object, main_first, pad, reduce, split
 from trainloop.config import Config
 from trainloop.data import PreparedLoader
+from trainloop.errors import SettingError
 from trainloop.lifecycle import attach, finish, init
 from trainloop.prepare import prepare, unwrap
 from trainloop.state import RunState
@@ -27,7 +28,7 @@ from trainloop.steps import accumulate, backward, log, step
 from trainloop.topology import Topology
 
 __all__ = [
-    "Config", "PreparedLoader", "RunState", "Topology", "__version__",
+    "Config", "PreparedLoader", "RunState", "SettingError", "Topology", "__version__",
     "accumulate", "attach", "backward", "barrier", "broadcast", "empty_weights", "export",
     "find_batch_size", "finish", "gather", "gather_object", "init", "load", "load_weights", "log",
     "main_first", "pad", "prepare", "reduce", "save", "split", "step", "unwrap",

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from trainloop.config import Config
 from trainloop.errors import StaleStateError  # defined with the other errors; re-exported here
 from trainloop.topology import Topology
 
 if TYPE_CHECKING:
     from trainloop.callbacks import Callback
+    from trainloop.config import Config
     from trainloop.data import PreparedLoader
     from trainloop.precision import Precision
     from trainloop.strategies.base import Strategy

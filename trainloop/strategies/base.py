@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from trainloop.errors import SettingError
+
 if TYPE_CHECKING:
     from trainloop.config import Config
     from trainloop.topology import Topology
@@ -93,10 +95,12 @@ def rebind(optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) 
 
 
 def refuse_mesh(config: Config, strategy: str) -> None:
-    """Raise ValueError for mesh settings that only `strategy="fsdp"` implements."""
-    if config.tp != 1 or config.dp_replicate != 1:
-        raise ValueError(
-            f"dp_replicate={config.dp_replicate} and tp={config.tp} need strategy='fsdp' (HSDP and "
+    """Raise SettingError for mesh settings that only `strategy="fsdp"` implements."""
+    mesh = config.mesh
+    if mesh.tp != 1 or mesh.dp_replicate != 1:
+        raise SettingError(
+            "tp" if mesh.tp != 1 else "dp_replicate",
+            f"dp_replicate={mesh.dp_replicate} and tp={mesh.tp} need strategy='fsdp' (HSDP and "
             f"tensor parallelism compose with FSDP2); strategy={strategy!r} replicates the whole model: "
             "use strategy='fsdp', or leave dp_replicate and tp at 1"
         )
