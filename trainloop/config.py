@@ -266,11 +266,9 @@ def resolve_config(arguments: Mapping[str, Any], environ: Mapping[str, str] = os
         raise TypeError(
             f"init() got unknown setting(s) {sorted(unknown)}; settings are {sorted(_SETTING_NAMES)}"
         )
-    renamed = {canonical(name) for name in arguments if canonical(name) != name}
-    if renamed & set(arguments):
-        name = sorted(renamed & set(arguments))[0]
-        raise TypeError(f"init() got {name} and its old name {next(k for k in ALIASES if ALIASES[k] == name)}: "
-                        f"give {name} only")
+    for old, name in ALIASES.items():
+        if old in arguments and name in arguments:
+            raise TypeError(f"init() got {name} and its old name {old}: give {name} only")
     arguments = {canonical(name): value for name, value in arguments.items()}
     from_env = settings_from_env(environ)
     for name, value in from_env.items():
