@@ -17,7 +17,7 @@ What is measured, and why it is fair:
 - Variants run interleaved in rounds (A B C D, B C D A, ...: the order rotates so none always
   runs first), after a warm-up. The us/step column is each variant's median over rounds; the
   ratio is the median over rounds of (variant / raw) *within* the round, which cancels the
-  machine's slow drift; the spread is the ratio's interquartile range.
+  machine's slow drift; the spread is the lowest and highest of those ratios.
 - `import` time is measured in fresh interpreters: the time `import <module>` takes after
   `import torch`, timed inside the process, median over runs. trainloop is imported from a copy laid
   out as a wheel installs it, with compiled bytecode, as users get it; a second row shows the
@@ -38,8 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import warnings
-from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -61,6 +59,7 @@ from common import (
     build_mlp,
     classification_batches,
     interleaved_rounds,
+    peer_variants,
     profile_by_own_time,
     quick_note,
     ratio_cells,
@@ -72,7 +71,7 @@ from common import (
 )
 
 STEP_TARGET, IMPORT_TARGET_MS = 1.05, 15.0
-TABLE_HEADER = f"{'accumulate':>10}  {'variant':<18}{'us/step':>9}{'vs raw':>9}{'spread':>9}"
+TABLE_HEADER = f"{'accumulate':>10}  {'variant':<18}{'us/step':>9}{'vs raw':>9}{'spread':>13}"
 
 
 # -- the variants ------------------------------------------------------------------------------
@@ -100,78 +99,10 @@ def raw_pytorch(accumulate: int) -> Loop:
     return run
 
 
-def accelerate_loop(accumulate: int) -> Loop:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
-    model = build_mlp()
-    model, optimizer = accelerator.prepare(model, adamw(model))
-    log = LossLog()
-
-    def run(batches):
-        # Accelerate's documented loop: `backward` scales the loss by 1/k; the wrapped optimizer's
-        # step and zero_grad are called every micro-step and do nothing off the window's end.
-        for x, y in batches:
-            with accelerator.accumulate(model):
-                loss = F.cross_entropy(model(x), y)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            log.micro_step(loss)
-            if accelerator.sync_gradients:
-                log.optimizer_step()
-
-    return run
-
-
-def fabric_loop(accumulate: int) -> Loop:
-    from lightning.fabric import Fabric
-
-    fabric = Fabric(accelerator="cpu", devices=1)
-    model = build_mlp()
-    model, optimizer = fabric.setup(model, adamw(model))
-    log = LossLog()
-    micro_steps = 0
-
-    def run(batches):
-        nonlocal micro_steps
-        # Fabric's documented accumulation: the user counts micro-steps, skips the gradient sync
-        # off the window's end with `no_backward_sync`, and scales the loss by 1/k.
-        for x, y in batches:
-            micro_steps += 1
-            at_window_end = micro_steps % accumulate == 0
-            with fabric.no_backward_sync(model, enabled=not at_window_end):
-                loss = F.cross_entropy(model(x), y)
-                fabric.backward(loss / accumulate if accumulate > 1 else loss)
-            log.micro_step(loss)
-            if at_window_end:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                log.optimizer_step()
-
-    return run
-
-
-VARIANTS: dict[str, tuple[Callable[[int], Loop], str | None]] = {
-    # name: (factory, the module it needs beyond torch)
-    "raw PyTorch": (raw_pytorch, None),
-    "trainloop": (trainloop_loop, None),
-    "Accelerate": (accelerate_loop, "accelerate"),
-    "Lightning Fabric": (fabric_loop, "lightning"),
-}
-
-
 def available_variants(accumulate: int) -> tuple[dict[str, Loop], list[str]]:
     """The variants that can run here, built for `accumulate`, and notes on those skipped."""
-    loops, notes = {}, []
-    for name, (factory, needs) in VARIANTS.items():
-        if needs is not None and importlib.util.find_spec(needs) is None:
-            notes.append(f"{name} skipped: {needs} is not installed (pip install -e '.[bench]')")
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # start-up chatter about CPU-only runs
-            loops[name] = factory(accumulate)
-    return loops, notes
+    peers, notes = peer_variants(accumulate)
+    return {"raw PyTorch": raw_pytorch(accumulate), "trainloop": trainloop_loop(accumulate), **peers}, notes
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -284,9 +215,9 @@ def main() -> int:
         for name, per_step, ratio, spread in step_rows(times):
             print(f"{accumulate:>10}  {name:<18}{ratio_cells(per_step, ratio, spread)}")
             if name == "trainloop":
-                trainloop_ratios[accumulate] = ratio
+                trainloop_ratios[accumulate] = ratio, spread
     print("  us/step: median time per micro-step (batch); vs raw: median of the per-round ratios; "
-          "spread: their interquartile range")
+          "spread: the lowest and highest of them")
     for note in sorted(notes):
         print(f"  note: {note}")
 
@@ -305,8 +236,8 @@ def main() -> int:
         print(f"  {label:<26}{milliseconds:>8.1f} ms")
 
     print("\ntargets:")
-    for accumulate, ratio in trainloop_ratios.items():
-        print(target_line(f"per-step, accumulate {accumulate}", ratio, STEP_TARGET))
+    for accumulate, (ratio, spread) in trainloop_ratios.items():
+        print(target_line(f"per-step, accumulate {accumulate}", ratio, STEP_TARGET, spread=spread))
     trainloop_import = imports["trainloop"]
     verdict = "meets" if trainloop_import <= IMPORT_TARGET_MS else "MISSES"
     print(f"  import trainloop: +{trainloop_import:.1f} ms ({verdict} <= {IMPORT_TARGET_MS:.0f} ms)")

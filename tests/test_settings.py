@@ -17,7 +17,7 @@ import trainloop as tl
 from reference import regression_data
 from trainloop import spawn, strategies
 from trainloop.config import SETTINGS, Config, parse_setting, resolve_config
-from trainloop.mesh import MeshOptions
+from trainloop.strategies.mesh import MeshOptions
 from trainloop.strategies.ddp import DDPOptions
 from trainloop.strategies.fsdp import FSDPOptions
 

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 
 from trainloop.errors import SettingError
-from trainloop.mesh import TP_STYLES, MeshOptions  # noqa: F401 (TP_STYLES: its old home)
+from trainloop.strategies.mesh import TP_STYLES, MeshOptions  # noqa: F401 (TP_STYLES: its old home)
 from trainloop.precision import POLICIES
 from trainloop.settings import (
     Settings,

@@ -19,10 +19,10 @@ from torch import nn
 from trainloop import forwarding
 from trainloop.errors import SettingError
 from trainloop.forwarding import unwrap, wrapper_layers
+from trainloop.models.meta import materialize
 from trainloop.settings import Settings, at_least, boolean, is_boolean, number, one_of, setting, text, to_float
 from trainloop.strategies import blocks
 from trainloop.strategies.base import WholeModel, refuse_mesh
-from trainloop.strategies.meta_init import materialize
 
 if TYPE_CHECKING:
     from trainloop.config import Config
