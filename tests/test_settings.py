@@ -17,9 +17,9 @@ import trainloop as tl
 from reference import regression_data
 from trainloop import spawn, strategies
 from trainloop.config import SETTINGS, Config, parse_setting, resolve_config
-from trainloop.strategies.mesh import MeshOptions
 from trainloop.strategies.ddp import DDPOptions
 from trainloop.strategies.fsdp import FSDPOptions
+from trainloop.strategies.mesh import MeshOptions
 
 # The flat names users write, in the order of --help: unchanged, but fsdp_blocks is now blocks.
 FLAT_NAMES = [

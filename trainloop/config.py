@@ -24,7 +24,6 @@ from typing import Any
 import attrs
 
 from trainloop.errors import SettingError
-from trainloop.strategies.mesh import TP_STYLES, MeshOptions  # noqa: F401 (TP_STYLES: its old home)
 from trainloop.precision import POLICIES
 from trainloop.settings import (
     Settings,
@@ -43,6 +42,7 @@ from trainloop.settings import (
 )
 from trainloop.strategies.ddp import DDPOptions
 from trainloop.strategies.fsdp import FSDPOptions
+from trainloop.strategies.mesh import TP_STYLES, MeshOptions  # noqa: F401 (TP_STYLES: its old home)
 
 PRECISIONS = tuple(policy.name for policy in POLICIES)
 STRATEGIES = ("auto", "ddp", "fsdp")

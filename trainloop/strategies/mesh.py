@@ -1,8 +1,8 @@
 """The device mesh of a run: data-parallel replication x data-parallel sharding x tensor parallelism.
 
-Settings `dp_replicate`, `dp_shard` and `tp` (`MeshOptions`, `config.mesh`) give the sizes of the three mesh
-dimensions; their product is the world size, and `dp_shard=-1` (the default) takes what the
-other two leave. Ranks are laid out row-major over `("dp_replicate", "dp_shard", "tp")`, so `tp`
+Settings `dp_replicate`, `dp_shard` and `tp` (the record `MeshOptions` below, `config.mesh`)
+give the sizes of the three mesh dimensions; their product is the world size, and `dp_shard=-1`
+(the default) takes what the other two leave. Ranks are laid out row-major over `("dp_replicate", "dp_shard", "tp")`, so `tp`
 is the innermost dimension: the ranks of one tensor-parallel group are neighbours (one machine,
 the fastest links), and `dp_replicate` the outermost (across machines, where HSDP's all-reduce
 of already-reduced shards is the only traffic).
