@@ -84,10 +84,10 @@ class LossLog:
             self.last_mean = mean
 
 
-def trainloop_loop(accumulate: int) -> Loop:
+def trainloop_loop(accumulate: int, callbacks: Sequence[Any] = ()) -> Loop:
     """trainloop's loop on `build_mlp`, as users write it (the README's loop). Under a process
     group (ddp.py's workers) `tl.init` joins it and the model is wrapped in DDP."""
-    state = tl.init(accumulate=accumulate, seed=0)
+    state = tl.init(accumulate=accumulate, seed=0, callbacks=callbacks)
     model = build_mlp()
     state, model, optimizer = tl.prepare(state, model, adamw(model))
 
