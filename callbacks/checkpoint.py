@@ -173,7 +173,7 @@ class Checkpoint(Callback):
 
     def unsaved_at_finish(self, state: RunState) -> bool:
         """Whether `on_finish` would write a final checkpoint of `state` (what a run that ends
-        without `tl.finish` loses, `trainloop.unfinished` says)."""
+        without `tl.finish` loses, as the warning at exit says)."""
         return state.step != self._last_saved_step and not state.window_micro_steps
 
     def _save(self, state: RunState) -> None:

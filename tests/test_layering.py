@@ -52,7 +52,7 @@ LAYERS: list[set[str]] = [
     # 9: starting and ending a run (init attaches LossScale)
     {"trainloop.lifecycle"},
     # 10: the front door, the launcher and the tools
-    {"trainloop", "trainloop.spawn", "trainloop.__main__", "trainloop.env", "trainloop.unfinished"},
+    {"trainloop", "trainloop.spawn", "trainloop.__main__", "trainloop.env"},
 ]
 
 # What the old code sniffed wrappers and shards by (`hasattr(inner, "set_requires_gradient_sync")`).

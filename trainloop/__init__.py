@@ -12,7 +12,6 @@ Keep your own loop; call pure functions that take and return an immutable `RunSt
     tl.finish(state)
 """
 
-from trainloop import unfinished  # noqa: F401  (ends at exit the runs a script left unfinished)
 from trainloop._version import __version__
 from trainloop.checkpoint import export, load, save
 from trainloop.collectives import all_ranks as all  # noqa: F401  (tl.all; see __all__)

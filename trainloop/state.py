@@ -68,7 +68,7 @@ class Lineage:
     `newest` is the newest state of the run (the last one `advance` made, or a copy of it):
     what `finish` ends the run from when it is given an older one (a call that raised
     mid-way superseded the state the user holds), and what is finished at exit when the script
-    never called `finish` (`trainloop.unfinished`, through `UNFINISHED`). `finish` drops it.
+    never called `finish` (`trainloop.lifecycle`, through `UNFINISHED`). `finish` drops it.
     """
 
     __slots__ = ("__weakref__", "data_checked", "finished", "generation", "log_names", "made_by", "newest",
@@ -92,7 +92,7 @@ class Lineage:
 
 
 # The runs `prepare` started and `finish` has not ended, weakly (a run the program dropped is
-# not kept alive): `trainloop.unfinished` ends the ones still held when the interpreter exits.
+# not kept alive): `trainloop.lifecycle` ends the ones still held when the interpreter exits.
 UNFINISHED: weakref.WeakSet[Lineage] = weakref.WeakSet()
 
 

@@ -63,7 +63,7 @@ class InWorker:
 
 # The script's globals once it has run. `python script.py` keeps its `__main__` alive until the
 # interpreter exits; runpy would drop it at once, and with it a run the script left unfinished,
-# which `trainloop.unfinished` must still find at exit.
+# which `trainloop.lifecycle` must still find at exit.
 script_globals: dict[str, Any] = {}
 
 

@@ -129,7 +129,7 @@ class SaveFuture(Future):
 
 
 # Every background save being written, whatever became of its run: at exit
-# (`trainloop.unfinished`) each is completed, and a failure nobody saw is printed, also for a run
+# (`trainloop.lifecycle`) each is completed, and a failure nobody saw is printed, also for a run
 # the program had dropped.
 IN_FLIGHT: set[SaveFuture] = set()
 
