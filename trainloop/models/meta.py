@@ -217,11 +217,22 @@ def _await_load(model: nn.Module, unfilled: list[tuple[nn.Module, str]]) -> None
     if not unfilled:
         return
     paths = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
-    awaiting = getattr(model, AWAITING, {})
+    awaiting, never_saved = getattr(model, AWAITING, {}), []
     for module, attr in unfilled:
         tensor = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
         prefix = paths.get(id(module), "").replace("_checkpoint_wrapped_module.", "")
-        awaiting[id(tensor)] = f"{prefix}.{attr}" if prefix else attr
+        name = f"{prefix}.{attr}" if prefix else attr
+        awaiting[id(tensor)] = name
+        if attr in module._non_persistent_buffers_set:
+            never_saved.append(name)
+    if never_saved:  # not in any state dict, so no load can ever give them values
+        raise ValueError(
+            f"{type(model).__name__} was built on the meta device with its buffers "
+            f"(tl.empty_weights(include_buffers=True)), but {', '.join(never_saved[:5])} are non-persistent "
+            "buffers (never in a checkpoint) of modules without reset_parameters(), so nothing can give them "
+            "values: give those modules a reset_parameters() that recomputes them, or build with "
+            "tl.empty_weights() (buffers stay real)"
+        )
     setattr(model, AWAITING, awaiting)
     if not hasattr(model, _AWAITING_HOOK):
         setattr(model, _AWAITING_HOOK, model.register_forward_pre_hook(_refuse_forward))
@@ -256,7 +267,7 @@ def _post_order(module: nn.Module, seen: set[int] | None = None) -> Iterator[nn.
 @contextlib.contextmanager
 def _whole_tensors(module: nn.Module):
     """Swap the module's own sharded (DTensor) tensors for whole ones; keep each rank's slice."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     swapped = []
     for store in (module._parameters, module._buffers):
@@ -275,6 +286,24 @@ def _whole_tensors(module: nn.Module):
     finally:
         for store, name, tensor, whole in swapped:
             store[name] = tensor
-            # src_data_rank=None: every rank slices its own copy; no communication.
-            mine = distribute_tensor(whole.detach(), tensor.device_mesh, tensor.placements, src_data_rank=None)
-            tensor.to_local().copy_(mine.to_local())
+            _keep_local_part(whole.detach(), tensor)
+
+
+def _keep_local_part(whole: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy this rank's part of `whole` into the DTensor `tensor`'s local shard, no communication.
+
+    Plain shards and replicas copy their box of `whole` straight in (a view: no transient copy,
+    which would fragment the heap a model's worth as every module's init allocates and frees);
+    other placements (FSDP over TP's strided shards) let DTensor cut it.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = tensor.to_local()
+    if all(type(p) in (Shard, Replicate) for p in tensor.placements):
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+        if tuple(shape) == tuple(local.shape):
+            local.copy_(whole[tuple(slice(start, start + size) for start, size in zip(offset, shape))])
+            return
+    # src_data_rank=None: every rank slices its own copy.
+    local.copy_(distribute_tensor(whole, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local())

@@ -28,6 +28,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+# fully_shard imports torch._dynamo on its first call: about 25 MB of Python objects that stay
+# resident for the rest of the process. Imported with this module (at init, FSDP runs only), it
+# is part of the run's start-up instead of the first prepare, where it would count against
+# meta-init's promise that a rank holds its shards and little more while building and loading.
+import torch._dynamo
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
