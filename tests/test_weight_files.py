@@ -114,6 +114,22 @@ def test_a_symlink_inside_the_directory_is_followed(tmp_path, loader):
     assert torch.equal(model.second.weight, Pair(seed=1).second.weight)
 
 
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_the_hugging_face_hub_cache_layout_loads(tmp_path, loader):
+    # The hub cache: snapshots/<rev>/<file> are symlinks to ../../blobs/<hash>, the index too.
+    repository = tmp_path / "models--org--tiny"
+    (repository / "blobs").mkdir(parents=True)
+    snapshot = repository / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    weight_map = _sharded(repository / "blobs", Pair(seed=1))
+    _write_index(repository / "blobs", weight_map)
+    for name in (*set(weight_map.values()), INDEX):
+        (repository / "blobs" / name).rename(repository / "blobs" / f"hash-{name}")
+        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / f"hash-{name}")
+    model = LOADERS[loader](snapshot)
+    assert torch.equal(model.second.weight, Pair(seed=1).second.weight)
+
+
 # -- item 5: the index's weight_map decides; a tensor in two shards is an error -------------------
 
 

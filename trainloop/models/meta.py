@@ -34,6 +34,8 @@ are often computed in `__init__` and not saved, so the meta device would lose th
 from __future__ import annotations
 
 import contextlib
+import math
+import mmap
 from collections.abc import Iterator
 
 import torch
@@ -274,7 +276,7 @@ def _whole_tensors(module: nn.Module):
         for name, tensor in store.items():
             if not isinstance(tensor, DTensor):
                 continue
-            whole = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.to_local().device)
+            whole = _transient(tensor.shape, tensor.dtype, tensor.to_local().device)
             if isinstance(tensor, nn.Parameter):
                 whole = nn.Parameter(whole, requires_grad=tensor.requires_grad)
             store[name] = whole
@@ -287,6 +289,19 @@ def _whole_tensors(module: nn.Module):
         for store, name, tensor, whole in swapped:
             store[name] = tensor
             _keep_local_part(whole.detach(), tensor)
+
+
+def _transient(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor for the length of one module's init.
+
+    On the CPU, a large one gets a mapping of its own (unmapped when the tensor is freed): from
+    malloc, each module's whole tensor, freed, stays in the process's heap and the next ones
+    fragment it, so a rank's resident memory would grow by several modules' worth.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes < 2**20:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 def _keep_local_part(whole: torch.Tensor, tensor: torch.Tensor) -> None:
