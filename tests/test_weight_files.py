@@ -275,8 +275,16 @@ class Wide(nn.Module):
 
 WRITER = textwrap.dedent("""
     import os, sys, time
-    mode, target, first, second, ready = sys.argv[1:]
+    mode, target, first, second, ready, loader = sys.argv[1:]
     versions = [open(first, "rb").read(), open(second, "rb").read()] if mode != "replace" else [first, second]
+
+    def loader_has_it_open():
+        fds = f"/proc/{loader}/fd"
+        try:
+            return any(os.readlink(os.path.join(fds, fd)) == target for fd in os.listdir(fds))
+        except OSError:
+            return False
+
     turn = 0
     while True:
         turn += 1
@@ -284,16 +292,20 @@ WRITER = textwrap.dedent("""
         if mode == "replace":  # a new file renamed over the old one, as a save would do
             os.link(version, target + ".tmp")
             os.replace(target + ".tmp", target)
-        elif mode == "rewrite":  # the same file overwritten in place
+        elif mode == "rewrite":  # the same file overwritten in place, once the loader has opened it
+            while not loader_has_it_open():
+                time.sleep(0.0005)
             with open(target, "r+b") as f:
                 f.write(version)
+            while loader_has_it_open():
+                time.sleep(0.0005)
         else:  # truncated in place, then written back whole
             with open(target, "r+b") as f:
                 f.truncate(len(version) // 3)
                 time.sleep(0.001)
                 f.seek(0)
                 f.write(version)
-        if turn == 4:
+        if turn == 4 or mode == "rewrite":
             open(ready, "w").close()
 """)
 
@@ -310,10 +322,11 @@ def writer(tmp_path):
             save_file(_contiguous(Wide(fill).state_dict()), path)
         target.write_bytes(versions[0].read_bytes())
         ready = tmp_path / "ready"
-        process = subprocess.Popen([sys.executable, "-c", WRITER, mode, str(target), *map(str, versions), str(ready)])
+        process = subprocess.Popen([sys.executable, "-c", WRITER, mode, str(target), *map(str, versions), str(ready),
+                                    str(os.getpid())])
         started.append(process)
         deadline = time.monotonic() + 60
-        while not ready.exists():
+        while not ready.exists() and mode != "rewrite":
             assert process.poll() is None and time.monotonic() < deadline, "the writer did not start"
             time.sleep(0.01)
         return target
@@ -332,9 +345,14 @@ def _one_version(model: nn.Module) -> float | None:
 
 @pytest.mark.parametrize("mode", ["replace", "rewrite"])
 def test_a_file_changed_during_load_weights_is_refused_never_mixed(writer, mode):
+    # "replace": a new file renamed over the old one all the time (the inode moves). "rewrite": the
+    # file written in place while a load holds it open (its modification time moves; a write that
+    # began before the load opened the file, or within one tick of the clock timestamps come
+    # from, is beyond what size, mtime and inode can show).
     target = writer(mode)
     outcomes = []
     for _ in range(8):
+        time.sleep(0.02)  # a new clock tick: each in-place write gets a modification time of its own
         model = Wide()
         try:
             tl.load_weights(tl.init(), model, target)
@@ -344,6 +362,8 @@ def test_a_file_changed_during_load_weights_is_refused_never_mixed(writer, mode)
             continue
         outcomes.append(_one_version(model))
         assert outcomes[-1] in (1.0, 2.0), f"a load mixed two versions of the file: {outcomes}"
+    if mode == "rewrite":  # the writer waits for each load to open the file: it is always caught
+        assert "refused" in outcomes, outcomes
 
 
 TRUNCATION_LOAD = textwrap.dedent("""

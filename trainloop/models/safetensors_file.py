@@ -166,6 +166,8 @@ class SafetensorsFile:
             element = sum(i * strides[d] for d, i in enumerate(index)) + (box[cut][0] * strides[cut] if cut >= 0 else 0)
             self._read_exactly(view[written: written + run], entry.begin + element * itemsize, entry)
             written += run
+        # Written behind autograd's back: bump the version, as an in-place op would.
+        torch.autograd.graph.increment_version(out)
 
     def _read_exactly(self, view: memoryview, offset: int, entry: Entry) -> None:
         self._file.seek(offset)

@@ -72,7 +72,9 @@ def load_weights(state: RunState, model: nn.Module, path: str | Path, *, strict:
 
     Call on every rank (no collective: each reads its own slices). Returns the keys left out
     (empty lists when `strict`). Raises FileNotFoundError for a path that is no checkpoint,
-    ValueError for tensors that do not fit (all of them listed), before loading any.
+    ValueError for tensors that do not fit (all of them listed), CheckpointError for a malformed
+    index or file, an index naming files outside its directory, or a torch.save file, all before
+    loading any; CheckpointError after loading if a file changed while it was read.
     """
     module = unwrap(model)
     groups = _tensor_groups(module)
