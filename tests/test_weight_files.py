@@ -247,6 +247,22 @@ def test_a_hostile_shard_of_an_index_is_named(tmp_path, loader):
         LOADERS[loader](tmp_path)
 
 
+def test_a_header_whose_length_reads_like_a_pickle_still_loads(tmp_path):
+    # The first bytes of a safetensors file are its header's length: 0x0280 starts b"\\x80\\x02",
+    # as a pickle of protocol 2 does. Only a file that is not valid safetensors is taken for torch's.
+    weights = _contiguous(Pair(seed=1).state_dict())
+    header, data, offset = {}, b"", 0
+    for name, tensor in weights.items():
+        raw = tensor.numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(raw)]}
+        data, offset = data + raw, offset + len(raw)
+    encoded = json.dumps(header).encode().ljust(0x280)
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    for loader in LOADERS.values():
+        model = loader(tmp_path / "w.safetensors")
+        assert torch.equal(model.first.weight, weights["first.weight"])
+
+
 # -- issue 21 item 16: a torch.save file is not a safetensors checkpoint ---------------------------
 
 

@@ -65,7 +65,12 @@ def is_torch_file(path: Path) -> bool:
             start = file.read(4)
     except OSError:
         return False
-    return start == b"PK\x03\x04" or start[:1] == b"\x80"
+    return _torch_magic(start)
+
+
+def _torch_magic(start: bytes) -> bool:
+    # A zip archive (torch.save since 1.6), or a pickle of protocol 2 to 5 (the legacy format).
+    return start[:4] == b"PK\x03\x04" or (start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 class SafetensorsFile:
@@ -97,11 +102,15 @@ class SafetensorsFile:
     def _read_header(self) -> dict[str, Entry]:
         size = self._identity[0]
         start = self._pread(min(size, 8), 0)
-        if start[:4] == b"PK\x03\x04" or start[:1] == b"\x80":
-            raise CheckpointError(torch_file_message(self.path))
+        # Only a file that is not valid safetensors is checked for torch.save's signature: the
+        # first bytes of a safetensors file are its header's length, which may be anything.
         if size < 8:
+            if _torch_magic(start):
+                raise CheckpointError(torch_file_message(self.path))
             raise CheckpointError(f"{self.path} is {size} bytes long: too short for a safetensors file")
         (length,) = struct.unpack("<Q", start)
+        if (length > min(size - 8, MAX_HEADER) or self._pread(1, 8) != b"{") and _torch_magic(start):
+            raise CheckpointError(torch_file_message(self.path))
         if length > min(size - 8, MAX_HEADER):
             raise CheckpointError(f"{self.path}: its header of {length} bytes is larger than the file of "
                                   f"{size} bytes (or than {MAX_HEADER} bytes): not a safetensors file, or "
