@@ -1,18 +1,18 @@
-"""The start and end of a run: init, attach, finish."""
+"""The start and end of a run: init, attach, finish; and log_hparams, what a run records once."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from trainloop import strategies
+from trainloop import precision, strategies
 from trainloop.checkpoint import finish_saves
 from trainloop.config import resolve_config
 from trainloop.hooks import Callback, Hooks, overridden_hooks
-from trainloop.state import RunState
+from trainloop.state import RunState, raise_stale
 from trainloop.steps import flush_logs
 from trainloop.topology import join, leave_process_group
 
@@ -20,12 +20,15 @@ from trainloop.topology import join, leave_process_group
 def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
     """Start a run: read the process topology, join the process group, seed every RNG.
 
-    Settings (all optional; see `trainloop.config.Config` for each one's meaning):
-    `precision` ("fp32", "bf16", "fp16", "bf16-true", "fp8"), `accumulate` (micro-batches per
-    optimizer step), `strategy` ("auto", "ddp", "fsdp"), `seed`, `log_every`, `compile`,
-    `timeout` (seconds), `device`, and for FSDP `fsdp_blocks`, `fsdp_reshard_after_forward`,
-    `fsdp_cpu_offload`. `TRAINLOOP_*` environment variables (set by
-    `python -m trainloop.spawn --precision bf16 ...`) override them.
+    Settings, all optional keywords (what each does, and its default: README's table
+    "Settings and precedence", or `python -m trainloop.spawn --help`): `precision`,
+    `accumulate`, `strategy`, `seed`, `log_every`, `compile`, `timeout`, `device`, `blocks`,
+    `even_batches`, `activation_checkpointing`; DDP's `ddp_find_unused_parameters`, `ddp_static_graph`,
+    `ddp_gradient_as_bucket_view`, `ddp_bucket_cap_mb`, `ddp_comm_hook`; FSDP's
+    `fsdp_reshard_after_forward`, `fsdp_cpu_offload`; the mesh's `dp_replicate`, `dp_shard`,
+    `tp`, `tp_plan`. `TRAINLOOP_*` environment variables (set by
+    `python -m trainloop.spawn --precision bf16 ...`) override them. The precision policy
+    (`state.precision`) and the strategy (`state.strategy`) are built here, once.
 
     The process topology comes from the launcher's variables (RANK, WORLD_SIZE, LOCAL_RANK, ...,
     or SLURM's). With more than one process the default process group is joined with the
@@ -33,20 +36,22 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
     device is the accelerator torch finds (one per local rank), else the CPU. Python's, NumPy's
     and torch's RNGs are seeded with `seed + rank`.
 
-    Raises ValueError naming the setting for a bad value, TypeError for an unknown setting.
+    Raises `SettingError` (a ValueError; `.setting` names the setting) for a bad value, TypeError
+    for an unknown setting.
     """
     config = resolve_config(settings)
     callbacks = tuple(callbacks)
     _check_callbacks(callbacks)
     topology = join(config.device, config.timeout)
     _seed_everything(config.seed + topology.rank)
-    if config.precision == "fp16":
+    policy = precision.policy(config.precision)
+    if policy.loss_scaling:
         from trainloop.callbacks import LossScale
 
         if not any(isinstance(c, LossScale) for c in callbacks):
             callbacks = (LossScale(), *callbacks)  # fp16 gradients underflow without scaling
     return RunState(topology=topology, config=config, callbacks=callbacks, hooks=Hooks.of(callbacks),
-                    strategy=strategies.create(config, topology))
+                    strategy=strategies.create(config, topology), precision=policy)
 
 
 def attach(state: RunState, *callbacks: Any) -> RunState:
@@ -107,3 +112,48 @@ def _seed_everything(seed: int) -> None:
     except ImportError:
         return
     numpy.random.seed(seed % 2**32)
+
+
+def log_hparams(state: RunState, hparams: Mapping[str, Any]) -> RunState:
+    """Record hyper-parameters with every tracker; returns `state` (unchanged, still current).
+
+    `hparams` maps names to numbers, strings, bools, None, lists of them, or nested mappings of
+    them (`{"model": {"width": 8}}`, recorded as `model.width` where a store is flat). The
+    trackers record them beside the run's settings: TensorBoard's hparams, the W&B config,
+    MLflow params, a `<name>.hparams.json` beside a JSONLines or CSV file. Called before the
+    first report, they are recorded when the tracker's run starts; later, at once. Main process
+    only (any rank may call it; the others only check the values).
+    """
+    if state.lineage.finished:
+        raise_stale(state, "log_hparams")
+    checked = _plain_hparams(hparams, "")
+    if state.is_main:
+        for hook in state.hooks.on_log_hparams:
+            hook(state, checked)
+    return state
+
+
+def _plain_hparams(mapping: Any, prefix: str) -> dict[str, Any]:
+    """A copy of `mapping` with every value checked to be one a tracker can store."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"log_hparams takes a mapping of names to values (got {type(mapping).__name__})")
+    plain: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise TypeError(f"log_hparams: keys must be strings (got {key!r})")
+        name = prefix + key
+        if isinstance(value, Mapping):
+            plain[key] = _plain_hparams(value, name + ".")
+        elif isinstance(value, (list, tuple)) and all(_is_plain(v) for v in value):
+            plain[key] = list(value)
+        elif _is_plain(value):
+            plain[key] = value
+        else:
+            raise TypeError(f"log_hparams: {name!r} must be a number, string, bool or None, a list of "
+                            f"them or a mapping (got {type(value).__name__}): convert it first, e.g. "
+                            "tensor.item() or str(value)")
+    return plain
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))

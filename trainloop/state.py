@@ -18,15 +18,16 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from trainloop.config import Config
 from trainloop.errors import StaleStateError  # defined with the other errors; re-exported here
 from trainloop.hooks import Hooks
 from trainloop.topology import Topology
 
 if TYPE_CHECKING:
     from trainloop.checkpoint.staging import Writer
+    from trainloop.config import Config
     from trainloop.data import PreparedLoader
     from trainloop.hooks import Callback
+    from trainloop.precision import Precision
     from trainloop.strategies.base import Strategy
 
 
@@ -64,7 +65,8 @@ class Lineage:
     `writer` (made by its first background save, `trainloop.checkpoint.staging.writer_of`).
     """
 
-    __slots__ = ("finished", "generation", "log_names", "made_by", "writer")
+    __slots__ = ("data_checked", "finished", "generation", "log_names", "made_by", "prepared_from",
+                 "reported_step", "writer")
 
     def __init__(self) -> None:
         self.generation = 0
@@ -72,6 +74,11 @@ class Lineage:
         self.finished = False
         self.log_names: tuple[str, ...] | None = None
         self.writer: Writer | None = None
+        # `prepare` branched a run off a state of this lineage: stepping this one means the
+        # state it returned was dropped (`tl.step` says so).
+        self.prepared_from = False
+        self.data_checked = False  # `step` looked once for a prepared loader (see steps.py)
+        self.reported_step: int | None = None  # the step of the run's last report to on_log
 
     def __repr__(self) -> str:
         return f"Lineage(generation={self.generation}, made_by={self.made_by!r}, finished={self.finished})"
@@ -118,6 +125,7 @@ class RunState:
         pending_logs, logged_step: `log`'s buffer and the step it last flushed at.
         generation, lineage: which state of the run is current (see `Lineage`).
         strategy: how models are spread over the processes (`trainloop.strategies`).
+        precision: the precision policy of `config.precision` (`trainloop.precision.Precision`).
 
     `hooks` is derived from `callbacks`: `evolve(callbacks=...)` recomputes it.
     """
@@ -141,6 +149,7 @@ class RunState:
     generation: int = attrs.field(default=0, eq=False)
     lineage: Lineage = attrs.field(factory=Lineage, eq=False)
     strategy: Strategy = attrs.field(kw_only=True, eq=False)  # set by `init`: strategies.create
+    precision: Precision = attrs.field(kw_only=True, eq=False)  # set by `init`: precision.policy
 
     # -- where this process sits ---------------------------------------------------------------
 
@@ -213,6 +222,7 @@ class RunState:
         For `prepare`: a state that objects were prepared from can be prepared from again, into
         a second, independent run (a test's or a notebook's common base state).
         """
+        self.lineage.prepared_from = True
         lineage = Lineage()
         lineage.made_by = made_by
         return self.evolve(lineage=lineage, generation=0, **changes)
