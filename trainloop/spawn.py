@@ -29,21 +29,27 @@ and error files are torch's. What it adds on top:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
+import ast
+import inspect
 import os
-import shutil
-import signal
-import socket
 import sys
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from trainloop.config import SETTINGS, config_from, env_name, parse_setting, settings_from_env
+from trainloop.config import SETTINGS, config_from, parse_setting, settings_from_env
+from trainloop.launcher import (
+    culprit,
+    free_port,
+    launch_config,
+    launcher_scope,
+    never_joined,
+    never_joined_warning,
+    rendezvous_failure,
+)
 from trainloop.topology import first_slurm_host
 from trainloop.worker import InWorker
+
+__all__ = ["free_port", "launch_config", "main", "rendezvous_failure", "run"]
 
 _LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "master", "max_restarts", "join_timeout")
 _FLAGS_WITHOUT_VALUE = ("-m", "-h", "--help")
@@ -196,86 +202,6 @@ def _default_nproc() -> int:
     return torch.accelerator.device_count() if accelerator is not None else 1
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_config(nproc: int, *, nnodes: int = 1, node_rank: int | None = None,
-                  master: str | None = None, max_restarts: int = 0, join_timeout: int = 600,
-                  log_dir: str | None = None):
-    """The `LaunchConfig` for a job, every field chosen on purpose.
-
-    `join_timeout`: seconds the machines wait for one another in the rendezvous, at the start
-    and after each restart (a machine that died makes the others wait this long before they
-    give up). Static rendezvous (fixed node ranks) reads it as `timeout`, c10d as `join_timeout`.
-    """
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.launcher.api import LaunchConfig
-
-    if nproc < 1 or nnodes < 1 or max_restarts < 0:
-        raise ValueError(f"need nproc >= 1, nnodes >= 1, max_restarts >= 0 (got {nproc}, {nnodes}, {max_restarts})")
-    if nnodes == 1:
-        # One machine: meet on loopback at a port picked now; nothing listens beyond 127.0.0.1.
-        backend, endpoint, run_id, configs = "c10d", f"127.0.0.1:{free_port()}", uuid.uuid4().hex, {}
-    elif master is None:
-        raise ValueError("--nnodes > 1 needs --master HOST:PORT (the address of node 0)")
-    elif node_rank is not None:
-        # Fixed node ranks: node 0 serves the store at --master (torchrun's --node-rank mode).
-        backend, endpoint, run_id, configs = "static", master, "trainloop", {"rank": node_rank}
-    else:
-        backend, endpoint, run_id, configs = "c10d", master, "trainloop-" + master, {}
-    return LaunchConfig(
-        min_nodes=nnodes,
-        max_nodes=nnodes,
-        nproc_per_node=nproc,
-        run_id=run_id,
-        role="trainloop",
-        rdzv_endpoint=endpoint,
-        rdzv_backend=backend,
-        rdzv_configs={**configs, "timeout": join_timeout, "join_timeout": join_timeout},
-        max_restarts=max_restarts,
-        monitor_interval=0.1,  # notice a dead worker within a tenth of a second
-        start_method="spawn",
-        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
-        shutdown_timeout=30,  # SIGTERM, then SIGKILL after this grace period
-    )
-
-
-# What torch's launcher installs handlers for (TORCHELASTIC_SIGNALS_TO_HANDLE's default).
-_SIGNALS_TORCH_HANDLES = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-                               if hasattr(signal, name))
-
-
-@contextlib.contextmanager
-def _launcher_scope(settings: Mapping[str, Any], nproc: int) -> Iterator[str]:
-    """Settings as TRAINLOOP_* variables and OMP_NUM_THREADS for the workers; all undone after.
-
-    torch's launcher also writes to os.environ and installs signal handlers, and leaves its log
-    directory behind: restore the first two and remove the last, so `run()` can be called many
-    times from one Python process (tests, notebooks).
-    """
-    saved_env = dict(os.environ)
-    saved_handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS_TORCH_HANDLES}
-    log_dir = tempfile.mkdtemp(prefix="trainloop-spawn-")
-    try:
-        for name, value in settings.items():
-            # A mapping (tp_plan) travels as JSON, which the setting's parser reads back.
-            os.environ[env_name(name)] = json.dumps(value) if isinstance(value, dict) else str(value)
-        if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
-            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-        yield log_dir
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        for sig, handler in saved_handlers.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-        shutil.rmtree(log_dir, ignore_errors=True)
-
-
 def _validated_settings(settings: Mapping[str, Any],
                         environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """Parse and check the run settings here, before any worker starts; return those given.
@@ -292,22 +218,108 @@ def _validated_settings(settings: Mapping[str, Any],
 
 
 def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
-        **settings: Any) -> Any:
-    """Run `fn(*args)` on `n` local processes; return rank 0's result.
+        settings: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Run `fn(*args, **kwargs)` on `n` local processes; return rank 0's result.
 
-    `fn` must be importable by name (a module-level function): the workers are fresh Python
-    processes. Run settings (`precision="bf16"`, `accumulate=4`, ...) reach `tl.init` in every
-    worker. A failing worker stops the job and raises torch's `ChildFailedError`, whose message
-    holds the worker's traceback.
+    Args:
+        fn: a module-level function (the workers are fresh Python processes that import it
+            by name); call `run` under `if __name__ == "__main__":` in a script.
+        n: the number of processes. `max_restarts`: restart them all after a failure, up to
+            this many times.
+        settings: run settings that reach `tl.init` in every worker, as spawn's flags do
+            (`settings={"precision": "bf16", "accumulate": 4}`).
+        **kwargs: keyword arguments of `fn`. For compatibility, a keyword that `fn` does not
+            take but that names a run setting (`accumulate=4`) is read as that setting.
+
+    Everything is checked here, before any worker starts: `fn` (callable, importable), the
+    arguments against its signature, the settings. A failing worker stops the job and raises
+    torch's `ChildFailedError`, which names the rank that failed first and holds its traceback.
+
+    Example:
+        if __name__ == "__main__":
+            loss = spawn.run(train, "data/", n=2, lr=3e-4, settings={"precision": "bf16"})
     """
     from torch.distributed.launcher.api import elastic_launch
 
-    _check_importable(fn)
-    parsed = _validated_settings(settings)
-    with _launcher_scope(parsed, n) as log_dir:
+    _check_runnable(fn)
+    fn_kwargs, legacy_settings = _split_keywords(fn, args, kwargs)
+    parsed = _validated_settings({**legacy_settings, **(settings or {})})
+    with launcher_scope(parsed, n) as log_dir:
         config = launch_config(n, max_restarts=max_restarts, log_dir=log_dir)
-        results = elastic_launch(config, InWorker(fn, os.getpid()))(*args)
+        results = elastic_launch(config, InWorker(fn, os.getpid(), fn_kwargs))(*args)
     return results[0]
+
+
+def _split_keywords(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
+    """`fn`'s keyword arguments and the run settings given as keywords (the older spelling).
+
+    Raises TypeError, naming `fn`'s signature, when the arguments do not fit it: found here
+    rather than in every worker.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (some builtins): fn gets them all
+        return dict(kwargs), {}
+    names = {field.name for field in SETTINGS}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    settings = {key: value for key, value in kwargs.items()
+                if key in names and not takes_any and key not in signature.parameters}
+    fn_kwargs = {key: value for key, value in kwargs.items() if key not in settings}
+    try:
+        signature.bind(*args, **fn_kwargs)
+    except TypeError as error:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise TypeError(f"spawn.run: the arguments do not fit {name}{signature}: {error} (run settings "
+                        f"go in settings={{...}})") from None
+    return fn_kwargs, settings
+
+
+def _check_runnable(fn: Any) -> None:
+    """Refuse, before any worker starts, what the workers could not run."""
+    if not callable(fn):
+        hint = " (to run a script: python -m trainloop.spawn -n 2 script.py)" if isinstance(fn, str) else ""
+        raise TypeError(f"spawn.run needs a function to run in every worker, e.g. spawn.run(train, n=2); "
+                        f"got {fn!r} ({type(fn).__name__}){hint}")
+    _check_main_guard()
+    _check_importable(fn)
+
+
+_MISSING_GUARD = (
+    "spawn.run was called at the top level of {where}, outside `if __name__ == \"__main__\":`; "
+    "every worker imports that file again (to find fn), so put the call, or the call of the "
+    "function that makes it, under `if __name__ == \"__main__\":`"
+)
+
+
+def _check_main_guard() -> None:
+    """Refuse a spawn.run called from the main script's top level without the `__main__` guard.
+
+    The workers import the main script (as `__mp_main__`) to find `fn`; an unguarded call
+    would run again in each of them, and multiprocessing stops that with a long bootstrapping
+    error. The outermost frame of the main script shows which of its lines is running.
+    """
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not main_file:
+        return  # a notebook, `python -c` or a REPL: nothing the workers import again
+    frame = sys._getframe(1)
+    outermost = None
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_code.co_filename == main_file:
+            outermost = frame
+        frame = frame.f_back
+    if outermost is None:
+        return
+    try:
+        with open(main_file, encoding="utf-8") as source:
+            tree = ast.parse(source.read())
+    except (OSError, SyntaxError, ValueError):
+        return
+    line = outermost.f_lineno
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and node.lineno <= line <= (node.end_lineno or node.lineno) and any(
+                isinstance(name, ast.Name) and name.id == "__name__" for name in ast.walk(node.test)):
+            return
+    raise RuntimeError(_MISSING_GUARD.format(where=main_file))
 
 
 def _with_default(help_text: str, default: Any) -> str:
@@ -330,35 +342,6 @@ def _check_importable(fn: Callable[..., Any]) -> None:
         "workers are fresh Python processes (not forks). Put it in a module (a .py file beside the "
         "notebook) and import it from there."
     )
-
-
-def rendezvous_failure(error: BaseException, nnodes: int, endpoint: str, join_timeout: int) -> str:
-    """The message for a rendezvous that failed: what happened, judged by torch's error type.
-
-    A connection error means the rendezvous store (served by the machine at --master, or by
-    node 0) is gone or cannot be reached; a timeout means a machine is missing.
-    """
-    from torch.distributed import DistNetworkError
-    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
-
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
-    if isinstance(error, (RendezvousConnectionError, DistNetworkError)):
-        what = (f"lost, or could not make, the connection to the rendezvous at {endpoint}: the "
-                f"machine that serves it (the one at --master) died or cannot be reached")
-    else:
-        what = (f"the {nnodes} machines did not all meet at {endpoint} within --join-timeout "
-                f"{join_timeout} s: a machine is missing (not started, or died and did not come "
-                f"back for a restart)")
-    return (f"trainloop.spawn: {what} ({type(error).__name__}: {reason}). Start every machine with "
-            f"the same --nnodes and --master and check that the address is reachable from each; "
-            f"see docs/multinode.md.")
-
-
-def _culprit(failures: Mapping[int, Any]) -> tuple[int, Any]:
-    """The failure that caused the others: not a worker the launcher itself stopped (SIGTERM)."""
-    stopped = -signal.SIGTERM.value
-    ranked = sorted(failures.items(), key=lambda item: (item[1].exitcode == stopped, item[1].timestamp, item[0]))
-    return ranked[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Each worker first arranges to die with this process (trainloop.worker), then runs the target.
     command = ["-u", "-m", "trainloop.worker", str(os.getpid()),
                *(["-m"] if options.module else []), options.target, *options.args]
-    with _launcher_scope(settings, launch["nproc"]) as log_dir:
+    with launcher_scope(settings, launch["nproc"]) as log_dir:
         try:
             config = launch_config(**launch, log_dir=log_dir)
         except ValueError as error:
@@ -394,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             elastic_launch(config, sys.executable)(*command)
         except ChildFailedError as error:
-            rank, failure = _culprit(error.failures)
+            rank, failure = culprit(error.failures)
             where = " on this machine" if config.max_nodes > 1 else ""
             print(f"trainloop.spawn: rank {rank} (pid {failure.pid}) failed first{where}, exit code "
                   f"{failure.exitcode}; its traceback is above. The job was stopped.", file=sys.stderr)
@@ -407,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Ctrl-C or SIGTERM: torch's agent has already stopped every worker.
             print(f"trainloop.spawn: stopped by {stop.sigval.name}; every worker was stopped.", file=sys.stderr)
             return 128 + stop.sigval.value
+        alone = never_joined(log_dir)
+        if alone:
+            print(never_joined_warning(alone, config.nproc_per_node * config.max_nodes), file=sys.stderr)
     return 0
 
 
