@@ -368,3 +368,34 @@ def test_the_folder_of_a_launcher_killed_by_sigkill_is_removed_by_the_next_launc
     with launcher.launcher_scope({}, 1) as ours:
         assert _job_dirs(tmp_path) == [Path(ours).name]
     assert not _job_dirs(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check of a machine without CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_refused_by_init_and_before_any_worker_starts(
+        tmp_path, capsys, monkeypatch):
+    import trainloop as tl
+
+    no_cuda = r"device '(cuda|cuda:3)' was requested but torch finds no cuda device on this machine"
+    for device in ("cuda", "cuda:3"):  # one message for both (cuda:3 was torch's AssertionError)
+        with pytest.raises(ValueError, match=no_cuda):
+            tl.init(device=device)
+    script = str(SCRIPTS / "show_argv.py")
+    assert re.search(no_cuda, _command_line_error(capsys, "-n", "2", "--device", "cuda:3", script))
+    monkeypatch.setenv("TRAINLOOP_DEVICE", "cuda")
+    assert re.search("TRAINLOOP_DEVICE: " + no_cuda, _command_line_error(capsys, "-n", "2", script))
+    with pytest.raises(ValueError, match="TRAINLOOP_DEVICE: " + no_cuda):
+        spawn.run(write_pid_and_wait, str(tmp_path), n=2)
+    monkeypatch.delenv("TRAINLOOP_DEVICE")
+    with pytest.raises(ValueError, match=no_cuda):
+        spawn.run(write_pid_and_wait, str(tmp_path), n=2, settings={"device": "cuda"})
+    assert not list(tmp_path.iterdir())  # no worker started
+
+
+def test_a_device_index_beyond_the_machines_devices_is_refused_naming_them():
+    from trainloop.topology import check_device
+
+    expected = (r"has \d+ cuda device\(s\), cuda:0 to cuda:\d+" if torch.cuda.is_available()
+                else "finds no cuda device")
+    with pytest.raises(ValueError, match=r"device 'cuda:99' was requested but .*" + expected):
+        check_device("cuda:99")
+    assert check_device("cpu") == torch.device("cpu")

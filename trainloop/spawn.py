@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from trainloop.config import SETTINGS, config_from, parse_setting, settings_from_env
+from trainloop.config import SETTINGS, config_from, env_name, parse_setting, settings_from_env
 from trainloop.launcher import (
     culprit,
     free_port,
@@ -213,7 +213,16 @@ def _validated_settings(settings: Mapping[str, Any],
     given = {name: parse_setting(name, value) if isinstance(value, str) else value
              for name, value in settings.items() if value is not None}
     inherited = {name: value for name, value in settings_from_env(environ).items() if name not in given}
-    config_from(given, inherited)  # raises ValueError naming the setting or the variable
+    config = config_from(given, inherited)  # raises ValueError naming the setting or the variable
+    if config.device is not None:
+        # This machine's devices: every worker here would find the same (each launcher of a
+        # job of many machines checks its own).
+        from trainloop.topology import check_device
+
+        try:
+            check_device(config.device)
+        except ValueError as error:
+            raise ValueError(f"{env_name('device')}: {error}" if "device" in inherited else str(error)) from None
     return given
 
 

@@ -80,9 +80,10 @@ def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def pick_device(requested: str | None, local_rank: int) -> torch.device:
-    """`requested` if given; else this process's accelerator (by local rank), else the CPU."""
+    """`requested` if given (checked: `check_device`); else this process's accelerator (by
+    local rank), else the CPU."""
     if requested is not None:
-        device = torch.device(requested)
+        device = check_device(requested)
         if device.type != "cpu" and device.index is None:
             device = torch.device(device.type, local_rank % _device_count(device.type))
         return device
@@ -92,11 +93,31 @@ def pick_device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device(accelerator.type, local_rank % _device_count(accelerator.type))
 
 
-def _device_count(device_type: str) -> int:
+def check_device(requested: str) -> torch.device:
+    """`requested` as a device of this machine; ValueError naming what it has instead.
+
+    `"cuda"` and `"cuda:3"` get the same check (torch itself only fails later, with an
+    AssertionError, for an index): the type must be available here, and an index below the
+    count. The launcher calls this before any worker starts, each worker in `init`.
+    """
+    device = torch.device(requested)
+    if device.type == "cpu":
+        return device
+    count = _device_count(device.type, requested)
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {requested!r} was requested but this machine has {count} {device.type} "
+                         f"device(s), {device.type}:0 to {device.type}:{count - 1}: use one of these, or "
+                         f"{device.type!r} (one per local rank)")
+    return device
+
+
+def _device_count(device_type: str, requested: str | None = None) -> int:
     module = getattr(torch, device_type, None)
     count = module.device_count() if module is not None and hasattr(module, "device_count") else 0
     if count < 1:
-        raise ValueError(f"device {device_type!r} was requested but torch finds none available")
+        raise ValueError(f"device {requested or device_type!r} was requested but torch finds no "
+                         f"{device_type} device on this machine (torch {torch.__version__}): leave "
+                         f"device unset (the accelerator if there is one, else the CPU) or use 'cpu'")
     return count
 
 
