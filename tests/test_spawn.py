@@ -330,7 +330,7 @@ def test_a_script_that_calls_spawn_run_without_the_main_guard_gets_one_line_nami
                       "from test_spawn import add\nfrom trainloop import spawn\n"
                       "print(spawn.run(add, 1, 2, n=2))\n")
     guarded = tmp_path / "guarded.py"
-    guarded.write_text(script.read_text().replace("print(", "def main():\n    print(")
+    guarded.write_text(script.read_text().replace("print(", "def main():\n    print(").replace("n=2", "n=1")
                        + "\nif __name__ == '__main__':\n    main()\n")
     shown = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 1 and shown.stdout == "", shown.stdout + shown.stderr

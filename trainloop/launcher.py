@@ -197,6 +197,43 @@ def culprit(failures: Mapping[int, Any]) -> tuple[int, Any]:
     return ranked[0]
 
 
+def connects_as_client(config: Any) -> bool:
+    """Whether this machine's launcher joins the job's store as a client, rather than serving it.
+
+    Node 0 serves it with fixed node ranks; without them torch serves it on the machine whose
+    name or address --master gives.
+    """
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+
+    if config.max_nodes == 1:
+        return False
+    if config.rdzv_backend == "static":
+        return config.rdzv_configs["rank"] != 0
+    return not _matches_machine_hostname(config.rdzv_endpoint.rpartition(":")[0])
+
+
+def wait_until_reachable(endpoint: str, timeout_s: float) -> None:
+    """Return once something accepts connections at `endpoint` (HOST:PORT); ConnectionError
+    after `timeout_s` seconds without.
+
+    Checked in Python before torch's store client tries: that client logs every failed try
+    with some forty lines of C++ stack frames, while here the launcher says it once.
+    """
+    import time
+
+    host, _, port = endpoint.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"nothing accepted a connection at {endpoint} in {timeout_s:g} s "
+                                      f"({error.strerror or error})") from None
+        time.sleep(0.5)
+
+
 def rendezvous_failure(error: BaseException, nnodes: int, endpoint: str, join_timeout: int) -> str:
     """The message for a rendezvous that failed: what happened, judged by torch's error type.
 
@@ -207,7 +244,7 @@ def rendezvous_failure(error: BaseException, nnodes: int, endpoint: str, join_ti
     from torch.distributed.elastic.rendezvous import RendezvousConnectionError
 
     reason = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
-    if isinstance(error, (RendezvousConnectionError, DistNetworkError)):
+    if isinstance(error, (RendezvousConnectionError, DistNetworkError, ConnectionError)):
         what = (f"lost, or could not make, the connection to the rendezvous at {endpoint}: the "
                 f"machine that serves it (the one at --master) died or cannot be reached")
     else:

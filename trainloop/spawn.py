@@ -38,6 +38,7 @@ from typing import Any
 
 from trainloop.config import SETTINGS, config_from, env_name, parse_setting, settings_from_env
 from trainloop.launcher import (
+    connects_as_client,
     culprit,
     free_port,
     launch_config,
@@ -45,6 +46,7 @@ from trainloop.launcher import (
     never_joined,
     never_joined_warning,
     rendezvous_failure,
+    wait_until_reachable,
 )
 from trainloop.topology import first_slurm_host
 from trainloop.worker import InWorker
@@ -384,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as error:
             parser.error(str(error))
         try:
+            if connects_as_client(config):
+                wait_until_reachable(config.rdzv_endpoint, launch["join_timeout"])
             elastic_launch(config, sys.executable)(*command)
         except ChildFailedError as error:
             rank, failure = culprit(error.failures)
@@ -391,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"trainloop.spawn: rank {rank} (pid {failure.pid}) failed first{where}, exit code "
                   f"{failure.exitcode}; its traceback is above. The job was stopped.", file=sys.stderr)
             return failure.exitcode if failure.exitcode > 0 else 1
-        except (RendezvousError, DistStoreError, DistNetworkError) as error:
+        except (RendezvousError, DistStoreError, DistNetworkError, ConnectionError) as error:
             print(rendezvous_failure(error, config.max_nodes, config.rdzv_endpoint,
                                      launch["join_timeout"]), file=sys.stderr)
             return 1
