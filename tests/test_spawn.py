@@ -235,9 +235,25 @@ def test_a_bad_config_file_is_a_one_line_error(tmp_path, capsys, content, messag
     (["--timeout", "nan"], r"timeout must be a finite number"),
     (["--timeout", "abc"], r"timeout must be a number \(got 'abc'\)"),
     (["--seed", str(2**64)], r"seed must be at most 2\*\*63 - 1"),
+    # The mesh against -n x --nnodes, before any worker starts (each used to fail in the workers).
+    (["--strategy", "fsdp", "--dp-replicate", "3", "-n", "2"],
+     r"dp_replicate=3 = 3 does not divide the world size 2 \(-n 2 x --nnodes 1\)"),
+    (["--strategy", "fsdp", "--dp-shard", "4", "-n", "2"], r"dp_shard=4 = 4 does not divide the world size 2"),
+    (["--strategy", "fsdp", "--dp-replicate", "2", "--dp-shard", "2", "--tp", "2", "-n", "2", "--nnodes", "2",
+      "--master", "127.0.0.1:29500"], r"dp_replicate=2 x dp_shard=2 x tp=2 = 8, not the world size 4 \(-n 2 x --nnodes 2\)"),
+    (["--strategy", "ddp", "--tp", "2", "-n", "2"], r"tp=2 need strategy='fsdp'"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, flags, message):
     assert re.search(message, _command_line_error(capsys, *flags, str(SCRIPTS / "show_argv.py")))
+
+
+def test_mesh_settings_the_scripts_init_could_still_complete_are_not_refused(monkeypatch):
+    # A setting not given to spawn may come from the script's init(strategy="fsdp", dp_shard=2).
+    assert spawn._validated_settings({"tp": "2"}, (4, 1)) == {"tp": 2}
+    assert spawn._validated_settings({"strategy": "fsdp", "tp": "2", "dp_replicate": "2"}, (8, 1))
+    monkeypatch.setenv("TRAINLOOP_DP_REPLICATE", "3")  # a variable already set counts as given
+    with pytest.raises(ValueError, match=r"dp_replicate=3 = 3 does not divide the world size 4"):
+        spawn._validated_settings({"strategy": "fsdp"}, (4, 1))
 
 
 def test_bad_trainloop_variables_already_set_are_refused_before_any_worker_starts(tmp_path, capsys, monkeypatch):

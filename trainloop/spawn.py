@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -204,13 +205,14 @@ def _default_nproc() -> int:
     return torch.accelerator.device_count() if accelerator is not None else 1
 
 
-def _validated_settings(settings: Mapping[str, Any],
+def _validated_settings(settings: Mapping[str, Any], world: tuple[int, int] = (1, 1),
                         environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """Parse and check the run settings here, before any worker starts; return those given.
 
     The `TRAINLOOP_*` variables already in the environment reach every worker too, unless a
     setting given here replaces them: they are checked with the rest, and an error names the
     variable. (A bad one found in the workers would fail every restart attempt the same way.)
+    `world` is (processes per machine, machines): the mesh settings are checked against it.
     """
     given = {name: parse_setting(name, value) if isinstance(value, str) else value
              for name, value in settings.items() if value is not None}
@@ -225,7 +227,34 @@ def _validated_settings(settings: Mapping[str, Any],
             check_device(config.device)
         except ValueError as error:
             raise ValueError(f"{env_name('device')}: {error}" if "device" in inherited else str(error)) from None
+    _check_mesh(config, set(given) | set(inherited), *world)
     return given
+
+
+def _check_mesh(config: Any, given: set[str], nproc: int, nnodes: int) -> None:
+    """The mesh settings given here against the job's world size (`-n` x `--nnodes`).
+
+    A setting given here (a flag, a `TRAINLOOP_*` variable) wins over the script's `init(...)`
+    argument, but one not given here may still come from the script: so only what no such
+    argument could repair is refused (sizes whose product cannot fit the world size, a mesh with
+    a strategy other than fsdp when both are given here).
+    """
+    from trainloop.strategies.base import refuse_mesh
+
+    world = nproc * nnodes
+    fixed = {name: getattr(config, name) for name in ("dp_replicate", "dp_shard", "tp")
+             if name in given and getattr(config, name) != -1}
+    if "strategy" in given and config.strategy != "fsdp" and (fixed.get("tp", 1) != 1 or fixed.get("dp_replicate", 1) != 1):
+        refuse_mesh(config, config.strategy)
+    product = math.prod(fixed.values())
+    sizes = " x ".join(f"{name}={size}" for name, size in fixed.items())
+    where = f"the world size {world} (-n {nproc} x --nnodes {nnodes})"
+    if len(fixed) == 3 and product != world:
+        raise ValueError(f"{sizes} = {product}, not {where}: the three must multiply to the world size "
+                         f"(dp_shard=-1 takes what dp_replicate and tp leave)")
+    if world % product:
+        raise ValueError(f"{sizes} = {product} does not divide {where}, so no mesh has that many ranks: "
+                         f"choose sizes whose product divides {world}, or another -n")
 
 
 def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
@@ -254,7 +283,7 @@ def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
 
     _check_runnable(fn)
     fn_kwargs, legacy_settings = _split_keywords(fn, args, kwargs)
-    parsed = _validated_settings({**legacy_settings, **(settings or {})})
+    parsed = _validated_settings({**legacy_settings, **(settings or {})}, (n, 1))
     with launcher_scope(parsed, n) as log_dir:
         config = launch_config(n, max_restarts=max_restarts, log_dir=log_dir)
         results = elastic_launch(config, InWorker(fn, os.getpid(), fn_kwargs))(*args)
@@ -364,8 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         values.update(_slurm_defaults(os.environ))
         values.update({k: v for k, v in vars(options).items()
                        if v is not None and k in (*_LAUNCH_FLAGS, *(f.name for f in SETTINGS))})
-        settings = _validated_settings({f.name: values.get(f.name) for f in SETTINGS})
         launch = launch_values(values)
+        settings = _validated_settings({f.name: values.get(f.name) for f in SETTINGS},
+                                       (launch["nproc"], launch["nnodes"]))
     except ValueError as error:
         parser.error(str(error))
     if not options.module and not os.path.isfile(options.target):
