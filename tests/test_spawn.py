@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from reference import big_batch_reference, regression_data, tiny_model
-from trainloop import launcher, spawn
+from trainloop import spawn
+from trainloop.spawn import checks
+from trainloop.spawn import job as launcher
 
 pytestmark = pytest.mark.multiprocess
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -249,11 +251,11 @@ def test_bad_flags_are_one_line_errors(capsys, flags, message):
 
 def test_mesh_settings_the_scripts_init_could_still_complete_are_not_refused(monkeypatch):
     # A setting not given to spawn may come from the script's init(strategy="fsdp", dp_shard=2).
-    assert spawn._validated_settings({"tp": "2"}, (4, 1)) == {"tp": 2}
-    assert spawn._validated_settings({"strategy": "fsdp", "tp": "2", "dp_replicate": "2"}, (8, 1))
+    assert checks.validated_settings({"tp": "2"}, (4, 1)) == {"tp": 2}
+    assert checks.validated_settings({"strategy": "fsdp", "tp": "2", "dp_replicate": "2"}, (8, 1))
     monkeypatch.setenv("TRAINLOOP_DP_REPLICATE", "3")  # a variable already set counts as given
     with pytest.raises(ValueError, match=r"dp_replicate=3 = 3 does not divide the world size 4"):
-        spawn._validated_settings({"strategy": "fsdp"}, (4, 1))
+        checks.validated_settings({"strategy": "fsdp"}, (4, 1))
 
 
 def test_bad_trainloop_variables_already_set_are_refused_before_any_worker_starts(tmp_path, capsys, monkeypatch):
@@ -335,7 +337,7 @@ def test_spawn_run_refuses_at_once_what_the_workers_could_not_run(tmp_path):
     with pytest.raises(TypeError, match=r"do not fit add.*missing a required argument: 'b'"):
         spawn.run(add, 1, n=2)
     # Keywords that fn does not take but that name run settings are settings, as they always were.
-    assert spawn._split_keywords(add, (1, 2), {"scale": 3, "accumulate": 2}) == ({"scale": 3}, {"accumulate": 2})
+    assert checks.split_keywords(add, (1, 2), {"scale": 3, "accumulate": 2}) == ({"scale": 3}, {"accumulate": 2})
     with pytest.raises(ValueError, match=r"accumulate must be a number >= 1"):
         spawn.run(add, 1, 2, accumulate=0, n=2)
 

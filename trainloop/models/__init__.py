@@ -2,5 +2,6 @@
 
 `meta` builds models without memory and materialises them; `hf` holds Hugging Face's
 conventions (block classes, checkpoint indexes); `weights` loads safetensors checkpoints into a
-(possibly sharded) model, each rank reading only its own slices.
+(possibly sharded) model, each rank reading only its own slices; `quiet` drops what importing
+torchao (precision='fp8') logs that says nothing to the user.
 """

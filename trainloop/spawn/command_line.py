@@ -1,47 +1,19 @@
-"""Start a job of many processes on PyTorch's own elastic launcher (what `torchrun` runs).
-
-    python -m trainloop.spawn -n 8 train.py --lr 3e-4
-    python -m trainloop.spawn -n 8 --nnodes 2 --node-rank 0 --master 10.0.0.1:29500 train.py
-    python -m trainloop.spawn -n 2 --precision bf16 --accumulate 4 train.py
-    python -m trainloop.spawn -n 8 --max-restarts 3 train.py
-    python -m trainloop.spawn --config run.toml train.py
-    python -m trainloop.spawn -n 2 -m package.module --flag
-
-    trainloop.spawn.run(fn, *args, n=2)      # from Python: returns rank 0's result
-
-This module only translates trainloop's flags into a `LaunchConfig` and hands it to
-`torch.distributed.launcher.api.elastic_launch`; process management, restarts, signal handling
-and error files are torch's. What it adds on top:
-
-- every `LaunchConfig` field set explicitly (its defaults differ from torchrun's: etcd
-  rendezvous, three restarts);
-- one machine: a c10d rendezvous on 127.0.0.1 with a port the OS picks;
-- run settings (`--precision bf16`) travel as `TRAINLOOP_*` variables and are validated before
-  any worker starts (a bad setting would otherwise use up the restarts);
-- `OMP_NUM_THREADS` shared out among the workers of a machine (torch's launcher API leaves it
-  unset: N workers of N threads each oversubscribe the cores);
-- workers that die with the launcher, even when it is SIGKILLed (Linux: trainloop.worker);
-- SLURM: under `srun`, the node count, node rank and master host come from SLURM's variables;
-- a failure report that names the rank that failed first; its traceback is the one the
-  worker printed itself, just above.
-"""
+"""The `python -m trainloop.spawn` command line: spawn's flags, a TOML file, SLURM's variables,
+then the job on torch's elastic launcher and what it says when the job ends."""
 
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
-import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trainloop.config import SETTINGS, config_from, env_name, parse_setting, settings_from_env
-from trainloop.launcher import (
+from trainloop.config import SETTINGS
+from trainloop.spawn.checks import validated_settings
+from trainloop.spawn.job import (
     connects_as_client,
     culprit,
-    free_port,
     launch_config,
     launcher_scope,
     never_joined,
@@ -50,9 +22,6 @@ from trainloop.launcher import (
     wait_until_reachable,
 )
 from trainloop.topology import first_slurm_host
-from trainloop.worker import InWorker
-
-__all__ = ["free_port", "launch_config", "main", "rendezvous_failure", "run"]
 
 _LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "master", "max_restarts", "join_timeout")
 _FLAGS_WITHOUT_VALUE = ("-m", "-h", "--help")
@@ -205,183 +174,9 @@ def _default_nproc() -> int:
     return torch.accelerator.device_count() if accelerator is not None else 1
 
 
-def _validated_settings(settings: Mapping[str, Any], world: tuple[int, int] = (1, 1),
-                        environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """Parse and check the run settings here, before any worker starts; return those given.
-
-    The `TRAINLOOP_*` variables already in the environment reach every worker too, unless a
-    setting given here replaces them: they are checked with the rest, and an error names the
-    variable. (A bad one found in the workers would fail every restart attempt the same way.)
-    `world` is (processes per machine, machines): the mesh settings are checked against it.
-    """
-    given = {name: parse_setting(name, value) if isinstance(value, str) else value
-             for name, value in settings.items() if value is not None}
-    inherited = {name: value for name, value in settings_from_env(environ).items() if name not in given}
-    config = config_from(given, inherited)  # raises ValueError naming the setting or the variable
-    if config.device is not None:
-        # This machine's devices: every worker here would find the same (each launcher of a
-        # job of many machines checks its own).
-        from trainloop.topology import check_device
-
-        try:
-            check_device(config.device)
-        except ValueError as error:
-            raise ValueError(f"{env_name('device')}: {error}" if "device" in inherited else str(error)) from None
-    _check_mesh(config, set(given) | set(inherited), *world)
-    return given
-
-
-def _check_mesh(config: Any, given: set[str], nproc: int, nnodes: int) -> None:
-    """The mesh settings given here against the job's world size (`-n` x `--nnodes`).
-
-    A setting given here (a flag, a `TRAINLOOP_*` variable) wins over the script's `init(...)`
-    argument, but one not given here may still come from the script: so only what no such
-    argument could repair is refused (sizes whose product cannot fit the world size, a mesh with
-    a strategy other than fsdp when both are given here).
-    """
-    from trainloop.strategies.base import refuse_mesh
-
-    world = nproc * nnodes
-    fixed = {name: getattr(config, name) for name in ("dp_replicate", "dp_shard", "tp")
-             if name in given and getattr(config, name) != -1}
-    if "strategy" in given and config.strategy != "fsdp" and (fixed.get("tp", 1) != 1 or fixed.get("dp_replicate", 1) != 1):
-        refuse_mesh(config, config.strategy)
-    product = math.prod(fixed.values())
-    sizes = " x ".join(f"{name}={size}" for name, size in fixed.items())
-    where = f"the world size {world} (-n {nproc} x --nnodes {nnodes})"
-    if len(fixed) == 3 and product != world:
-        raise ValueError(f"{sizes} = {product}, not {where}: the three must multiply to the world size "
-                         f"(dp_shard=-1 takes what dp_replicate and tp leave)")
-    if world % product:
-        raise ValueError(f"{sizes} = {product} does not divide {where}, so no mesh has that many ranks: "
-                         f"choose sizes whose product divides {world}, or another -n")
-
-
-def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
-        settings: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
-    """Run `fn(*args, **kwargs)` on `n` local processes; return rank 0's result.
-
-    Args:
-        fn: a module-level function (the workers are fresh Python processes that import it
-            by name); call `run` under `if __name__ == "__main__":` in a script.
-        n: the number of processes. `max_restarts`: restart them all after a failure, up to
-            this many times.
-        settings: run settings that reach `tl.init` in every worker, as spawn's flags do
-            (`settings={"precision": "bf16", "accumulate": 4}`).
-        **kwargs: keyword arguments of `fn`. For compatibility, a keyword that `fn` does not
-            take but that names a run setting (`accumulate=4`) is read as that setting.
-
-    Everything is checked here, before any worker starts: `fn` (callable, importable), the
-    arguments against its signature, the settings. A failing worker stops the job and raises
-    torch's `ChildFailedError`, which names the rank that failed first and holds its traceback.
-
-    Example:
-        if __name__ == "__main__":
-            loss = spawn.run(train, "data/", n=2, lr=3e-4, settings={"precision": "bf16"})
-    """
-    from torch.distributed.launcher.api import elastic_launch
-
-    _check_runnable(fn)
-    fn_kwargs, legacy_settings = _split_keywords(fn, args, kwargs)
-    parsed = _validated_settings({**legacy_settings, **(settings or {})}, (n, 1))
-    with launcher_scope(parsed, n) as log_dir:
-        config = launch_config(n, max_restarts=max_restarts, log_dir=log_dir)
-        results = elastic_launch(config, InWorker(fn, os.getpid(), fn_kwargs))(*args)
-    return results[0]
-
-
-def _split_keywords(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
-    """`fn`'s keyword arguments and the run settings given as keywords (the older spelling).
-
-    Raises TypeError, naming `fn`'s signature, when the arguments do not fit it: found here
-    rather than in every worker.
-    """
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # no signature to read (some builtins): fn gets them all
-        return dict(kwargs), {}
-    names = {field.name for field in SETTINGS}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
-    settings = {key: value for key, value in kwargs.items()
-                if key in names and not takes_any and key not in signature.parameters}
-    fn_kwargs = {key: value for key, value in kwargs.items() if key not in settings}
-    try:
-        signature.bind(*args, **fn_kwargs)
-    except TypeError as error:
-        name = getattr(fn, "__qualname__", repr(fn))
-        raise TypeError(f"spawn.run: the arguments do not fit {name}{signature}: {error} (run settings "
-                        f"go in settings={{...}})") from None
-    return fn_kwargs, settings
-
-
-def _check_runnable(fn: Any) -> None:
-    """Refuse, before any worker starts, what the workers could not run."""
-    if not callable(fn):
-        hint = " (to run a script: python -m trainloop.spawn -n 2 script.py)" if isinstance(fn, str) else ""
-        raise TypeError(f"spawn.run needs a function to run in every worker, e.g. spawn.run(train, n=2); "
-                        f"got {fn!r} ({type(fn).__name__}){hint}")
-    _check_main_guard()
-    _check_importable(fn)
-
-
-_MISSING_GUARD = (
-    "spawn.run was called at the top level of {where}, outside `if __name__ == \"__main__\":`; "
-    "every worker imports that file again (to find fn), so put the call, or the call of the "
-    "function that makes it, under `if __name__ == \"__main__\":`"
-)
-
-
-def _check_main_guard() -> None:
-    """Refuse a spawn.run called from the main script's top level without the `__main__` guard.
-
-    The workers import the main script (as `__mp_main__`) to find `fn`; an unguarded call
-    would run again in each of them, and multiprocessing stops that with a long bootstrapping
-    error. The outermost frame of the main script shows which of its lines is running.
-    """
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if not main_file:
-        return  # a notebook, `python -c` or a REPL: nothing the workers import again
-    frame = sys._getframe(1)
-    outermost = None
-    while frame is not None:
-        if frame.f_code.co_name == "<module>" and frame.f_code.co_filename == main_file:
-            outermost = frame
-        frame = frame.f_back
-    if outermost is None:
-        return
-    try:
-        with open(main_file, encoding="utf-8") as source:
-            tree = ast.parse(source.read())
-    except (OSError, SyntaxError, ValueError):
-        return
-    line = outermost.f_lineno
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and node.lineno <= line <= (node.end_lineno or node.lineno) and any(
-                isinstance(name, ast.Name) and name.id == "__name__" for name in ast.walk(node.test)):
-            return
-    raise RuntimeError(_MISSING_GUARD.format(where=main_file))
-
-
 def _with_default(help_text: str, default: Any) -> str:
     """A setting's help with its default, unless the help already says it in words."""
     return help_text if "(default:" in help_text else f"{help_text} (default: {default})"
-
-
-def _check_importable(fn: Callable[..., Any]) -> None:
-    """Refuse, before any worker starts, a function the fresh worker processes cannot import."""
-    qualname = getattr(fn, "__qualname__", "")
-    main = sys.modules.get("__main__")
-    if "<" in qualname:  # a lambda or a function defined inside another function
-        where = f"{qualname} is a lambda or a nested function"
-    elif getattr(fn, "__module__", None) == "__main__" and not getattr(main, "__file__", None):
-        where = f"{qualname} is defined in a notebook cell or `python -c`"
-    else:
-        return
-    raise TypeError(
-        f"spawn.run needs a function the worker processes can import by name, but {where}: the "
-        "workers are fresh Python processes (not forks). Put it in a module (a .py file beside the "
-        "notebook) and import it from there."
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -394,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         values.update({k: v for k, v in vars(options).items()
                        if v is not None and k in (*_LAUNCH_FLAGS, *(f.name for f in SETTINGS))})
         launch = launch_values(values)
-        settings = _validated_settings({f.name: values.get(f.name) for f in SETTINGS},
+        settings = validated_settings({f.name: values.get(f.name) for f in SETTINGS},
                                        (launch["nproc"], launch["nnodes"]))
     except ValueError as error:
         parser.error(str(error))
@@ -437,7 +232,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         if alone:
             print(never_joined_warning(alone, config.nproc_per_node * config.max_nodes), file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,7 @@
 """One job on torch's elastic agent, as this machine's launcher sees it: the `LaunchConfig`, the
-scope the job runs in (its environment, signal handlers and temporary directory), and what the
+scope the job runs in (its environment, signal handlers and temporary folder), and what the
 launcher reports when the job ends (which rank failed first, a rendezvous that failed, scripts
-that never joined the job).
-
-`trainloop.spawn` is the user's side (the command line, `run`); this module imports torch only
-inside its functions.
+that never joined the job). Imports torch only inside its functions.
 """
 
 from __future__ import annotations
