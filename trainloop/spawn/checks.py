@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from trainloop.config import SETTINGS, config_from, env_name, parse_setting, settings_from_env
+from trainloop.config import SETTINGS, canonical, config_from, env_name, parse_setting, settings_from_env
 
 
 def validated_settings(settings: Mapping[str, Any], world: tuple[int, int] = (1, 1),
@@ -27,7 +27,7 @@ def validated_settings(settings: Mapping[str, Any], world: tuple[int, int] = (1,
     variable. (A bad one found in the workers would fail every restart attempt the same way.)
     `world` is (processes per machine, machines): the mesh settings are checked against it.
     """
-    given = {name: parse_setting(name, value) if isinstance(value, str) else value
+    given = {canonical(name): parse_setting(name, value) if isinstance(value, str) else value
              for name, value in settings.items() if value is not None}
     inherited = {name: value for name, value in settings_from_env(environ).items() if name not in given}
     config = config_from(given, inherited)  # raises ValueError naming the setting or the variable

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trainloop.config import SETTINGS
+from trainloop.config import ALIASES, SETTINGS, canonical
 from trainloop.spawn.checks import validated_settings
 from trainloop.spawn.job import (
     connects_as_client,
@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     for field in SETTINGS:
         settings.add_argument(
             "--" + field.name.replace("_", "-"), dest=field.name, default=None, metavar="VALUE",
-            help=_with_default(field.metadata["help"], field.default),
+            help=_with_default(field.help, field.default),
         )
+    for old, name in ALIASES.items():  # accepted with the same meaning, not listed
+        settings.add_argument("--" + old.replace("_", "-"), dest=name, default=None, help=argparse.SUPPRESS)
     parser.add_argument("-m", dest="module", action="store_true",
                         help="run the target as a module (python -m target), not a script")
     parser.add_argument("target", help="the training script (or module with -m)")
@@ -115,7 +117,7 @@ def _read_toml(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"--config {path} is not valid TOML: {error}") from None
     known = set(_LAUNCH_FLAGS) | {field.name for field in SETTINGS}
-    normalised = {key.replace("-", "_"): value for key, value in values.items()}
+    normalised = {canonical(key.replace("-", "_")): value for key, value in values.items()}
     unknown = sorted(set(normalised) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown key(s) {unknown}; known keys are {sorted(known)}")
