@@ -116,7 +116,7 @@ def test_settings_from_a_toml_file_and_flags_reach_init(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('nproc = 2\nprecision = "bf16"\naccumulate = 3\n')
     script = tmp_path / "show.py"
-    script.write_text("import trainloop as tl\ns = tl.init()\n"  # one write per line: ranks never interleave
+    script.write_text("import trainloop as tl\ns = tl.init(accumulate=2)\n"  # one write per line: ranks never interleave
                       "c = s.config\n"
                       "print(f'settings {s.rank} {s.world_size} {c.precision} {c.accumulate}\\n', end='', flush=True)\n"
                       "tl.finish(s)\n")
@@ -124,6 +124,7 @@ def test_settings_from_a_toml_file_and_flags_reach_init(tmp_path):
     output, _ = job.communicate(timeout=60)
     assert job.returncode == 0, output
     assert "settings 0 2 bf16 5" in output and "settings 1 2 bf16 5" in output
+    assert output.count("TRAINLOOP_ACCUMULATE=5 overrides init(accumulate=2)") == 1, output  # once per job
 
 
 def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named():
@@ -251,11 +252,11 @@ def test_bad_flags_are_one_line_errors(capsys, flags, message):
 
 def test_mesh_settings_the_scripts_init_could_still_complete_are_not_refused(monkeypatch):
     # A setting not given to spawn may come from the script's init(strategy="fsdp", dp_shard=2).
-    assert checks.validated_settings({"tp": "2"}, (4, 1)) == {"tp": 2}
-    assert checks.validated_settings({"strategy": "fsdp", "tp": "2", "dp_replicate": "2"}, (8, 1))
+    assert checks.validated_settings({"tp": "2"}, world=(4, 1)) == {"tp": 2}
+    assert checks.validated_settings({"strategy": "fsdp", "tp": "2", "dp_replicate": "2"}, world=(8, 1))
     monkeypatch.setenv("TRAINLOOP_DP_REPLICATE", "3")  # a variable already set counts as given
     with pytest.raises(ValueError, match=r"dp_replicate=3 = 3 does not divide the world size 4"):
-        checks.validated_settings({"strategy": "fsdp"}, (4, 1))
+        checks.validated_settings({"strategy": "fsdp"}, world=(4, 1))
 
 
 def test_bad_trainloop_variables_already_set_are_refused_before_any_worker_starts(tmp_path, capsys, monkeypatch):

@@ -37,11 +37,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from trainloop.spawn.checks import check_runnable, split_keywords, validated_settings
-from trainloop.spawn.command_line import main
+from trainloop.spawn.command_line import build_parser, main, parse_command_line
 from trainloop.spawn.job import free_port, launch_config, launcher_scope, rendezvous_failure
 from trainloop.worker import InWorker
 
-__all__ = ["free_port", "launch_config", "main", "rendezvous_failure", "run"]
+__all__ = ["build_parser", "free_port", "launch_config", "main", "parse_command_line", "rendezvous_failure", "run"]
 
 
 def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
@@ -70,7 +70,7 @@ def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
 
     check_runnable(fn)
     fn_kwargs, legacy_settings = split_keywords(fn, args, kwargs)
-    parsed = validated_settings({**legacy_settings, **(settings or {})}, (n, 1))
+    parsed = validated_settings({**legacy_settings, **(settings or {})}, world=(n, 1))
     with launcher_scope(parsed, n) as log_dir:
         config = launch_config(n, max_restarts=max_restarts, log_dir=log_dir)
         results = elastic_launch(config, InWorker(fn, os.getpid(), fn_kwargs))(*args)

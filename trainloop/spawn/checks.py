@@ -18,8 +18,8 @@ from typing import Any
 from trainloop.config import SETTINGS, canonical, config_from, env_name, parse_setting, settings_from_env
 
 
-def validated_settings(settings: Mapping[str, Any], world: tuple[int, int] = (1, 1),
-                        environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+def validated_settings(settings: Mapping[str, Any], environ: Mapping[str, str] = os.environ, *,
+                       world: tuple[int, int] = (1, 1)) -> dict[str, Any]:
     """Parse and check the run settings here, before any worker starts; return those given.
 
     The `TRAINLOOP_*` variables already in the environment reach every worker too, unless a

@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        if v is not None and k in (*_LAUNCH_FLAGS, *(f.name for f in SETTINGS))})
         launch = launch_values(values)
         settings = validated_settings({f.name: values.get(f.name) for f in SETTINGS},
-                                       (launch["nproc"], launch["nnodes"]))
+                                      world=(launch["nproc"], launch["nnodes"]))
     except ValueError as error:
         parser.error(str(error))
     if not options.module and not os.path.isfile(options.target):
