@@ -338,7 +338,8 @@ def test_spawn_run_refuses_at_once_what_the_workers_could_not_run(tmp_path):
     with pytest.raises(TypeError, match=r"do not fit add.*missing a required argument: 'b'"):
         spawn.run(add, 1, n=2)
     # Keywords that fn does not take but that name run settings are settings, as they always were.
-    assert checks.split_keywords(add, (1, 2), {"scale": 3, "accumulate": 2}) == ({"scale": 3}, {"accumulate": 2})
+    assert checks.split_keywords(add, (1, 2), {"scale": 3, "accumulate": 2, "fsdp_blocks": "Block"}) == (
+        {"scale": 3}, {"accumulate": 2, "fsdp_blocks": "Block"})  # an old setting name too
     with pytest.raises(ValueError, match=r"accumulate must be a number >= 1"):
         spawn.run(add, 1, 2, accumulate=0, n=2)
 

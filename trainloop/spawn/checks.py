@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from trainloop.config import SETTINGS, canonical, config_from, env_name, parse_setting, settings_from_env
+from trainloop.config import ALIASES, SETTINGS, canonical, config_from, env_name, parse_setting, settings_from_env
 
 
 def validated_settings(settings: Mapping[str, Any], environ: Mapping[str, str] = os.environ, *,
@@ -80,7 +80,7 @@ def split_keywords(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # no signature to read (some builtins): fn gets them all
         return dict(kwargs), {}
-    names = {field.name for field in SETTINGS}
+    names = {field.name for field in SETTINGS} | set(ALIASES)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     settings = {key: value for key, value in kwargs.items()
                 if key in names and not takes_any and key not in signature.parameters}
