@@ -206,9 +206,12 @@ def _convert_to_float8(model: nn.Module, device: torch.device | None = None) -> 
     CPU, torchao runs in emulation. Warns when no layer is eligible (the model then trains in bf16).
     """
     emulate = _float8_emulated(_device_of(model, device))
+    from trainloop.models import quiet
+
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        from torchao.float8.float8_linear import Float8Linear
+        with quiet.torchao_import(cuda_available=torch.cuda.is_available()):
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            from torchao.float8.float8_linear import Float8Linear
     except ImportError as error:
         raise ImportError(
             "precision='fp8' needs torchao (float8 training): pip install 'trainloop-torch[fp8]'"
