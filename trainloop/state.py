@@ -84,16 +84,21 @@ class Lineage:
     `accumulate`, the properties) accept any state.
 
     It also holds the metric names the ranks last agreed on in a `log` report, so that a report
-    with the same names checks them inside its one collective (see `trainloop.steps.flush_logs`).
+    with the same names checks them inside its one collective (see `trainloop.steps.flush_logs`),
+    and where the open micro-step stands (`grouping`, `counted`: see `trainloop.steps.backward`).
     """
 
-    __slots__ = ("finished", "generation", "log_names", "made_by")
+    __slots__ = ("counted", "finished", "generation", "grouping", "log_names", "made_by")
 
     def __init__(self) -> None:
         self.generation = 0
         self.made_by = "init"
         self.finished = False
         self.log_names: tuple[str, ...] | None = None
+        # A `tl.accumulate` call opened a micro-step (`grouping`) that a backward already counted
+        # (`counted`): the backward calls until the next `tl.accumulate` or `tl.step` join it.
+        self.grouping = False
+        self.counted = False
 
     def __repr__(self) -> str:
         return f"Lineage(generation={self.generation}, made_by={self.made_by!r}, finished={self.finished})"
@@ -130,8 +135,9 @@ class RunState:
         config: the settings (precision, accumulate, strategy, seed, log_every, ...).
         callbacks: the attached callbacks, in firing order.
         models, optimizers, schedulers, loaders: what `prepare` registered.
-        step: optimizer steps done. micro_step: `backward` calls done.
-        window_micro_steps: `backward` calls in the open accumulation window.
+        step: optimizer steps done. micro_step: micro-steps done (window positions, not
+            `backward` calls: see `trainloop.steps.backward`).
+        window_micro_steps: micro-steps in the open accumulation window.
         window_items: the open window's summed `num_items` (None when not given).
         skip_step: set by an `on_before_step` hook to skip this optimizer step.
         stepping: inside `tl.step`'s hooks, the optimizers this call steps (`()` elsewhere). An

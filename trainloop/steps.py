@@ -14,12 +14,27 @@ once, at the window's end, by the window's real size:
   factor is `world_size / total_items`. One all-reduce of the count per optimizer step.
 
 Either way, k micro-batches on n ranks give the update of one big batch.
+
+A micro-step is a window position (one micro-batch), not a `backward` call: several `backward`
+calls in one micro-step (two losses, two models) give the plain autograd gradients, and the
+normalisation counts micro-steps. Where one begins:
+
+- with `accumulate=1`: every `backward` call until the `step` is one micro-step (the window);
+- inside `tl.accumulate(...)`: each call of it opens a micro-step, which every `backward` until
+  the next `tl.accumulate` or `tl.step` call joins;
+- otherwise (`accumulate > 1` without `tl.accumulate`): each `backward` call is one; several
+  losses of one micro-batch are then one `backward` of their sum.
+
+`num_items` sums over every `backward` call of the window, whatever its micro-step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +46,11 @@ from trainloop.state import RunState, raise_stale
 
 _NOTHING_TO_DO = contextlib.nullcontext()
 
+# True while a trainloop function steps the optimizers: a prepared optimizer's step pre-hook
+# (`guard_optimizer`) refuses every other `optimizer.step()`. A context variable, so that two
+# runs, threads or tasks side by side never see each other's.
+_STEPPING: contextvars.ContextVar[bool] = contextvars.ContextVar("trainloop_stepping", default=False)
+
 
 def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.AbstractContextManager:
     """Context manager around a micro-step's forward and backward.
@@ -39,11 +59,50 @@ def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.Ab
     (the strategy's `no_sync`: DDP `no_sync`, FSDP `set_requires_gradient_sync(False)`) for
     `model`, or for every prepared model when None; gradients then accumulate locally and are
     synchronised once, on the last micro-step. A window also closes at the last batch of a
-    prepared loader's epoch. On one process there is nothing to synchronise and this does nothing.
+    prepared loader's epoch. On one process there is nothing to synchronise.
+
+    Each call opens one micro-step: every `backward` until the next `accumulate` or `step` call
+    is part of it (see the module doc). `model` is a model `prepare` returned, or the user's
+    module inside one; any other module raises ValueError (its sync could not be turned off).
     """
+    lineage = state.lineage
+    lineage.grouping, lineage.counted = True, False
+    if model is not None and model not in state.models:
+        model = prepared_model(state, model, "accumulate")
     if state.world_size == 1 or state.sync_now:
         return _NOTHING_TO_DO
     return state.strategy.no_sync(state.models if model is None else (model,))
+
+
+def no_sync(state: RunState, model: nn.Module | None = None, *, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Context manager: no gradient synchronisation across ranks inside, when `enabled`.
+
+    For loops that decide accumulation themselves (Lightning Fabric's `no_backward_sync`): keep
+    `accumulate=1`, run the micro-batches that must not sync under `no_sync(state, model)`, the
+    last one with `enabled=False` (it synchronises everything accumulated), then `tl.step`. The
+    gradients are then the plain sum of the `backward` calls (scale each loss yourself), as with
+    Fabric. It does not count micro-steps; `tl.accumulate` does both for you. `model`: as in
+    `accumulate` (None: every prepared model). On one process it does nothing.
+    """
+    if model is not None and model not in state.models:
+        model = prepared_model(state, model, "no_sync")
+    if not enabled or state.world_size == 1:
+        return _NOTHING_TO_DO
+    return state.strategy.no_sync(state.models if model is None else (model,))
+
+
+def prepared_model(state: RunState, model: nn.Module, caller: str) -> nn.Module:
+    """The prepared model that is `model` or wraps it; ValueError for a module never prepared."""
+    from trainloop.forwarding import unwrap
+
+    for candidate in state.models:
+        if candidate is model or unwrap(candidate) is model:
+            return candidate
+    raise ValueError(
+        f"tl.{caller} was given a {type(model).__name__} that was not prepared in this run, so its "
+        "gradient sync cannot be turned off: pass the model tl.prepare returned (or leave model "
+        "out: every prepared model)"
+    )
 
 
 def backward(state: RunState, loss: torch.Tensor, *, num_items: Any = None) -> RunState:
@@ -77,15 +136,28 @@ def backward(state: RunState, loss: torch.Tensor, *, num_items: Any = None) -> R
     for hook in state.hooks.on_backward:
         loss = hook(state, loss)
     loss.backward()
+    # Does this backward begin a micro-step, or join the open one? (the module doc's rule)
+    lineage = state.lineage
+    window = state.window_micro_steps
+    if not window:
+        new = 1
+    elif state.config.accumulate == 1:
+        new = 0
+    elif lineage.grouping:
+        new = 0 if lineage.counted else 1
+    else:
+        new = 1
+    lineage.counted = True
     return state.advance(
         "backward",
-        micro_step=state.micro_step + 1,
-        window_micro_steps=state.window_micro_steps + 1,
+        micro_step=state.micro_step + new,
+        window_micro_steps=window + new,
         window_items=items,
     )
 
 
-def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunState:
+def step(state: RunState, optimizer: Any = None, scheduler: Any = None, *,
+         closure: Callable[[], torch.Tensor] | None = None) -> RunState:
     """At the accumulation window's end, take one optimizer step; elsewhere return `state`.
 
     At the end of a window, in this order: normalise the gradients by the window's size (see
@@ -98,13 +170,30 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunSt
     Several optimizers (a GAN's) are stepped by one call, or each by its own call: hooks act on
     exactly the optimizers of the call. `scheduler` is one prepared scheduler, a sequence, or
     None for the prepared schedulers of the optimizers stepped.
+
+    A closure optimizer (`torch.optim.LBFGS`) takes its step with `closure=`: a function of no
+    arguments that computes and returns the loss (a mean), without calling backward. The
+    optimizer calls it as often as it needs; each time trainloop zeroes the gradients, runs
+    the `on_backward` hooks and the backward (synchronised across ranks), and hands the
+    optimizer the loss averaged across ranks, so that every rank takes the same decisions and
+    n ranks take one process's step over the global batch. It is one whole step: no
+    `tl.backward` before it, `accumulate=1`, no `on_before_step` hooks (clip in the closure).
+
+    Raises RuntimeError when the window is empty but the optimizers' parameters have gradients
+    (a `loss.backward()` that `tl.backward` did not see would leak into the next step).
     """
-    if state.generation != state.lineage.generation:
+    lineage = state.lineage
+    if state.generation != lineage.generation:
         raise_stale(state, "step")
     if not state.optimizers:
         raise ValueError("step() needs a prepared optimizer: call tl.prepare(state, model, optimizer) first")
+    lineage.grouping = False  # a step call closes the open micro-step
+    if closure is not None:
+        return _step_with_closure(state, optimizer, scheduler, closure)
     in_window = state.window_micro_steps
     if in_window < state.config.accumulate and not (in_window and state.at_epoch_end):
+        if not in_window:
+            _refuse_untracked_gradients(state, optimizer)
         return state
     optimizers = _registered(optimizer, state.optimizers, "optimizer")
     schedulers = state.schedulers if scheduler is None else _chosen_schedulers(scheduler, state, optimizers)
@@ -113,10 +202,14 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunSt
     hooks = state.hooks
     if hooks.on_before_step or hooks.on_step:
         return _step_with_hooks(state, hooks, optimizers, schedulers)
-    for opt in optimizers:  # no hooks: every optimizer of the call steps
-        opt.step()
+    token = _STEPPING.set(True)
+    try:
+        for opt in optimizers:  # no hooks: every optimizer of the call steps
+            opt.step()
+    finally:
+        _STEPPING.reset(token)
     for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+        _zero_grad(opt)
     if schedulers:
         _step_schedulers(schedulers, optimizers)
     return state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None)
@@ -127,10 +220,14 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
     for hook in hooks.on_before_step:
         state = hook(state) or state
     stepped = () if state.skip_step else _narrowed(state.stepping, optimizers)
-    for opt in stepped:
-        opt.step()
+    token = _STEPPING.set(True)
+    try:
+        for opt in stepped:
+            opt.step()
+    finally:
+        _STEPPING.reset(token)
     for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+        _zero_grad(opt)
     if not stepped:
         return state.advance("step", window_micro_steps=0, window_items=None, skip_step=False, stepping=())
     _step_schedulers(schedulers, stepped)
@@ -139,6 +236,123 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
     for hook in hooks.on_step:
         state = hook(state) or state
     return state.evolve(stepping=())
+
+
+def _step_with_closure(state: RunState, optimizer: Any, scheduler: Any, closure: Callable) -> RunState:
+    if state.window_micro_steps:
+        raise ValueError(
+            "tl.step(closure=) takes a whole step, and tl.backward was called since the last one: "
+            "compute the loss inside the closure only (trainloop backpropagates it)"
+        )
+    if state.config.accumulate != 1:
+        raise ValueError(
+            f"tl.step(closure=) needs accumulate=1 (got {state.config.accumulate}): a closure "
+            "optimizer evaluates the whole batch's loss itself, several times per step"
+        )
+    if state.hooks.on_before_step:
+        names = ", ".join(type(hook.__self__).__name__ for hook in state.hooks.on_before_step)
+        raise ValueError(
+            f"tl.step(closure=) cannot run the on_before_step hooks of {names}: a closure optimizer "
+            "computes its gradients inside its step. Clip inside the closure, and use a precision "
+            "without loss scaling"
+        )
+    optimizers = _registered(optimizer, state.optimizers, "optimizer")
+    schedulers = state.schedulers if scheduler is None else _chosen_schedulers(scheduler, state, optimizers)
+    on_backward, world_size = state.hooks.on_backward, state.world_size
+
+    def evaluate() -> torch.Tensor:
+        for opt in optimizers:
+            _zero_grad(opt)
+        loss = closure()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise ValueError("tl.step(closure=): the closure must return the scalar loss tensor, "
+                             "with its graph (not detached, not under torch.no_grad())")
+        for hook in on_backward:
+            loss = hook(state, loss)
+        loss.backward()
+        if world_size == 1:
+            return loss
+        # The optimizer decides on the loss (line search, tolerances): every rank sees the mean.
+        mean = loss.detach().to(collective_device(state), torch.float64, copy=True)
+        dist.all_reduce(mean)
+        return (mean / world_size).to(loss.device, loss.dtype)
+
+    token = _STEPPING.set(True)
+    try:
+        for opt in optimizers:
+            opt.step(evaluate)
+    finally:
+        _STEPPING.reset(token)
+    for opt in optimizers:
+        _zero_grad(opt)
+    if schedulers:
+        _step_schedulers(schedulers, optimizers)
+    state = state.advance("step", step=state.step + 1, micro_step=state.micro_step + 1,
+                          window_micro_steps=0, window_items=None, stepping=optimizers)
+    for hook in state.hooks.on_step:
+        state = hook(state) or state
+    return state.evolve(stepping=())
+
+
+def _refuse_untracked_gradients(state: RunState, optimizer: Any) -> None:
+    """Raise if the optimizers of a step call with an empty window hold non-zero gradients."""
+    optimizers = _registered(optimizer, state.optimizers, "optimizer")
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                local = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: this rank's shard
+                if bool(local.ne(0).any()):
+                    raise RuntimeError(
+                        f"tl.step found gradients on the parameters of {type(opt).__name__} but no "
+                        "tl.backward since the last step: backpropagate with `state = "
+                        "tl.backward(state, loss)`, not `loss.backward()` (trainloop would neither "
+                        "count nor normalise them, and they would leak into the next step). To step "
+                        "several optimizers after one backward, step them in one call: "
+                        "tl.step(state, (optimizer_a, optimizer_b))"
+                    )
+
+
+def _zero_grad(optimizer: Any) -> None:
+    """`zero_grad(set_to_none=True)`, or plain `zero_grad()` where it takes no `set_to_none` (apex's)."""
+    try:
+        optimizer.zero_grad(set_to_none=True)
+    except TypeError:
+        if "set_to_none" in inspect.signature(optimizer.zero_grad).parameters:
+            raise
+        optimizer.zero_grad()
+
+
+def guard_optimizer(optimizer: torch.optim.Optimizer, lineage: Any) -> None:
+    """Make `optimizer.step()` outside trainloop raise, naming `tl.step` (`prepare` calls this).
+
+    A prepared optimizer stepped by hand trains, but `state.step` never moves, so checkpoints,
+    logs, schedulers and progress never fire. After `tl.finish` the optimizer is the user's again.
+    """
+
+    def refuse_step_by_hand(opt: Any, args: Any, kwargs: Any) -> None:
+        if not _STEPPING.get() and not lineage.finished:
+            raise RuntimeError(
+                f"this {type(opt).__name__} was prepared, and optimizer.step() was called on it "
+                "directly: step it with `state = tl.step(state, optimizer)` (a step taken by hand "
+                "trains, but state.step never moves, so checkpoints, logs, schedulers and "
+                "progress never fire)"
+            )
+
+    optimizer.register_step_pre_hook(refuse_step_by_hand)
+
+
+@contextlib.contextmanager
+def optimizers_stepped_by_trainloop():
+    """Inside, a prepared optimizer's `step()` is trainloop's own (DCP initialises optimizer
+    state by stepping it with zero gradients and a zero learning rate)."""
+    token = _STEPPING.set(True)
+    try:
+        yield
+    finally:
+        _STEPPING.reset(token)
 
 
 def _step_schedulers(schedulers: tuple, stepped: tuple) -> None:
