@@ -5,13 +5,13 @@ Importing this package is cheap: each tracker imports its library only when it i
 
 from trainloop.callbacks.base import Callback
 from trainloop.callbacks.checkpoint import Checkpoint, CheckpointWarning
-from trainloop.callbacks.precision import ClipGradNorm, LossScale
+from trainloop.callbacks.precision import ClipGradNorm, ClipGradValue, LossScale
 from trainloop.callbacks.profile import Profile
 from trainloop.callbacks.progress import Progress
 from trainloop.callbacks.throughput import Throughput
 from trainloop.callbacks.trackers import JSONLines, MLflow, TensorBoard, Tracker, WandB
 
 __all__ = [
-    "Callback", "Checkpoint", "CheckpointWarning", "ClipGradNorm", "JSONLines", "LossScale", "MLflow", "Profile", "Progress", "TensorBoard",
-    "Throughput", "Tracker", "WandB",
+    "Callback", "Checkpoint", "CheckpointWarning", "ClipGradNorm", "ClipGradValue", "JSONLines", "LossScale",
+    "MLflow", "Profile", "Progress", "TensorBoard", "Throughput", "Tracker", "WandB",
 ]
