@@ -31,9 +31,7 @@ normalisation counts micro-steps. Where one begins:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -42,15 +40,18 @@ import torch.distributed as dist
 from torch import nn
 
 from trainloop.collectives import collective_device
+from trainloop.optimizers import (
+    STEPPING,
+    chosen_schedulers,
+    refuse_untracked_gradients,
+    registered,
+    step_schedulers,
+    step_with_closure,
+    zero_grad,
+)
 from trainloop.state import RunState, raise_stale
 
 _NOTHING_TO_DO = contextlib.nullcontext()
-
-# True while a trainloop function steps the optimizers: a prepared optimizer's step pre-hook
-# (`guard_optimizer`) refuses every other `optimizer.step()`. A context variable, so that two
-# runs, threads or tasks side by side never see each other's.
-_STEPPING: contextvars.ContextVar[bool] = contextvars.ContextVar("trainloop_stepping", default=False)
-
 
 def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.AbstractContextManager:
     """Context manager around a micro-step's forward and backward.
@@ -189,29 +190,29 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None, *,
         raise ValueError("step() needs a prepared optimizer: call tl.prepare(state, model, optimizer) first")
     lineage.grouping = False  # a step call closes the open micro-step
     if closure is not None:
-        return _step_with_closure(state, optimizer, scheduler, closure)
+        return step_with_closure(state, optimizer, scheduler, closure)
     in_window = state.window_micro_steps
     if in_window < state.config.accumulate and not (in_window and state.at_epoch_end):
         if not in_window:
-            _refuse_untracked_gradients(state, optimizer)
+            refuse_untracked_gradients(state, optimizer)
         return state
-    optimizers = _registered(optimizer, state.optimizers, "optimizer")
-    schedulers = state.schedulers if scheduler is None else _chosen_schedulers(scheduler, state, optimizers)
+    optimizers = registered(optimizer, state.optimizers, "optimizer")
+    schedulers = state.schedulers if scheduler is None else chosen_schedulers(scheduler, state, optimizers)
     if in_window > 1 or state.window_items is not None:  # else the gradients are already the mean
         _normalise_gradients(state, optimizers)
     hooks = state.hooks
     if hooks.on_before_step or hooks.on_step:
         return _step_with_hooks(state, hooks, optimizers, schedulers)
-    token = _STEPPING.set(True)
+    token = STEPPING.set(True)  # not `with stepping()`: a generator context costs ~1 us a step
     try:
         for opt in optimizers:  # no hooks: every optimizer of the call steps
             opt.step()
     finally:
-        _STEPPING.reset(token)
+        STEPPING.reset(token)
     for opt in optimizers:
-        _zero_grad(opt)
+        zero_grad(opt)
     if schedulers:
-        _step_schedulers(schedulers, optimizers)
+        step_schedulers(schedulers, optimizers)
     return state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None)
 
 
@@ -220,145 +221,22 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
     for hook in hooks.on_before_step:
         state = hook(state) or state
     stepped = () if state.skip_step else _narrowed(state.stepping, optimizers)
-    token = _STEPPING.set(True)
+    token = STEPPING.set(True)
     try:
         for opt in stepped:
             opt.step()
     finally:
-        _STEPPING.reset(token)
+        STEPPING.reset(token)
     for opt in optimizers:
-        _zero_grad(opt)
+        zero_grad(opt)
     if not stepped:
         return state.advance("step", window_micro_steps=0, window_items=None, skip_step=False, stepping=())
-    _step_schedulers(schedulers, stepped)
+    step_schedulers(schedulers, stepped)
     state = state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None,
                           stepping=stepped)
     for hook in hooks.on_step:
         state = hook(state) or state
     return state.evolve(stepping=())
-
-
-def _step_with_closure(state: RunState, optimizer: Any, scheduler: Any, closure: Callable) -> RunState:
-    if state.window_micro_steps:
-        raise ValueError(
-            "tl.step(closure=) takes a whole step, and tl.backward was called since the last one: "
-            "compute the loss inside the closure only (trainloop backpropagates it)"
-        )
-    if state.config.accumulate != 1:
-        raise ValueError(
-            f"tl.step(closure=) needs accumulate=1 (got {state.config.accumulate}): a closure "
-            "optimizer evaluates the whole batch's loss itself, several times per step"
-        )
-    if state.hooks.on_before_step:
-        names = ", ".join(type(hook.__self__).__name__ for hook in state.hooks.on_before_step)
-        raise ValueError(
-            f"tl.step(closure=) cannot run the on_before_step hooks of {names}: a closure optimizer "
-            "computes its gradients inside its step. Clip inside the closure, and use a precision "
-            "without loss scaling"
-        )
-    optimizers = _registered(optimizer, state.optimizers, "optimizer")
-    schedulers = state.schedulers if scheduler is None else _chosen_schedulers(scheduler, state, optimizers)
-    on_backward, world_size = state.hooks.on_backward, state.world_size
-
-    def evaluate() -> torch.Tensor:
-        for opt in optimizers:
-            _zero_grad(opt)
-        loss = closure()
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-            raise ValueError("tl.step(closure=): the closure must return the scalar loss tensor, "
-                             "with its graph (not detached, not under torch.no_grad())")
-        for hook in on_backward:
-            loss = hook(state, loss)
-        loss.backward()
-        if world_size == 1:
-            return loss
-        # The optimizer decides on the loss (line search, tolerances): every rank sees the mean.
-        mean = loss.detach().to(collective_device(state), torch.float64, copy=True)
-        dist.all_reduce(mean)
-        return (mean / world_size).to(loss.device, loss.dtype)
-
-    token = _STEPPING.set(True)
-    try:
-        for opt in optimizers:
-            opt.step(evaluate)
-    finally:
-        _STEPPING.reset(token)
-    for opt in optimizers:
-        _zero_grad(opt)
-    if schedulers:
-        _step_schedulers(schedulers, optimizers)
-    state = state.advance("step", step=state.step + 1, micro_step=state.micro_step + 1,
-                          window_micro_steps=0, window_items=None, stepping=optimizers)
-    for hook in state.hooks.on_step:
-        state = hook(state) or state
-    return state.evolve(stepping=())
-
-
-def _refuse_untracked_gradients(state: RunState, optimizer: Any) -> None:
-    """Raise if the optimizers of a step call with an empty window hold non-zero gradients."""
-    optimizers = _registered(optimizer, state.optimizers, "optimizer")
-    for opt in optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                local = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: this rank's shard
-                if bool(local.ne(0).any()):
-                    raise RuntimeError(
-                        f"tl.step found gradients on the parameters of {type(opt).__name__} but no "
-                        "tl.backward since the last step: backpropagate with `state = "
-                        "tl.backward(state, loss)`, not `loss.backward()` (trainloop would neither "
-                        "count nor normalise them, and they would leak into the next step). To step "
-                        "several optimizers after one backward, step them in one call: "
-                        "tl.step(state, (optimizer_a, optimizer_b))"
-                    )
-
-
-def _zero_grad(optimizer: Any) -> None:
-    """`zero_grad(set_to_none=True)`, or plain `zero_grad()` where it takes no `set_to_none` (apex's)."""
-    try:
-        optimizer.zero_grad(set_to_none=True)
-    except TypeError:
-        if "set_to_none" in inspect.signature(optimizer.zero_grad).parameters:
-            raise
-        optimizer.zero_grad()
-
-
-def guard_optimizer(optimizer: torch.optim.Optimizer, lineage: Any) -> None:
-    """Make `optimizer.step()` outside trainloop raise, naming `tl.step` (`prepare` calls this).
-
-    A prepared optimizer stepped by hand trains, but `state.step` never moves, so checkpoints,
-    logs, schedulers and progress never fire. After `tl.finish` the optimizer is the user's again.
-    """
-
-    def refuse_step_by_hand(opt: Any, args: Any, kwargs: Any) -> None:
-        if not _STEPPING.get() and not lineage.finished:
-            raise RuntimeError(
-                f"this {type(opt).__name__} was prepared, and optimizer.step() was called on it "
-                "directly: step it with `state = tl.step(state, optimizer)` (a step taken by hand "
-                "trains, but state.step never moves, so checkpoints, logs, schedulers and "
-                "progress never fire)"
-            )
-
-    optimizer.register_step_pre_hook(refuse_step_by_hand)
-
-
-@contextlib.contextmanager
-def optimizers_stepped_by_trainloop():
-    """Inside, a prepared optimizer's `step()` is trainloop's own (DCP initialises optimizer
-    state by stepping it with zero gradients and a zero learning rate)."""
-    token = _STEPPING.set(True)
-    try:
-        yield
-    finally:
-        _STEPPING.reset(token)
-
-
-def _step_schedulers(schedulers: tuple, stepped: tuple) -> None:
-    for sched in schedulers:
-        if sched.optimizer in stepped:  # never the scheduler of an optimizer that did not step
-            sched.step()
 
 
 def _narrowed(stepping: tuple, optimizers: tuple) -> tuple:
@@ -372,29 +250,6 @@ def _narrowed(stepping: tuple, optimizers: tuple) -> tuple:
                 "tl.step call does not step: hooks may only remove optimizers from it"
             )
     return tuple(stepping)
-
-
-def _registered(selection: Any, registered: tuple, kind: str) -> tuple:
-    if selection is None:
-        return registered
-    if len(registered) == 1 and selection is registered[0]:
-        return registered  # the common case: the one prepared optimizer, checked without a scan
-    chosen = tuple(selection) if isinstance(selection, (list, tuple)) else (selection,)
-    for obj in chosen:
-        if not any(obj is r for r in registered):
-            raise ValueError(f"this {type(obj).__name__} was not prepared: pass the {kind} to tl.prepare first")
-    return chosen
-
-
-def _chosen_schedulers(scheduler: Any, state: RunState, optimizers: tuple) -> tuple:
-    chosen = _registered(scheduler, state.schedulers, "scheduler")
-    for sched in chosen:
-        if sched.optimizer not in optimizers:
-            raise ValueError(
-                f"this {type(sched).__name__} schedules an optimizer that this tl.step call does not "
-                "step: pass it to the tl.step call of its optimizer"
-            )
-    return chosen
 
 
 def _normalise_gradients(state: RunState, optimizers: tuple) -> None:
@@ -445,14 +300,24 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, **values: Any) -
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"log: {name} must be a number or a scalar tensor (got {type(value).__name__})")
     pending = (values, state.pending_logs)
-    # Report when the step count crosses a multiple of log_every: the same steps whether or not
-    # the run was resumed from a checkpoint in between.
-    every = state.config.log_every
-    if state.step // every > state.logged_step // every:
+    if report_due(state):
         # Advanced only once reported: a report that raises (names that differ across ranks)
         # leaves `state` the current one.
         return flush_logs(state.evolve(pending_logs=pending)).advance("log")
     return state.advance("log", pending_logs=pending)
+
+
+def report_due(state: RunState) -> bool:
+    """Whether the next `log` call reports: the step count crossed a multiple of `log_every`
+    since the last report (the same steps whether or not the run was resumed in between)."""
+    every = state.config.log_every
+    return state.step // every > state.logged_step // every
+
+
+def add_to_report(state: RunState, metrics: dict[str, float]) -> RunState:
+    """The state with `metrics` buffered for the next report, as if logged (for callbacks: an
+    `on_step` hook returns it). Unlike `log` it never reports and does not supersede `state`."""
+    return state.evolve(pending_logs=(dict(metrics), state.pending_logs))
 
 
 def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
