@@ -6,6 +6,7 @@ so that optimizers can be checked against (and, under FSDP, rebound to) the fina
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -14,13 +15,16 @@ from torch.utils.data import DataLoader
 
 from trainloop import precision
 from trainloop.data import PreparedLoader
+from trainloop.data.kept import KeptLoader
+from trainloop.forwarding import ForwardsAttributes, wrapper_layers
 from trainloop.models.meta import move_real_tensors
+from trainloop.optimizers import guard_optimizer
 from trainloop.state import RunState
 
 _SUPPORTED = "nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, torch.optim.lr_scheduler.LRScheduler"
 
 
-def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
+def prepare(state: RunState, *objects: Any, shard: bool = True, move_to_device: bool = True) -> tuple[Any, ...]:
     """Prepare models, optimizers, loaders and LR schedulers; register them in the state.
 
     Returns `(new_state, *prepared)`, the prepared objects in the order given:
@@ -32,14 +36,22 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
       place with FSDP2 instead, on any number of ranks.
     - `Optimizer`: the same object, still bound to the (moved) parameters; under FSDP its param
       groups are pointed at the shards in place (prepare it with its model, before it steps).
+      Its `step()` is trainloop's from now on: called by hand it raises, naming `tl.step`.
     - `DataLoader`: a `PreparedLoader`: sharded over the data-parallel ranks, batches on the
-      device, seeded shuffling, resumable position.
+      device, seeded shuffling, resumable position. With `shard=False`, the user's loader is
+      kept as it is (already sharded, e.g. by a `DistributedSampler`, or a subclass with its own
+      iteration): `trainloop.data.kept`.
     - LR scheduler: the same object; `tl.step` steps it once per optimizer step.
+
+    `move_to_device=False`: models stay where they are and batches where the loader puts them
+    (the user places them).
 
     Then the `on_prepare` hooks fire (a `Checkpoint(resume=True)` restores the run there).
     Use the state returned: it registers the objects (`state` itself stays usable as a base,
     e.g. for preparing a second, independent run).
-    Raises TypeError for any other object, and ValueError for an object prepared twice.
+    Raises TypeError for any other object (or a DataLoader subclass whose own methods the
+    re-built loader would drop, without `shard=False`), and ValueError for an object prepared
+    twice, in this run or another (a prepared model would be wrapped twice).
     """
     state.check_current("prepare")
     if not objects:
@@ -49,6 +61,8 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
         _check_supported(obj)
         if any(obj is seen for seen in registered) or sum(obj is other for other in objects) > 1:
             raise ValueError(f"{type(obj).__name__} was already prepared; prepare each object once")
+        if isinstance(obj, nn.Module):
+            _refuse_prepared_model(obj)
 
     prepared: dict[int, Any] = {}
     models, optimizers, schedulers, loaders = [], [], [], []
@@ -56,7 +70,7 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
     replaced: dict[int, nn.Parameter] = {}
     for index, obj in enumerate(objects):
         if isinstance(obj, nn.Module):
-            prepared[index], sharded = _prepare_model(state, obj)
+            prepared[index], sharded = _prepare_model(state, obj, move_to_device)
             replaced.update(sharded)
             models.append(prepared[index])
     dp_rank, dp_size = state.strategy.data_parallel()
@@ -67,10 +81,14 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
             state.strategy.bind_optimizer(obj, replaced)
             prepared[index] = obj
             optimizers.append(obj)
+        elif isinstance(obj, DataLoader) and not shard:
+            prepared[index] = KeptLoader(obj, device=state.device, move_to_device=move_to_device)
+            loaders.append(prepared[index])
         elif isinstance(obj, DataLoader):
             prepared[index] = PreparedLoader(obj, device=state.device, rank=dp_rank,
                                              world_size=dp_size, seed=state.config.seed,
-                                             even_batches=state.config.even_batches)
+                                             even_batches=state.config.even_batches,
+                                             move_to_device=move_to_device)
             loaders.append(prepared[index])
     all_optimizers = (*state.optimizers, *optimizers)
     for index, obj in enumerate(objects):
@@ -90,6 +108,8 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
         schedulers=(*state.schedulers, *schedulers),
         loaders=(*state.loaders, *loaders),
     )
+    for optimizer in optimizers:
+        guard_optimizer(optimizer, state.lineage)
     for hook in state.hooks.on_prepare:
         state = hook(state) or state
     return (state, *(prepared[i] for i in range(len(objects))))
@@ -107,13 +127,31 @@ def _check_supported(obj: Any) -> None:
         raise TypeError(f"prepare cannot prepare a {type(obj).__name__}; it supports {_SUPPORTED}")
 
 
-def _prepare_model(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+def _refuse_prepared_model(model: nn.Module) -> None:
+    """ValueError for a model that some `prepare` already wrapped (or sharded): it would be
+    wrapped twice (Autocast around Autocast, DDP around DDP)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by then if anything was sharded
+    for layer in wrapper_layers(model):
+        if isinstance(layer, (ForwardsAttributes, nn.parallel.DistributedDataParallel)) or \
+                (fsdp is not None and isinstance(layer, fsdp.FSDPModule)):
+            raise ValueError(
+                f"this {type(model).__name__} was already prepared (it is wrapped in "
+                f"{type(layer).__name__}), and preparing it again would wrap it twice: prepare "
+                "the user's module once per run (tl.unwrap(model) gives it back), or keep using "
+                "the prepared model"
+            )
+
+
+def _prepare_model(state: RunState, model: nn.Module,
+                   move_to_device: bool = True) -> tuple[nn.Module, dict[int, nn.Parameter]]:
     """Device, dtype, activation checkpointing, compile, the strategy's wrapper, then autocast.
 
     Returns the prepared model and the parameters the strategy replaced (id -> replacement).
     """
     # A model built under tl.empty_weights() keeps its meta tensors: the strategy allocates them.
-    model = precision.cast_module(move_real_tensors(model, state.device), state.config.precision)
+    if move_to_device:
+        model = move_real_tensors(model, state.device)
+    model = precision.cast_module(model, state.config.precision)
     # Activation checkpointing and compile="blocks" act on the blocks: the strategy applies them
     # (after tensor parallelism, before sharding or DDP, as torchtitan orders them).
     if state.config.compile is True:
