@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -236,6 +237,21 @@ def wrapper_layers(model: nn.Module) -> Iterator[nn.Module]:
             model = model._orig_mod
         else:
             return
+
+
+def refuse_prepared(model: nn.Module) -> None:
+    """ValueError for a model that a `prepare` already wrapped (or sharded): preparing it again
+    would wrap it twice (Autocast around Autocast, DDP around DDP)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by then if anything was sharded
+    for layer in wrapper_layers(model):
+        if isinstance(layer, (ForwardsAttributes, nn.parallel.DistributedDataParallel)) or (
+                fsdp is not None and isinstance(layer, fsdp.FSDPModule)):
+            raise ValueError(
+                f"this {type(model).__name__} was already prepared (it is wrapped in "
+                f"{type(layer).__name__}), and preparing it again would wrap it twice: prepare "
+                "the user's module once per run (tl.unwrap(model) gives it back), or keep using "
+                "the prepared model"
+            )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

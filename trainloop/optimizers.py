@@ -44,10 +44,9 @@ def refuse_untracked_gradients(state: RunState, optimizer: Any) -> None:
         for group in opt.param_groups:
             for p in group["params"]:
                 grad = p.grad
-                if grad is None:
-                    continue
-                local = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: this rank's shard
-                if bool(local.ne(0).any()):
+                # Zeros left by a zero_grad(set_to_none=False) are harmless; a sharded gradient
+                # (not a plain tensor) is never left by trainloop's own zero_grad.
+                if grad is not None and (type(grad) is not torch.Tensor or bool(grad.ne(0).any())):
                     raise RuntimeError(
                         f"tl.step found gradients on the parameters of {type(opt).__name__} but no "
                         "tl.backward since the last step: backpropagate with `state = "

@@ -6,7 +6,6 @@ so that optimizers can be checked against (and, under FSDP, rebound to) the fina
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 from trainloop import precision
 from trainloop.data import PreparedLoader
 from trainloop.data.kept import KeptLoader
-from trainloop.forwarding import ForwardsAttributes, wrapper_layers
+from trainloop.forwarding import refuse_prepared
 from trainloop.models.meta import move_real_tensors
 from trainloop.optimizers import guard_optimizer
 from trainloop.state import RunState
@@ -62,7 +61,7 @@ def prepare(state: RunState, *objects: Any, shard: bool = True, move_to_device: 
         if any(obj is seen for seen in registered) or sum(obj is other for other in objects) > 1:
             raise ValueError(f"{type(obj).__name__} was already prepared; prepare each object once")
         if isinstance(obj, nn.Module):
-            _refuse_prepared_model(obj)
+            refuse_prepared(obj)
 
     prepared: dict[int, Any] = {}
     models, optimizers, schedulers, loaders = [], [], [], []
@@ -125,21 +124,6 @@ def _check_supported(obj: Any) -> None:
         raise ValueError("this loader was already prepared; prepare each object once")
     if not isinstance(obj, (nn.Module, torch.optim.Optimizer, DataLoader)) and not _is_scheduler(obj):
         raise TypeError(f"prepare cannot prepare a {type(obj).__name__}; it supports {_SUPPORTED}")
-
-
-def _refuse_prepared_model(model: nn.Module) -> None:
-    """ValueError for a model that some `prepare` already wrapped (or sharded): it would be
-    wrapped twice (Autocast around Autocast, DDP around DDP)."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by then if anything was sharded
-    for layer in wrapper_layers(model):
-        if isinstance(layer, (ForwardsAttributes, nn.parallel.DistributedDataParallel)) or \
-                (fsdp is not None and isinstance(layer, fsdp.FSDPModule)):
-            raise ValueError(
-                f"this {type(model).__name__} was already prepared (it is wrapped in "
-                f"{type(layer).__name__}), and preparing it again would wrap it twice: prepare "
-                "the user's module once per run (tl.unwrap(model) gives it back), or keep using "
-                "the prepared model"
-            )
 
 
 def _prepare_model(state: RunState, model: nn.Module,
