@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "fp8")
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "fp16-true", "fp64-true", "fp8")
 STRATEGIES = ("auto", "ddp", "fsdp")
 ENV_PREFIX = "TRAINLOOP_"
 
@@ -137,7 +137,8 @@ class Config:
         default="fp32",
         validator=_one_of(PRECISIONS),
         metadata={"help": "numerics: fp32, bf16 (autocast), fp16 (autocast + loss scaling), "
-                          "bf16-true (bf16 parameters), fp8 (torchao float8 training)"},
+                          "bf16-true, fp16-true, fp64-true (parameters in that dtype), fp8 (torchao "
+                          "float8 training)"},
     )
     accumulate: int = attrs.field(
         default=1,

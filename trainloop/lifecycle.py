@@ -21,8 +21,8 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
     """Start a run: read the process topology, join the process group, seed every RNG.
 
     Settings (all optional; see `trainloop.config.Config` for each one's meaning):
-    `precision` ("fp32", "bf16", "fp16", "bf16-true", "fp8"), `accumulate` (micro-batches per
-    optimizer step), `strategy` ("auto", "ddp", "fsdp"), `seed`, `log_every`, `compile`,
+    `precision` ("fp32", "bf16", "fp16", "bf16-true", "fp16-true", "fp64-true", "fp8"),
+    `accumulate` (micro-batches per optimizer step), `strategy` ("auto", "ddp", "fsdp"), `seed`, `log_every`, `compile`,
     `timeout` (seconds), `device`, and for FSDP `fsdp_blocks`, `fsdp_reshard_after_forward`,
     `fsdp_cpu_offload`. `TRAINLOOP_*` environment variables (set by
     `python -m trainloop.spawn --precision bf16 ...`) override them.

@@ -6,7 +6,15 @@
 | `bf16`      | fp32                        | autocast to bf16                           | none                  |
 | `fp16`      | fp32                        | autocast to fp16                           | `LossScale` (dynamic) |
 | `bf16-true` | bf16                        | bf16: floating inputs cast to bf16         | none                  |
+| `fp16-true` | fp16                        | fp16: floating inputs cast to fp16         | none                  |
+| `fp64-true` | fp64                        | fp64: floating inputs cast to fp64         | none                  |
 | `fp8`       | fp32                        | torchao `Float8Linear` for the eligible `nn.Linear` layers, autocast to bf16 around the rest | none |
+
+The true precisions (`bf16-true`, `fp16-true`, `fp64-true`) also make their dtype torch's default
+dtype while the forward (or a method of the model) runs, as Lightning Fabric's do: a tensor the
+model creates itself (`h + torch.zeros(4)`) has the parameters' dtype instead of fp32, which would
+fail the next layer's dtype check (or silently promote to fp32). The default is restored after.
+fp64 outputs leave the model as they are.
 
 Output dtypes. Inside the forward, autocast's own rules apply: the ops it lowers (matmuls,
 linear, convolutions) compute in the low-precision dtype, the ops it keeps in fp32 (on CPU and
@@ -45,6 +53,7 @@ from torch.utils._pytree import tree_map_only
 from trainloop.forwarding import ForwardsAttributes
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+TRUE_DTYPES = {"bf16-true": torch.bfloat16, "fp16-true": torch.float16, "fp64-true": torch.float64}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with float8 tensor cores
 FLOAT8_DIVISOR = 16  # torch._scaled_mm needs both dims of the weight divisible by 16
@@ -54,9 +63,10 @@ class Autocast(ForwardsAttributes, nn.Module):
     """The precision policy around a prepared model's forward; the wrapped module is untouched.
 
     With `autocast=True` (the `bf16`, `fp16` and `fp8` policies) the forward runs under
-    `torch.autocast(device_type, dtype=dtype)`. With `autocast=False` (`bf16-true`, whose
+    `torch.autocast(device_type, dtype=dtype)`. With `autocast=False` (the true policies, whose
     parameters already are `dtype`) floating-point inputs are cast to `dtype` instead, so that
-    fp32 data meets bf16 weights without a dtype error. Either way, fp16 and bf16 outputs come
+    fp32 data meets bf16 weights without a dtype error, and `dtype` is torch's default dtype
+    while the forward runs (tensors created inside it have the parameters' dtype). Either way, fp16 and bf16 outputs come
     back as fp32 (see the module doc).
 
     The wrapped model's public attributes are reachable on the wrapper (`trainloop.forwarding`),
@@ -84,7 +94,12 @@ class Autocast(ForwardsAttributes, nn.Module):
                 outputs = function(*args, **kwargs)
         else:
             args, kwargs = tree_map_only(torch.Tensor, self._to_dtype, (args, kwargs))
-            outputs = function(*args, **kwargs)
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(self._dtype)
+            try:
+                outputs = function(*args, **kwargs)
+            finally:
+                torch.set_default_dtype(default)
         if isinstance(outputs, torch.Tensor):  # the common case, without a pytree walk
             return _to_fp32(outputs)
         return tree_map_only(torch.Tensor, _to_fp32, outputs)
@@ -108,7 +123,7 @@ def _to_fp32(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def cast_module(model: nn.Module, precision: str) -> nn.Module:
-    """Prepare the parameters for the policy: bf16 for `bf16-true`, float8 layers for `fp8`.
+    """Prepare the parameters for the policy: the true policies' dtype, float8 layers for `fp8`.
 
     `model` is already on its device. The autocast policies need fp32 parameters (autocast
     computes in low precision while the optimizer updates fp32 master weights), so a model in
@@ -124,8 +139,8 @@ def cast_module(model: nn.Module, precision: str) -> nn.Module:
                 f"{half} parameters: build the model in fp32, or use precision='bf16-true' for "
                 "parameters in bf16"
             )
-    if precision == "bf16-true":
-        return model.to(torch.bfloat16)
+    if precision in TRUE_DTYPES:
+        return model.to(TRUE_DTYPES[precision])
     if precision == "fp8":
         return _convert_to_float8(model)
     return model
@@ -193,8 +208,8 @@ def _float8_eligible(module: nn.Module, fqn: str) -> bool:
 
 def wrap_forward(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
     """Wrap the model in `Autocast` for the policy's forward; fp32 models are returned as they are."""
-    if precision == "bf16-true":
-        return Autocast(model, device.type, torch.bfloat16, autocast=False)
+    if precision in TRUE_DTYPES:
+        return Autocast(model, device.type, TRUE_DTYPES[precision], autocast=False)
     dtype = AUTOCAST_DTYPES.get(precision)
     if dtype is None:
         return model
