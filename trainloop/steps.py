@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainloop.collectives import collective_device
+from trainloop.forwarding import unwrap
 from trainloop.optimizers import (
     STEPPING,
     chosen_schedulers,
@@ -52,6 +53,7 @@ from trainloop.optimizers import (
 from trainloop.state import RunState, raise_stale
 
 _NOTHING_TO_DO = contextlib.nullcontext()
+
 
 def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.AbstractContextManager:
     """Context manager around a micro-step's forward and backward.
@@ -94,8 +96,6 @@ def no_sync(state: RunState, model: nn.Module | None = None, *, enabled: bool = 
 
 def prepared_model(state: RunState, model: nn.Module, caller: str) -> nn.Module:
     """The prepared model that is `model` or wraps it; ValueError for a module never prepared."""
-    from trainloop.forwarding import unwrap
-
     for candidate in state.models:
         if candidate is model or unwrap(candidate) is model:
             return candidate
