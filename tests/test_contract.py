@@ -73,6 +73,27 @@ def test_two_losses_per_micro_step_inside_accumulate_equal_plain_autograd(accumu
     assert all(torch.allclose(expected[k], v, atol=1e-6) for k, v in weights(model).items())
 
 
+def test_without_accumulate_each_backward_is_a_micro_step_when_accumulate_is_above_one():
+    # The documented rule's third case (and the old behaviour, kept): two micro-batches, one
+    # backward each, one step call: the window of 2 closes, its gradients are the mean.
+    batches = list(DataLoader(regression_data(8), batch_size=4))
+    reference = tiny_model()
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x, y in batches:
+        (mse(reference, x, y) / 2).backward()
+    plain.step()
+
+    model = tiny_model()
+    state = tl.init(accumulate=2)
+    state, model, optimizer = tl.prepare(state, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for x, y in batches:
+        state = tl.backward(state, mse(model, x, y))
+    state = tl.step(state, optimizer)
+    assert state.step == 1 and state.micro_step == 2
+    expected = weights(reference)
+    assert all(torch.allclose(expected[k], v, atol=1e-6) for k, v in weights(model).items())
+
+
 def test_num_items_sums_over_every_backward_call_of_the_window():
     # Two sums of squared errors per micro-step, each with its own item count; two micro-steps.
     data = regression_data(8)
