@@ -23,8 +23,8 @@ the user's module, so `model.generate(...)`, `model.config`, `model.device`,
 - Writing: assigning a public attribute that the user's module has and the wrapper does not
   sets it on the user's module (`model.config = new_config` reaches `generate`), and so does
   assigning a submodule or parameter (`model.head = nn.Linear(...)`: in the user's module's
-  checkpoints), except under DDP, which would never synchronise its gradients: there it raises
-  (assign it before `tl.prepare`). Any other assignment sets it on the wrapper, as on any
+  checkpoints), except under DDP or FSDP, which would never synchronise its gradients: there it
+  raises (assign it before `tl.prepare`). Any other assignment sets it on the wrapper, as on any
   module: torch's own wrappers set new attributes on themselves after construction (DDP does),
   so sending unknown names down would break them. While a wrapper is being constructed, every
   write is its own. `del model.name` follows the same rule.
@@ -127,12 +127,16 @@ def _submodule_home(wrapper: nn.Module, name: str, value: Any) -> nn.Module:
     """Where a submodule or parameter assigned on the prepared model goes: the user's module,
     unless DDP wraps it (it would never synchronise the new parameters' gradients)."""
     users = _users_module(wrapper)
-    if any(isinstance(layer, nn.parallel.DistributedDataParallel) for layer in wrapper_layers(wrapper)):
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    owner = next((type(layer).__name__ for layer in wrapper_layers(wrapper)
+                  if isinstance(layer, nn.parallel.DistributedDataParallel)
+                  or (fsdp is not None and isinstance(layer, fsdp.FSDPModule))), None)
+    if owner is not None:
         raise ValueError(
             f"cannot assign a {type(value).__name__} to the prepared model as {name!r}: "
-            "DistributedDataParallel registered the parameters at tl.prepare, and would never "
-            "synchronise this one's gradients, so each rank would train it apart. Assign it to "
-            "your model before tl.prepare"
+            f"{owner} took over the parameters at tl.prepare, and would never synchronise this "
+            "one's gradients, so each rank would train it apart. Assign it to your model before "
+            "tl.prepare"
         )
     return users
 
