@@ -134,7 +134,7 @@ def _prepare_model(state: RunState, model: nn.Module,
     # A model built under tl.empty_weights() keeps its meta tensors: the strategy allocates them.
     if move_to_device:
         model = move_real_tensors(model, state.device)
-    model = state.precision.cast(model)
+    model = state.precision.cast(model, state.device)
     # Activation checkpointing and compile="blocks" act on the blocks: the strategy applies them
     # (after tensor parallelism, before sharding or DDP, as torchtitan orders them).
     if state.config.compile is True:

@@ -66,7 +66,8 @@ class Lineage:
     `writer` (made by its first background save, `trainloop.checkpoint.staging.writer_of`).
     """
 
-    __slots__ = ("counted", "finished", "generation", "grouping", "log_names", "made_by", "writer")
+    __slots__ = ("counted", "data_checked", "finished", "generation", "grouping", "log_names", "made_by",
+                 "prepared_from", "reported_step", "writer")
 
     def __init__(self) -> None:
         self.generation = 0
@@ -74,6 +75,11 @@ class Lineage:
         self.finished = False
         self.log_names: tuple[str, ...] | None = None
         self.writer: Writer | None = None
+        # `prepare` branched a run off a state of this lineage: stepping this one means the
+        # state it returned was dropped (`tl.step` says so).
+        self.prepared_from = False
+        self.data_checked = False  # `step` looked once for a prepared loader (see steps.py)
+        self.reported_step: int | None = None  # the step of the run's last report to on_log
         # A `tl.accumulate` call opened a micro-step (`grouping`) that a backward already counted
         # (`counted`): the backward calls until the next `tl.accumulate` or `tl.step` join it.
         self.grouping = False
@@ -222,6 +228,7 @@ class RunState:
         For `prepare`: a state that objects were prepared from can be prepared from again, into
         a second, independent run (a test's or a notebook's common base state).
         """
+        self.lineage.prepared_from = True
         lineage = Lineage()
         lineage.made_by = made_by
         return self.evolve(lineage=lineage, generation=0, **changes)
