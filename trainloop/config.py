@@ -129,6 +129,36 @@ def _optional_tp_plan(instance: Any, attribute: attrs.Attribute, value: Any) -> 
         raise ValueError(f"tp_plan has unknown style(s) {unknown}; the styles are {', '.join(TP_STYLES)}")
 
 
+COMPILE_OPTIONS = ("backend", "fullgraph", "mode", "dynamic")
+
+
+def _compile_options_json(value: Any) -> Any:
+    """compile_options given as text (a spawn flag) is JSON."""
+    if not isinstance(value, str):
+        return value
+    import json
+
+    try:
+        return json.loads(value) if value.strip() else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"compile_options must be a JSON object such as '{{\"backend\": \"aot_eager\"}}' "
+                         f"(got {value!r}: {error})") from None
+
+
+def _optional_compile_options(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ValueError(f"compile_options must be a dict of torch.compile options (got {value!r})")
+    unknown = sorted(set(value) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise ValueError(f"compile_options has unknown option(s) {unknown}; the options are "
+                         f"{', '.join(COMPILE_OPTIONS)} (torch.compile's own)")
+    if not instance.compile:
+        raise ValueError("compile_options are given, but compile is False: set compile=True or "
+                         "compile='blocks', or leave compile_options out")
+
+
 @attrs.frozen
 class Config:
     """The settings of a run. Every field is a keyword of `tl.init` and a `--flag` of spawn."""
@@ -211,10 +241,18 @@ class Config:
     # -- strategies (issue 13) and DDP's own options (issue 12, item 17) ----------------------
     activation_checkpointing: str = attrs.field(
         default="none",
-        validator=_one_of(("none", "blocks")),
+        validator=_one_of(("none", "blocks", "selective")),
         metadata={"help": "'blocks': recompute each block's activations in backward instead of "
                           "keeping them (torch's checkpoint_wrapper on the blocks fsdp_blocks "
-                          "names, before sharding); less memory, about one more forward of compute"},
+                          "names, before sharding); less memory, about one more forward of compute. "
+                          "'selective': op-level, torchtitan's default: keep the matmul and "
+                          "attention outputs (all but every second matmul), recompute the rest"},
+    )
+    activation_checkpointing_every: int = attrs.field(
+        default=1,
+        validator=[_integer, _at_least(1)],
+        metadata={"help": "activation_checkpointing: checkpoint every k-th block only (1: every "
+                          "block; 2: blocks 0, 2, 4, ...: torchtitan's per-layer selective AC)"},
     )
     ddp_find_unused_parameters: bool = attrs.field(
         default=False,
@@ -281,6 +319,15 @@ class Config:
         metadata={"help": "tp > 1: module-name patterns -> 'colwise' | 'rowwise' | "
                           "'sequence_parallel' (JSON, e.g. '{\"blocks.*.up\": \"colwise\"}') "
                           "(default: none: a Hugging Face model's own base_model_tp_plan)"},
+    )
+
+    compile_options: dict[str, Any] | None = attrs.field(
+        default=None,
+        converter=_compile_options_json,
+        validator=_optional_compile_options,
+        metadata={"help": "compile: torch.compile's own options, any of backend, fullgraph, mode, "
+                          "dynamic (JSON, e.g. '{\"mode\": \"max-autotune\"}') (default: none: "
+                          "torch's defaults, inductor)"},
     )
 
     def __attrs_post_init__(self) -> None:

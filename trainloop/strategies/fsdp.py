@@ -39,7 +39,6 @@ from trainloop.mesh import Mesh, build_mesh, mesh_shape
 from trainloop.precision import AUTOCAST_DTYPES
 from trainloop.strategies import blocks
 from trainloop.strategies.base import clip, rebind
-from trainloop.strategies.blocks import find_blocks
 from trainloop.strategies.meta_init import materialize
 from trainloop.topology import leave_process_group
 
@@ -175,8 +174,7 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
         from trainloop.tensor_parallel import apply_tp_plan
 
         apply_tp_plan(model, mesh.tp_mesh, config.tp_plan)
-    blocks.apply(model, config)
-    found = find_blocks(model, config.fsdp_blocks)
+    found = blocks.apply(model, config, warn=True)  # as they now sit: checkpoint-wrapped, compiled
     options: dict[str, Any] = {
         "mesh": mesh.fsdp_mesh,
         "mp_policy": mixed_precision(config.precision),
