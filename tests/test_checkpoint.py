@@ -174,7 +174,8 @@ def test_a_crafted_pickle_is_refused_and_never_executed(tmp_path):
 
 
 def rehash_manifest(checkpoint: Path, **changes) -> None:
-    from trainloop.checkpoint import _canonical_hash, _file_record
+    from trainloop.checkpoint.manifest import _canonical_hash
+    from trainloop.checkpoint.files import file_record as _file_record
 
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     manifest.update(changes)
@@ -196,7 +197,7 @@ def test_not_a_checkpoint_future_format_and_escaping_paths(tmp_path):
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     manifest["files"]["../../etc/passwd"] = {"size": 1, manifest["hash"]: "0"}
     del manifest["manifest_sha256"]
-    from trainloop.checkpoint import _canonical_hash
+    from trainloop.checkpoint.manifest import _canonical_hash
 
     manifest["manifest_sha256"] = _canonical_hash(manifest)
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))

@@ -95,7 +95,7 @@ def _compile_choice(instance: Any, attribute: attrs.Attribute, value: Any) -> No
 
 # -- meshes ------------------------------------------------------------------------------------
 
-# Tensor-parallel styles, in Hugging Face's vocabulary (`base_model_tp_plan`); trainloop.tensor_parallel
+# Tensor-parallel styles, in Hugging Face's vocabulary (`base_model_tp_plan`); trainloop.strategies.tensor_parallel
 # maps each to torch's ParallelStyle.
 TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "colwise_gather_output",
              "rowwise_rep", "embedding_rowwise", "replicate")
@@ -293,7 +293,7 @@ class Config:
                           "is no longer exact; fp16 overflows for gradients above 65504 x world_size"},
     )
 
-    # -- meshes: data-parallel replication x sharding x tensor parallelism (trainloop.mesh) --
+    # -- meshes: data-parallel replication x sharding x tensor parallelism (trainloop.strategies.mesh) --
     dp_replicate: int = attrs.field(
         default=1,
         validator=[_integer, _at_least(1)],
