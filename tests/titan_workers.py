@@ -12,10 +12,10 @@ import os
 import tempfile
 
 import torch
+from titan_models import Transformer, lm_loss, token_data
 from torch.utils.data import DataLoader
 
 import trainloop as tl
-from titan_models import Transformer, lm_loss, token_data
 
 BATCH = 2  # samples per micro-batch on each data-parallel rank
 STEPS = 2
