@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader
 
 import trainloop as tl
 
+LLAMA_SEQUENCE_PARALLEL = {"model.layers.*.input_layernorm": "sequence_parallel",
+                           "model.layers.*.post_attention_layernorm": "sequence_parallel"}
 BATCH = 2  # samples per micro-batch on each data-parallel rank
 STEPS = 2
 
@@ -62,11 +64,15 @@ def build(kind: str) -> torch.nn.Module:
 def train_run(settings: dict, kind: str = "titan", options: dict | None = None) -> dict:
     """AdamW, STEPS optimizer steps of BATCH per data-parallel rank x accumulate; whole weights.
 
-    `options`: "steps" (other than STEPS), "throughput" (a Throughput's arguments: it reports
+    `options`: "steps" (other than STEPS), "sgd" (SGD at lr 0.1 instead of AdamW), "throughput" (a Throughput's arguments: it reports
     every step to a JSONLines file, whose records rank 0 returns as "metrics").
     A refusal (ValueError at init or prepare) is returned as {"refused": message}.
     """
     options = options or {}
+    if settings.get("tp_plan") == "llama+sp":  # Hugging Face Llama's own plan, its norms sequence-parallel
+        from trainloop.strategies.tensor_parallel import hugging_face_plan
+
+        settings = settings | {"tp_plan": hugging_face_plan(build("llama")) | LLAMA_SEQUENCE_PARALLEL}
     steps = options.get("steps", STEPS)
     callbacks, metrics = [], None
     if "throughput" in options:
@@ -80,8 +86,10 @@ def train_run(settings: dict, kind: str = "titan", options: dict | None = None) 
         return {"refused": str(error)}
     model = build(kind)
     try:
+        optimizer = (torch.optim.SGD(model.parameters(), lr=0.1) if options.get("sgd")
+                     else torch.optim.AdamW(model.parameters(), lr=1e-2))
         state, model, optimizer, loader = tl.prepare(
-            state, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+            state, model, optimizer,
             DataLoader(token_data(), batch_size=BATCH, shuffle=False))
     except ValueError as error:
         tl.finish(state)

@@ -126,8 +126,28 @@ def apply_tp_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: Mapping[str, str]
             f"tensor-parallel rank: map module-name patterns to 'colwise' / 'rowwise' (its modules are "
             f"{_shown(names)}), or leave tp at 1"
         )
+    _refuse_float8_sequence_parallel(modules, claimed, plan)
     parallelize_module(model, tp_mesh, resolved)
     return model
+
+
+def _refuse_float8_sequence_parallel(modules: dict[str, nn.Module], claimed: dict[str, str],
+                                     plan: Mapping[str, str]) -> None:
+    """precision='fp8' (torchao's Float8Linear) with a sequence-parallel norm: refused up front.
+
+    The norm's sequence-sharded DTensor output reaches the float8 cast of the next colwise layer,
+    where torchao's float8 tensor does not implement `aten.index_select` (a crash in the first
+    forward). torchao's own float8 parallel styles would be needed; until then, say so here.
+    """
+    float8 = [name for name, module in modules.items() if type(module).__name__ == "Float8Linear"]
+    sequence = [name for name, pattern in claimed.items() if plan[pattern] == "sequence_parallel"]
+    if float8 and sequence:
+        raise ValueError(
+            f"precision='fp8' with tp_plan's 'sequence_parallel' style ({sequence[0]!r}) is not supported: "
+            "torchao's float8 layers fail on the sequence-sharded activations (aten.index_select). "
+            "Use precision='bf16' with sequence parallelism, or drop the 'sequence_parallel' entries "
+            "(fp8 with colwise/rowwise tensor parallelism works)"
+        )
 
 
 # torch's ColwiseParallel and RowwiseParallel shard the weights of these types only.
