@@ -38,9 +38,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import trainloop as tl
     from llama import Llama, batches, loss_of
     from memory import PeakMemory
+
+    import trainloop as tl
 
     state = tl.init(**VARIANTS[name])
     torch.manual_seed(0)
@@ -57,9 +58,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         if index >= args.warmup:
             times.append(time.perf_counter() - start)
     inputs, targets = data[-1]
-    with PeakMemory() as peak:
-        with tl.accumulate(state, model):
-            state = tl.backward(state, loss_of(model(inputs), targets))
+    with PeakMemory() as peak, tl.accumulate(state, model):
+        state = tl.backward(state, loss_of(model(inputs), targets))
     tl.finish(state)
     return {"ms_per_step": statistics.median(times) * 1e3, "peak_mib": peak.peak / 2**20}
 

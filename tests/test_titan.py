@@ -98,9 +98,10 @@ def test_a_tp_sharded_embedding_trains_under_compiled_blocks(four):
 
 @pytest.mark.multiprocess
 def test_module_dict_layers_are_sharded_and_checkpointed_one_by_one(four):
-    """Item 7: each of the ModuleDict's layers is its own FSDP unit, inside a checkpoint wrapper."""
+    """Item 7: each of the ModuleDict's layers is its own FSDP unit, inside a checkpoint wrapper;
+    the embedding, and the final norm with the head, are units of their own (fsdp_shard_ends)."""
     units = four["moduledict_ac"]["units"]
-    assert units == ["", "layers.0", "layers.1"]
+    assert units == ["", "tok_embeddings", "layers.0", "layers.1", "norm", "output"]
     assert four["moduledict_ac"]["checkpointed"] == ["layers.0", "layers.1"]
 
 

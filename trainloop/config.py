@@ -222,6 +222,14 @@ class Config:
         metadata={"help": "strategy fsdp: free each block's gathered parameters after its forward "
                           "and gather them again for backward (less memory, more communication)"},
     )
+    fsdp_shard_ends: bool = attrs.field(
+        default=True,
+        validator=_boolean,
+        metadata={"help": "strategy fsdp: shard the modules before the blocks (the embedding) and "
+                          "after them (the final norm and the output head) as two units of their own, "
+                          "as torchtitan does, instead of keeping them gathered in the root for the "
+                          "whole step; the head's unit is not resharded after forward"},
+    )
     fsdp_cpu_offload: bool = attrs.field(
         default=False,
         validator=_boolean,

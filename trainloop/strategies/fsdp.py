@@ -183,6 +183,13 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
     }
     for block in found:
         fully_shard(block, reshard_after_forward=config.fsdp_reshard_after_forward, **options)
+    if found and config.fsdp_shard_ends:
+        before, after = end_units(model, found)
+        if before:
+            fully_shard(before, reshard_after_forward=config.fsdp_reshard_after_forward, **options)
+        if after:
+            # The first unit backward needs: resharding it after forward would gather it again at once.
+            fully_shard(after, reshard_after_forward=False, **options)
     # The root's parameters are needed again as soon as backward starts: keep them gathered.
     fully_shard(model, reshard_after_forward=False, **options)
     # Built under tl.empty_weights(): allocate and initialise this rank's shards only.
@@ -190,6 +197,27 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
     # Tensor parallelism and FSDP replaced the parameters; checkpoint_wrapper renamed their paths.
     now = {_without_wrappers(name): parameter for name, parameter in model.named_parameters()}
     return {key: now[name] for key, name in names.items()}
+
+
+def end_units(model: nn.Module, found: list[nn.Module]) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The modules outside the blocks that hold parameters: those before the blocks, those after.
+
+    torchtitan's units: the embedding (before), the final norm with the output head (after). They
+    are sharded as two units of their own instead of staying gathered in the root for the whole
+    step. A parameter both groups share (a head tied to the embedding) keeps both in the root:
+    FSDP2 cannot shard one parameter in two units.
+    """
+    inside = {id(m) for block in found for m in block.modules()}
+    order = [m for m in model.modules() if m is not model]
+    first = min(i for i, m in enumerate(order) if id(m) in inside)
+    owners = [(i, m) for i, m in enumerate(order)
+              if id(m) not in inside and any(True for _ in m.parameters(recurse=False))]
+    before = [m for i, m in owners if i < first]
+    after = [m for i, m in owners if i > first]
+    shared = {id(p) for m in before for p in m.parameters()} & {id(p) for m in after for p in m.parameters()}
+    if shared:
+        return [], []
+    return before, after
 
 
 def _without_wrappers(name: str) -> str:
