@@ -113,6 +113,14 @@ def test_the_checkpoint_wrapped_block_is_what_gets_compiled(four):
 
 
 @pytest.mark.multiprocess
+def test_the_embedding_and_the_head_are_units_of_their_own_unless_tied(four):
+    assert four["llama_ac_compile"]["units"] == ["", "model.embed_tokens", "model.layers.0", "model.layers.1",
+                                                 "model.norm", "lm_head"]
+    # GPT-2's head is its token embedding: one parameter cannot be in two units, both stay in the root.
+    assert four["gpt2_ac_compile"]["units"] == ["", "transformer.h.0", "transformer.h.1"]
+
+
+@pytest.mark.multiprocess
 def test_every_second_block_is_checkpointed(four):
     assert four["every_second_block"]["checkpointed"] == ["layers.0"]
 

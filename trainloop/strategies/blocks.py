@@ -157,7 +157,10 @@ def _plain_outputs_before_compiled_blocks(model: nn.Module, blocks: list[nn.Modu
     from torch.distributed.tensor import DTensor
 
     inside = {id(m) for block in blocks for m in block.modules()}
-    producers = [m for m in model.modules() if id(m) not in inside
+    order = list(model.modules())
+    last = max(i for i, m in enumerate(order) if id(m) in inside)
+    # Only modules up to the last block can feed one (not the head: its logits need no copy).
+    producers = [m for m in order[:last] if id(m) not in inside
                  and any(isinstance(p, DTensor) for p in m.parameters(recurse=False))]
     for module in producers:
         module.register_forward_hook(_plain_output)
