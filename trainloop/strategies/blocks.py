@@ -40,7 +40,7 @@ def find_blocks(model: nn.Module, class_names: str = "") -> list[nn.Module]:
         if missing:
             present = sorted({type(m).__name__ for m in model.modules()})
             raise ValueError(
-                f"fsdp_blocks names {sorted(missing)}, but {type(model).__name__} has no submodule "
+                f"blocks names {sorted(missing)}, but {type(model).__name__} has no submodule "
                 f"of that class; its module classes are {present}"
             )
         return found[::-1]  # modules() is pre-order: reversed, inner blocks come before outer ones
@@ -54,7 +54,7 @@ def find_blocks(model: nn.Module, class_names: str = "") -> list[nn.Module]:
         warnings.warn(
             f"strategy='fsdp' found no blocks in {type(model).__name__} (no nn.ModuleList or "
             "nn.ModuleDict holding parameters): only the root is sharded, so forward and backward "
-            "gather the whole model at once. Name the block classes with init(fsdp_blocks='MyBlock') "
+            "gather the whole model at once. Name the block classes with init(blocks='MyBlock') "
             "to shard per block.",
             UserWarning, stacklevel=2)
         return []
@@ -77,13 +77,13 @@ def apply(model: nn.Module, config: Config, *, warn: bool = False) -> list[nn.Mo
     with warnings.catch_warnings():
         if not warn:
             warnings.simplefilter("ignore")  # only FSDP needs blocks; AC and compile refuse below
-        found = find_blocks(model, config.fsdp_blocks)
+        found = find_blocks(model, config.blocks)
     checkpointing = config.activation_checkpointing
     if checkpointing != "none":
-        found = checkpoint_blocks(model, config.fsdp_blocks, selective=checkpointing == "selective",
+        found = checkpoint_blocks(model, config.blocks, selective=checkpointing == "selective",
                                   every=getattr(config, "activation_checkpointing_every", 1), blocks=found)
     if config.compile == "blocks":
-        compile_blocks(model, config.fsdp_blocks, blocks=found, **dict(getattr(config, "compile_options", None) or {}))
+        compile_blocks(model, config.blocks, blocks=found, **dict(getattr(config, "compile_options", None) or {}))
     return found
 
 
@@ -214,5 +214,5 @@ def _refuse_without_blocks(model: nn.Module, blocks: list[nn.Module], setting: s
     if not blocks:
         raise ValueError(
             f"{setting} found no blocks in {type(model).__name__} (no nn.ModuleList or nn.ModuleDict "
-            "holding parameters): name the block classes with init(fsdp_blocks='MyBlock')"
+            "holding parameters): name the block classes with init(blocks='MyBlock')"
         )
