@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -70,6 +71,7 @@ MIB = 2**20
 # mapping (returned on free), so that the first run leaves no freed heap for the second to reuse.
 REHEARSAL_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
 META_TARGET = 0.7  # from the issue: meta-init's peak <= 0.7x the whole build's, per rank
+SHARD_TARGET = 1.3  # meta-init + load_weights: peak above the post-init baseline <= 1.3x the rank's shard bytes
 
 
 class Block(nn.Module):
@@ -84,10 +86,12 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, width: int, depth: int, seed: int = 0):
+    """`depth` MLP blocks and a head; `linear=True`: `depth` plain width x width Linear blocks instead."""
+
+    def __init__(self, width: int, depth: int, seed: int = 0, linear: bool = False):
         super().__init__()
         torch.manual_seed(seed)
-        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.blocks = nn.ModuleList(nn.Linear(width, width) if linear else Block(width) for _ in range(depth))
         self.head = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +136,10 @@ class PeakMemory:
         self._peak_anon = max(self._peak_anon, _status("RssAnon"))
         self.peak = _status("VmHWM") - self.start_rss
         self.peak_anon = self._peak_anon - self.start_anon
+        # ru_maxrss (what `resource`, `/usr/bin/time` and schedulers report) is the process's
+        # high-water mark since it started and cannot be reset: it reads the same as VmHWM here
+        # unless the process was larger before the phase began.
+        self.peak_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.start_rss
 
 
 def _all_ranks(state, report: dict) -> list[dict]:
@@ -207,18 +215,18 @@ def wiring_problem(label: str, ranks: list[dict]) -> str | None:
 # -- table 2: whole build vs meta-init ---------------------------------------------------------------
 
 
-def build_job(on_meta: bool, file: str, width: int, depth: int, rehearse: bool) -> list[dict]:
+def build_job(on_meta: bool, file: str, width: int, depth: int, rehearse: bool, linear: bool = False) -> list[dict]:
     """Build (whole, or under empty_weights), prepare with FSDP2, load the file; peak and equality."""
     if rehearse:  # see REHEARSAL_ENV
-        _build_and_load(on_meta, file, width, depth)
+        _build_and_load(on_meta, file, width, depth, linear)
         gc.collect()
-    state, report = _build_and_load(on_meta, file, width, depth)
+    state, report = _build_and_load(on_meta, file, width, depth, linear)
     reports = _all_ranks(state, report)
     tl.finish(state)
     return reports
 
 
-def _build_and_load(on_meta: bool, file: str, width: int, depth: int):
+def _build_and_load(on_meta: bool, file: str, width: int, depth: int, linear: bool = False):
     from safetensors import safe_open
 
     state = tl.init(strategy="fsdp")
@@ -229,16 +237,16 @@ def _build_and_load(on_meta: bool, file: str, width: int, depth: int):
             with PeakMemory() as peak:
                 if on_meta:
                     with tl.empty_weights():
-                        model = Net(width, depth)
+                        model = Net(width, depth, linear=linear)
                 else:
-                    model = Net(width, depth)
+                    model = Net(width, depth, linear=linear)
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 state, model, optimizer = tl.prepare(state, model, optimizer)
                 tl.load_weights(state, model, file)
         except (NotImplementedError, RuntimeError, ValueError) as error:
             # Every rank fails alike, before any collective: prepare cannot take meta parameters.
             return state, {"skipped": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
-    report.update(peak=peak.peak, peak_anon=peak.peak_anon,
+    report.update(peak=peak.peak, peak_anon=peak.peak_anon, peak_maxrss=peak.peak_maxrss,
                   parameters=held_bytes(model, optimizer)["parameters"])
     equal = True
     with safe_open(file, framework="pt") as stored, torch.no_grad():
@@ -272,12 +280,12 @@ def print_strategies(results: dict[str, list[dict]], skipped: list[str], nproc: 
 
 def print_builds(results: dict[str, list[dict]]) -> None:
     print("\nbuilding and loading on 2 FSDP ranks, MiB: peak during build + prepare + load_weights")
-    print(f"  {'build':<12}{'rank':>5}{'params':>9}{'peak':>9}{'peak anon':>10}{'= file':>8}")
+    print(f"  {'build':<12}{'rank':>5}{'params':>9}{'peak':>9}{'maxrss':>9}{'peak anon':>10}{'= file':>8}")
     rows = {label: ranks for label, ranks in results.items() if "skipped" not in ranks[0]}
     for label, ranks in rows.items():
         for rank, r in enumerate(ranks):
             print(f"  {label if rank == 0 else '':<12}{rank:>5}{_mib(r['parameters'])}{_mib(r['peak'])}"
-                  f"{_mib(r['peak_anon']):>10}{'yes' if r['equal'] else 'NO':>8}")
+                  f"{_mib(r['peak_maxrss'])}{_mib(r['peak_anon']):>10}{'yes' if r['equal'] else 'NO':>8}")
     for label, ranks in results.items():
         if label not in rows:
             print(f"  {label}: skipped, prepare cannot take a model on the meta device here "
@@ -290,6 +298,13 @@ def print_builds(results: dict[str, list[dict]]) -> None:
             print(f"  meta-init / whole, {kind.replace('_', ' ')}: "
                   + ", ".join(f"rank {i} {r:.2f}x" for i, r in enumerate(ratios))
                   + f"  ({verdict} the target <= {META_TARGET}x)")
+    if "meta-init" in rows:
+        for kind, label in (("peak", "VmHWM"), ("peak_maxrss", "ru_maxrss")):
+            ratios = [r[kind] / r["parameters"] for r in rows["meta-init"]]
+            verdict = "meets" if max(ratios) <= SHARD_TARGET else "MISSES"
+            print(f"  meta-init peak / the rank's shard bytes, {label}: "
+                  + ", ".join(f"rank {i} {x:.2f}x" for i, x in enumerate(ratios))
+                  + f"  ({verdict} the target <= {SHARD_TARGET}x)")
 
 
 def main() -> int:
@@ -301,6 +316,8 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=4, help="ranks of the strategy table (even)")
     parser.add_argument("--tables", default="strategies,builds",
                         help="which tables to measure: strategies, builds, or both (comma-separated)")
+    parser.add_argument("--linear", action="store_true",
+                        help="blocks of one width x width Linear each (e.g. --width 1536 --depth 12: 28M parameters)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny model on 2 ranks, no rehearsal runs: a smoke run of the code paths")
     args = parser.parse_args()
@@ -314,7 +331,7 @@ def main() -> int:
     if not os.path.exists("/proc/self/clear_refs"):
         print("memory.py measures resident memory through /proc (Linux only)")
         return 0
-    parameters = sum(p.numel() for p in Net(args.width, args.depth).parameters())
+    parameters = sum(p.numel() for p in Net(args.width, args.depth, linear=args.linear).parameters())
     print(f"trainloop {tl.__version__}, torch {torch.__version__}: {parameters / 1e6:.2f}M parameters "
           f"({parameters * 4 / MIB:.1f} MiB fp32), AdamW, {args.batch}x{args.sequence} tokens per rank, CPU/gloo")
 
@@ -346,8 +363,8 @@ def measure_builds(args: argparse.Namespace) -> None:
         from safetensors.torch import save_file
 
         file = str(Path(directory) / "weights.safetensors")
-        save_file(Net(args.width, args.depth, seed=1).state_dict(), file)
-        builds = {label: spawn.run(build_job, on_meta, file, args.width, args.depth, not args.quick, n=2)
+        save_file(Net(args.width, args.depth, seed=1, linear=args.linear).state_dict(), file)
+        builds = {label: spawn.run(build_job, on_meta, file, args.width, args.depth, not args.quick, args.linear, n=2)
                   for label, on_meta in (("whole", False), ("meta-init", True))}
     print_builds(builds)
 

@@ -79,3 +79,13 @@ def test_a_rendezvous_failure_says_what_happened():
         said = spawn.rendezvous_failure(missing, 2, "h:1", 5)
         assert "the 2 machines did not all meet at h:1 within --join-timeout 5 s" in said
         assert said.count("\n") == 0 and "docs/multinode.md" in said
+
+
+def test_a_machine_whose_master_never_answers_says_so_in_one_line():
+    """torch's store client logged each failed try with about forty lines of C++ frames."""
+    port = spawn.free_port()
+    job = launch("-n", "1", "--nnodes", "2", "--node-rank", "1", "--master", f"127.0.0.1:{port}",
+                 "--join-timeout", "3", str(SCRIPTS / "show_argv.py"))
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 1 and output.count("\n") == 1, output
+    assert "could not make, the connection to the rendezvous at 127.0.0.1" in output and "in 3 s" in output, output

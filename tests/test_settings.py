@@ -18,6 +18,7 @@ from reference import regression_data
 from trainloop import spawn, strategies
 from trainloop.config import SETTINGS, Config, parse_setting, resolve_config
 from trainloop.errors import SettingError
+from trainloop.spawn import checks
 from trainloop.strategies.ddp import DDPOptions
 from trainloop.strategies.fsdp import FSDPOptions
 from trainloop.strategies.mesh import MeshOptions
@@ -143,8 +144,8 @@ def test_fsdp_blocks_is_the_old_name_of_blocks(monkeypatch):
     with pytest.warns(UserWarning, match=r"TRAINLOOP_BLOCKS='Head' overrides init\(blocks='Block'\)"):
         assert resolve_config({"fsdp_blocks": "Block"}, {"TRAINLOOP_BLOCKS": "Head"}).blocks == "Head"
     options = spawn.parse_command_line(spawn.build_parser(), ["--fsdp-blocks", "Block", "train.py"])
-    assert options.blocks == "Block" and spawn._validated_settings({"blocks": options.blocks}, {}) == {"blocks": "Block"}
-    assert spawn._validated_settings({"fsdp_blocks": "Block"}, {}) == {"blocks": "Block"}
+    assert options.blocks == "Block" and checks.validated_settings({"blocks": options.blocks}, {}) == {"blocks": "Block"}
+    assert checks.validated_settings({"fsdp_blocks": "Block"}, {}) == {"blocks": "Block"}
 
 
 class Inner(nn.Module):

@@ -11,7 +11,7 @@ and spawn's `--help` is generated from them. A bad value raises `SettingError` n
 
 Precedence: a `TRAINLOOP_*` variable (a spawn flag) > an `init(...)` argument > the default.
 The command line wins so that a script can be run differently without editing it; when it
-overrides an explicit argument, `init` warns once, naming both values.
+overrides an explicit argument, `init` warns once per job (on rank 0), naming both values.
 """
 
 from __future__ import annotations
@@ -315,8 +315,10 @@ def resolve_config(arguments: Mapping[str, Any], environ: Mapping[str, str] = os
             raise TypeError(f"init() got {name} and its old name {old}: give {name} only")
     arguments = {canonical(name): value for name, value in arguments.items()}
     from_env = settings_from_env(environ)
+    # Every rank reads the same variables: the job's main process alone says so, once per job.
+    main_process = environ.get("RANK", environ.get("SLURM_PROCID", "0")) == "0"
     for name, value in from_env.items():
-        if name in arguments and arguments[name] != value:
+        if main_process and name in arguments and arguments[name] != value:
             warnings.warn(
                 f"{env_name(name)}={value!r} overrides init({name}={arguments[name]!r})",
                 stacklevel=3,

@@ -76,13 +76,14 @@ class Precision:
     #: The eligible `nn.Linear` layers train in float8 (torchao's `Float8Linear`).
     float8: bool = False
 
-    def cast(self, model: nn.Module) -> nn.Module:
+    def cast(self, model: nn.Module, device: torch.device | None = None) -> nn.Module:
         """Prepare the parameters for the policy: `param_dtype`, float8 layers; return the model.
 
         `model` is already on its device. The autocast policies need fp32 parameters (autocast
         computes in low precision while the optimizer updates fp32 master weights), so a model
         in fp16 or bf16 raises ValueError. `float8` swaps the eligible layers in place (see
-        `_convert_to_float8`).
+        `_convert_to_float8`). `device` is the run's: the one a model built on the meta device
+        will be materialised on (its parameters say "meta" until then).
         """
         if self.autocast_dtype is not None:
             half = next((p.dtype for p in model.parameters() if p.dtype in LOW_PRECISION), None)
@@ -96,7 +97,7 @@ class Precision:
         if self.param_dtype is not None:
             return model.to(self.param_dtype)
         if self.float8:
-            return _convert_to_float8(model)
+            return _convert_to_float8(model, device)
         return model
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
@@ -193,7 +194,7 @@ def _to_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in LOW_PRECISION else tensor
 
 
-def _convert_to_float8(model: nn.Module) -> nn.Module:
+def _convert_to_float8(model: nn.Module, device: torch.device | None = None) -> nn.Module:
     """Swap the model's eligible `nn.Linear` layers for torchao's `Float8Linear`; return the model.
 
     Eligible: both dimensions divisible by 16. The swap is in place, except for a model that is
@@ -204,10 +205,13 @@ def _convert_to_float8(model: nn.Module) -> nn.Module:
     device without float8 support (CUDA below compute capability 8.9, or not CUDA/CPU). On the
     CPU, torchao runs in emulation. Warns when no layer is eligible (the model then trains in bf16).
     """
-    emulate = _float8_emulated(_device_of(model))
+    emulate = _float8_emulated(_device_of(model, device))
+    from trainloop.models import quiet
+
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        from torchao.float8.float8_linear import Float8Linear
+        with quiet.torchao_import(cuda_available=torch.cuda.is_available()):
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            from torchao.float8.float8_linear import Float8Linear
     except ImportError as error:
         raise ImportError(
             "precision='fp8' needs torchao (float8 training): pip install 'trainloop-torch[fp8]'"
@@ -224,9 +228,12 @@ def _convert_to_float8(model: nn.Module) -> nn.Module:
     return converted
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+def _device_of(model: nn.Module, device: torch.device | None = None) -> torch.device:
+    """Where the model computes: its first real parameter's device, else `device` (a meta-built model's)."""
+    parameter = next((p for p in model.parameters() if not p.is_meta), None)
+    if parameter is not None:
+        return parameter.device
+    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 def _float8_emulated(device: torch.device) -> bool:

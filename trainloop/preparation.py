@@ -112,7 +112,7 @@ def _prepare_model(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[i
     Returns the prepared model and the parameters the strategy replaced (id -> replacement).
     """
     # A model built under tl.empty_weights() keeps its meta tensors: the strategy allocates them.
-    model = state.precision.cast(move_real_tensors(model, state.device))
+    model = state.precision.cast(move_real_tensors(model, state.device), state.device)
     # Activation checkpointing and compile="blocks" act on the blocks: the strategy applies them
     # (after tensor parallelism, before sharding or DDP, as torchtitan orders them).
     if state.config.compile is True:

@@ -80,9 +80,10 @@ def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def pick_device(requested: str | None, local_rank: int) -> torch.device:
-    """`requested` if given; else this process's accelerator (by local rank), else the CPU."""
+    """`requested` if given (checked: `check_device`); else this process's accelerator (by
+    local rank), else the CPU."""
     if requested is not None:
-        device = torch.device(requested)
+        device = check_device(requested)
         if device.type != "cpu" and device.index is None:
             device = torch.device(device.type, local_rank % _device_count(device.type))
         return device
@@ -92,11 +93,31 @@ def pick_device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device(accelerator.type, local_rank % _device_count(accelerator.type))
 
 
-def _device_count(device_type: str) -> int:
+def check_device(requested: str) -> torch.device:
+    """`requested` as a device of this machine; ValueError naming what it has instead.
+
+    `"cuda"` and `"cuda:3"` get the same check (torch itself only fails later, with an
+    AssertionError, for an index): the type must be available here, and an index below the
+    count. The launcher calls this before any worker starts, each worker in `init`.
+    """
+    device = torch.device(requested)
+    if device.type == "cpu":
+        return device
+    count = _device_count(device.type, requested)
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {requested!r} was requested but this machine has {count} {device.type} "
+                         f"device(s), {device.type}:0 to {device.type}:{count - 1}: use one of these, or "
+                         f"{device.type!r} (one per local rank)")
+    return device
+
+
+def _device_count(device_type: str, requested: str | None = None) -> int:
     module = getattr(torch, device_type, None)
     count = module.device_count() if module is not None and hasattr(module, "device_count") else 0
     if count < 1:
-        raise ValueError(f"device {device_type!r} was requested but torch finds none available")
+        raise ValueError(f"device {requested or device_type!r} was requested but torch finds no "
+                         f"{device_type} device on this machine (torch {torch.__version__}): leave "
+                         f"device unset (the accelerator if there is one, else the CPU) or use 'cpu'")
     return count
 
 
@@ -107,6 +128,7 @@ def join(requested_device: str | None, timeout_s: float, environ: Mapping[str, s
     """
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
+        _current["joined"] = True
         env = launcher_env(environ)
         local_rank = int(env.get("LOCAL_RANK", rank))
         device = pick_device(requested_device, local_rank)
@@ -134,7 +156,7 @@ def join(requested_device: str | None, timeout_s: float, environ: Mapping[str, s
         timeout=timeout,
         device_id=device if device.type != "cpu" else None,
     )
-    _current.update(store=store, rank=rank, world_size=world_size,
+    _current.update(store=store, rank=rank, world_size=world_size, joined=True,
                     under_launcher="TORCHELASTIC_RUN_ID" in environ)
     if not _current.get("hooked"):
         # Once per process, however many runs follow one another in it.
@@ -146,8 +168,14 @@ def join(requested_device: str | None, timeout_s: float, environ: Mapping[str, s
     return attrs.evolve(topology, backend=backend, owns_process_group=True)
 
 
-# The process group this process joined last: what the excepthook needs to explain a failure.
+# The process group this process joined last: what the excepthook needs to explain a failure;
+# "joined" stays once this process has been in a job's process group (see `has_joined`).
 _current: dict = {}
+
+
+def has_joined() -> bool:
+    """Whether `join` ever put (or found) this process in a process group of many ranks."""
+    return bool(_current.get("joined"))
 
 
 def _explain_distributed_failures(excepthook):
@@ -156,28 +184,39 @@ def _explain_distributed_failures(excepthook):
     - A collective that timed out: the ranks that also timed out say so in the store; the ranks
       that never do are the hung ones, and the message names them (torch would only report
       that this rank, the victim, waited too long).
-    - A collective that failed because a peer died: under the launcher, wait before exiting.
-      When one rank crashes, the others fail a moment later ("connection closed by peer"); if
-      they exit at once the launcher cannot tell the cause from the victims (its failure times
-      are whole seconds) and often blames rank 0. Waiting lets it see the real failure first and
-      stop this worker, whose misleading traceback is then never printed.
+    - A collective that failed because a peer died: under the launcher, wait before exiting
+      (`stand_aside_if_a_peer_failed`), so that the launcher reports the rank that died first.
     """
     def hook(kind, error, traceback):
-        message = str(error)
         joined = dict(_current)
         if "store" not in joined:
             pass  # no process group joined by trainloop, or already left
-        elif "timed out" in message.lower():
+        elif "timed out" in str(error).lower():
             print(_hung_ranks(joined["store"], joined["rank"], joined["world_size"]), file=sys.stderr, flush=True)
-        elif joined["under_launcher"] and (isinstance(error, dist.DistBackendError) or "by peer" in message):
-            if "by peer" in message:
-                print(f"trainloop: rank {joined['rank']} lost its connection to another rank: that "
-                      "rank's process died, or its machine did (on many machines, look at the other "
-                      "machines' output first). This rank stops too.", file=sys.stderr, flush=True)
-            time.sleep(_PEER_FAILURE_GRACE_S)
+        elif joined["under_launcher"]:
+            stand_aside_if_a_peer_failed(error, joined["rank"])
         excepthook(kind, error, traceback)
 
     return hook
+
+
+def stand_aside_if_a_peer_failed(error: BaseException, rank: int | str) -> None:
+    """Under a launcher: when `error` is a collective that failed because a peer died, wait.
+
+    The rank that died first is the cause; this one is its victim. If the victim exits at once,
+    the launcher may see it first and report it (torch's failure times are whole seconds, and a
+    function worker's job reports only the first exit it sees), so it waits here, letting the
+    launcher see the real failure and stop this worker, whose misleading traceback then never
+    shows. Returns at once for any other error.
+    """
+    message = str(error)
+    if not (isinstance(error, dist.DistBackendError) or "by peer" in message):
+        return
+    if "by peer" in message:
+        print(f"trainloop: rank {rank} lost its connection to another rank: that rank's process "
+              "died, or its machine did (on many machines, look at the other machines' output "
+              "first). This rank stops too.", file=sys.stderr, flush=True)
+    time.sleep(_PEER_FAILURE_GRACE_S)
 
 
 def _hung_ranks(store: dist.Store, rank: int, world_size: int) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -11,22 +10,24 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from trainloop.models.hf import open_checkpoint
+
 Checkpoint = str | os.PathLike | Mapping[str, torch.Tensor]
 
 
 class _SafetensorsCheckpoint:
-    """Safetensors files (one, or the shards of an index), memory-mapped a few tensors at a time."""
+    """Safetensors files (one, or the shards of an index), memory-mapped a few tensors at a time.
+
+    Resolved by `trainloop.models.hf.open_checkpoint`, as `tl.load_weights` resolves them: each
+    key in the shard the index's `weight_map` names, every header checked before any data is read.
+    """
 
     streams_from_disk = True  # its files can serve as the store of the "disk" modules
 
-    def __init__(self, files: Iterable[Path]) -> None:
-        self.file_of: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for file in files:  # headers only: safe_open reads no tensor data until asked
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                    self.file_of[key] = file
-                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+    def __init__(self, path: Path) -> None:
+        with open_checkpoint(path) as checkpoint:  # headers only: no tensor data is read here
+            self.file_of: dict[str, Path] = dict(checkpoint.file_of)
+            self.shapes: dict[str, tuple[int, ...]] = {key: checkpoint.entry(key).shape for key in self.file_of}
 
     def read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """`(key, tensor)` for each key: tensors are views into the file's memory map, not copies.
@@ -74,36 +75,12 @@ def _open_checkpoint(checkpoint: Checkpoint) -> _SafetensorsCheckpoint | _Mappin
     if isinstance(checkpoint, Mapping):
         return _MappingCheckpoint(checkpoint)
     path = Path(checkpoint)
-    if path.is_dir():
-        path = _checkpoint_in(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.name.endswith(".safetensors"):
-        return _SafetensorsCheckpoint([path])
-    if path.name.endswith(".json"):
-        weight_map = json.loads(path.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{str(path)!r} has no 'weight_map': expected a safetensors index "
-                             "such as model.safetensors.index.json")
-        shards = [path.parent / name for name in sorted(set(weight_map.values()))]
-        for shard in shards:
-            if not shard.is_file():
-                raise FileNotFoundError(f"shard {str(shard)!r} listed in {str(path)!r} does not exist")
-        return _SafetensorsCheckpoint(shards)
-    if path.suffix in (".pt", ".pth", ".bin"):
+    if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
         # weights_only: loading a checkpoint never runs code from it. mmap: tensors are paged in
         # when read, so the file is never in RAM as a whole.
         return _MappingCheckpoint(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
-    raise ValueError(f"checkpoint {str(path)!r}: expected a .safetensors file, a safetensors index "
-                     "(.json), a directory holding one, or a torch file (.pt, .pth, .bin)")
-
-
-def _checkpoint_in(directory: Path) -> Path:
-    for name in ("model.safetensors.index.json", "model.safetensors"):
-        if (directory / name).is_file():
-            return directory / name
-    found = sorted(directory.glob("*.safetensors"))
-    if len(found) == 1:
-        return found[0]
-    raise FileNotFoundError(f"no checkpoint in {str(directory)!r}: expected model.safetensors.index.json, "
-                            f"model.safetensors or a single *.safetensors file (found {len(found)})")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    # A .safetensors file, an index (.json) or a directory holding either: the resolver
+    # load_weights shares (CheckpointError for a malformed index or a hostile file).
+    return _SafetensorsCheckpoint(path)

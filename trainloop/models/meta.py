@@ -4,11 +4,22 @@
 inference (`trainloop.bigmodel`) alike.
 
 A strategy calls `materialize` after it has wrapped or sharded the model, so that under FSDP2 a
-rank allocates only its own shards, never the whole model. Every module that holds a meta
-parameter or buffer is then initialised by its own `reset_parameters()` (torch's convention),
-children before parents (the order in which `__init__` ran them), from a generator seeded with
-the run's `seed` on every rank. So the values are the same at any world size, and equal to the
-model built whole after `torch.manual_seed(seed)` when its modules initialise in that order.
+rank allocates only its own shards, never the whole model. The meta tensors are then
+initialised, from a generator seeded with the run's `seed` on every rank (so the values are the
+same at any world size), by the first of:
+
+- the model's own init hook: Hugging Face's `_init_weights(module)` (each module with meta
+  tensors, after its `reset_parameters()` if it has one: what `post_init` does when the model is
+  built whole), or a whole-model `init_weights()` (torchtitan's, given `buffer_device=`);
+- each module's own `reset_parameters()` (torch's convention), children before parents (the
+  order in which `__init__` ran them): equal to the model built whole after
+  `torch.manual_seed(seed)` when its modules initialise in that order.
+
+A tensor that none of them fills (a module without `reset_parameters()` that the model's hook
+does not know, such as a custom norm) holds zeros and awaits its load: the model refuses to run
+its forward until `tl.load_weights` has loaded every such tensor, and `load_weights` refuses a
+checkpoint that lacks one (also with `strict=False`), naming them. ("Fills" is checked, not
+assumed: such tensors are set to NaN before the hooks run, and any left all-NaN was not filled.)
 
 A sharded (DTensor) parameter is initialised as a whole tensor, one module's parameters at a
 time, and each rank keeps its own slice: DTensor's random ops on a CPU mesh would draw each
@@ -17,13 +28,14 @@ Transient memory: the largest single module's direct parameters, unsharded.
 
 Buffers: `empty_weights()` keeps them real by default (rotary `inv_freq`, position ids and masks
 are often computed in `__init__` and not saved, so the meta device would lose them). Built with
-`include_buffers=True`, a meta buffer must be recomputed by its module's `reset_parameters()`;
-a meta tensor whose module has none is refused, naming it, rather than left as garbage.
+`include_buffers=True`, a meta buffer must be recomputed by an initialiser or loaded, as above.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import mmap
 from collections.abc import Iterator
 
 import torch
@@ -80,38 +92,163 @@ def move_real_tensors(model: nn.Module, device: torch.device) -> nn.Module:
     return model._apply(lambda t: t if t.is_meta else t.to(device))
 
 
+AWAITING = "_trainloop_awaiting_load"  # on the root module: id(tensor) -> name, of tensors no initialiser filled
+_AWAITING_HOOK = "_trainloop_awaiting_hook"
+
+
 def materialize(model: nn.Module, device: torch.device, seed: int) -> dict[int, nn.Parameter]:
     """Allocate `model`'s meta tensors on `device` and initialise them (see the module doc).
 
     In place. Returns id(meta parameter) -> the parameter that replaced it (plain meta
     parameters cannot keep their object; DTensor shards do), to re-bind optimizers built on
-    the meta parameters. Raises ValueError, before allocating anything, naming the modules that
-    hold meta tensors but have no `reset_parameters()`.
+    the meta parameters. Tensors no initialiser fills are zeros, recorded as awaiting their load.
     """
     pending = [module for module in _post_order(model) if any(t.is_meta for t in _own_tensors(module))]
     if not pending:
         return {}
-    lacking = [name for name, module in model.named_modules()
-               if module in pending and not callable(getattr(module, "reset_parameters", None))]
-    if lacking:
-        tensors = [f"{name}.{key}" if name else key for name, module in model.named_modules() if name in lacking
-                   for key, t in (*module._parameters.items(), *module._buffers.items()) if t is not None and t.is_meta]
-        raise ValueError(
-            f"{type(model).__name__} was built on the meta device (tl.empty_weights()), but "
-            f"{', '.join(tensors[:5])}{' ...' if len(tensors) > 5 else ''} belong to modules without "
-            "reset_parameters(), so nothing can initialise them: give those modules a "
-            "reset_parameters() (torch's convention), load the weights with tl.load_weights after "
-            "prepare, or build the model outside empty_weights()"
-        )
     names = {id(parameter): name for name, parameter in model.named_parameters()}
-    model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    unsure = {id(module) for module in pending if not callable(getattr(module, "reset_parameters", None))}
+    # Only what was on meta is initialised here: a module's real buffers (rotary tables) are kept.
+    was_meta = {id(module): {name for store in (module._parameters, module._buffers)
+                             for name, t in store.items() if t is not None and t.is_meta} for module in pending}
+    model._apply(lambda t: _allocate(t, device) if t.is_meta else t)
+    owners = _hf_init_owners(model)
+    whole_model_init = getattr(model, "init_weights", None) if not owners else None
     accelerator = {} if device.type == "cpu" else {"devices": [device], "device_type": device.type}
     with torch.random.fork_rng(**({"devices": []} | accelerator)), torch.no_grad():
         torch.manual_seed(seed)  # the same numbers on every rank, whatever the rank's own seed
-        for module in pending:
-            with _whole_tensors(module):
-                module.reset_parameters()
+        if callable(whole_model_init):
+            with contextlib.ExitStack() as whole:
+                tensors = [_only(whole.enter_context(_whole_tensors(module)), was_meta[id(module)])
+                           for module in pending]
+                _nan_fill(tensors, pending, unsure | {id(module) for module in pending})
+                _call_init_weights(whole_model_init, device)
+                unfilled = _unfilled(pending, tensors)
+        else:
+            unfilled = []
+            for module in pending:
+                with _whole_tensors(module) as own:
+                    tensors = _only(own, was_meta[id(module)])
+                    _nan_fill([tensors], [module], unsure)
+                    if callable(getattr(module, "reset_parameters", None)):
+                        module.reset_parameters()
+                    owner = owners.get(id(module))
+                    if owner is not None:
+                        owner._init_weights(module)
+                    unfilled.extend(_unfilled([module], [tensors]))
+    _await_load(model, unfilled)
     return {key: model.get_parameter(name) for key, name in names.items()}
+
+
+def awaiting_load(model: nn.Module) -> dict[int, str]:
+    """id(tensor) -> name of the tensors of `model` that materialize could not fill (none: empty)."""
+    return getattr(model, AWAITING, {})
+
+
+def loaded(model: nn.Module, tensors: list[torch.Tensor]) -> None:
+    """`load_weights` has loaded `tensors` into `model`: they no longer await it."""
+    awaiting = getattr(model, AWAITING, None)
+    if not awaiting:
+        return
+    for tensor in tensors:
+        awaiting.pop(id(tensor), None)
+    if not awaiting:
+        getattr(model, _AWAITING_HOOK).remove()
+        delattr(model, AWAITING)
+        delattr(model, _AWAITING_HOOK)
+
+
+def _only(own: list[tuple[str, torch.Tensor]], names: set[str]) -> list[tuple[str, torch.Tensor]]:
+    return [(name, tensor) for name, tensor in own if name in names]
+
+
+def _allocate(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.empty_like(tensor, device=device)
+
+
+def _hf_init_owners(model: nn.Module) -> dict[int, nn.Module]:
+    """id(module) -> the nearest enclosing module (itself included) with Hugging Face's `_init_weights`."""
+    owners: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module, owner: nn.Module | None) -> None:
+        if callable(getattr(module, "_init_weights", None)):
+            owner = module
+        if owner is not None:
+            owners.setdefault(id(module), owner)
+        for child in module.children():
+            visit(child, owner)
+
+    visit(model, None)
+    return owners
+
+
+def _call_init_weights(init_weights, device: torch.device) -> None:
+    """A whole-model `init_weights`, given torchtitan's `buffer_device=` where it takes one."""
+    import inspect
+
+    try:
+        takes_device = "buffer_device" in inspect.signature(init_weights).parameters
+    except (TypeError, ValueError):
+        takes_device = False
+    init_weights(buffer_device=device) if takes_device else init_weights()
+
+
+def _nan_fill(tensors: list[list[tuple[str, torch.Tensor]]], modules: list[nn.Module], unsure: set[int]) -> None:
+    """Set the floating tensors of modules no `reset_parameters` covers to NaN (zeros when not floating)."""
+    for module, own in zip(modules, tensors):
+        if id(module) in unsure:
+            for _name, tensor in own:
+                tensor.fill_(float("nan") if tensor.is_floating_point() else 0)
+
+
+def _unfilled(modules: list[nn.Module], tensors: list[list[tuple[str, torch.Tensor]]]) -> list[tuple[nn.Module, str]]:
+    """The (module, attribute) of each floating tensor still all NaN, zeroed: nothing initialised it."""
+    left = []
+    for module, own in zip(modules, tensors):
+        for name, tensor in own:
+            if tensor.is_floating_point() and tensor.numel() and bool(torch.isnan(tensor).all()):
+                tensor.zero_()
+                left.append((module, name))
+            elif not tensor.is_floating_point() and not callable(getattr(module, "reset_parameters", None)):
+                left.append((module, name))  # an integer meta tensor: only a load can give its values
+    return left
+
+
+def _await_load(model: nn.Module, unfilled: list[tuple[nn.Module, str]]) -> None:
+    """Record the tensors no initialiser filled, and refuse the model's forward until they are loaded."""
+    if not unfilled:
+        return
+    paths = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    awaiting, never_saved = getattr(model, AWAITING, {}), []
+    for module, attr in unfilled:
+        tensor = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+        prefix = paths.get(id(module), "").replace("_checkpoint_wrapped_module.", "")
+        name = f"{prefix}.{attr}" if prefix else attr
+        awaiting[id(tensor)] = name
+        if attr in module._non_persistent_buffers_set:
+            never_saved.append(name)
+    if never_saved:  # not in any state dict, so no load can ever give them values
+        raise ValueError(
+            f"{type(model).__name__} was built on the meta device with its buffers "
+            f"(tl.empty_weights(include_buffers=True)), but {', '.join(never_saved[:5])} are non-persistent "
+            "buffers (never in a checkpoint) of modules without reset_parameters(), so nothing can give them "
+            "values: give those modules a reset_parameters() that recomputes them, or build with "
+            "tl.empty_weights() (buffers stay real)"
+        )
+    setattr(model, AWAITING, awaiting)
+    if not hasattr(model, _AWAITING_HOOK):
+        setattr(model, _AWAITING_HOOK, model.register_forward_pre_hook(_refuse_forward))
+
+
+def _refuse_forward(module: nn.Module, args: object) -> None:
+    names = sorted(awaiting_load(module).values())
+    raise RuntimeError(
+        f"{type(module).__name__} was built on the meta device (tl.empty_weights()), and "
+        f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''} belong to modules that nothing could "
+        "initialise (no reset_parameters(), and the model's own init hook did not fill them): they hold "
+        "zeros until loaded. Load the weights with tl.load_weights(state, model, path) before running "
+        "the model, give those modules a reset_parameters(), or build the model outside empty_weights()"
+    )
 
 
 def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -132,23 +269,56 @@ def _post_order(module: nn.Module, seen: set[int] | None = None) -> Iterator[nn.
 @contextlib.contextmanager
 def _whole_tensors(module: nn.Module):
     """Swap the module's own sharded (DTensor) tensors for whole ones; keep each rank's slice."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     swapped = []
     for store in (module._parameters, module._buffers):
         for name, tensor in store.items():
             if not isinstance(tensor, DTensor):
                 continue
-            whole = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.to_local().device)
+            whole = _transient(tensor.shape, tensor.dtype, tensor.to_local().device)
             if isinstance(tensor, nn.Parameter):
                 whole = nn.Parameter(whole, requires_grad=tensor.requires_grad)
             store[name] = whole
             swapped.append((store, name, tensor, whole))
+    own = [(name, store[name]) for store in (module._parameters, module._buffers)
+           for name in store if store[name] is not None]
     try:
-        yield
+        yield own
     finally:
         for store, name, tensor, whole in swapped:
             store[name] = tensor
-            # src_data_rank=None: every rank slices its own copy; no communication.
-            mine = distribute_tensor(whole.detach(), tensor.device_mesh, tensor.placements, src_data_rank=None)
-            tensor.to_local().copy_(mine.to_local())
+            _keep_local_part(whole.detach(), tensor)
+
+
+def _transient(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor for the length of one module's init.
+
+    On the CPU, a large one gets a mapping of its own (unmapped when the tensor is freed): from
+    malloc, each module's whole tensor, freed, stays in the process's heap and the next ones
+    fragment it, so a rank's resident memory would grow by several modules' worth.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes < 2**20:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
+def _keep_local_part(whole: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy this rank's part of `whole` into the DTensor `tensor`'s local shard, no communication.
+
+    Plain shards and replicas copy their box of `whole` straight in (a view: no transient copy,
+    which would fragment the heap a model's worth as every module's init allocates and frees);
+    other placements (FSDP over TP's strided shards) let DTensor cut it.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = tensor.to_local()
+    if all(type(p) in (Shard, Replicate) for p in tensor.placements):
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+        if tuple(shape) == tuple(local.shape):
+            local.copy_(whole[tuple(slice(start, start + size) for start, size in zip(offset, shape))])
+            return
+    # src_data_rank=None: every rank slices its own copy.
+    local.copy_(distribute_tensor(whole, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local())

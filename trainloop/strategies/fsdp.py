@@ -31,6 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
+
+# fully_shard imports torch._dynamo on its first call: about 25 MB of Python objects that stay
+# resident for the rest of the process. Imported with this module (at init, FSDP runs only), it
+# is part of the run's start-up instead of the first prepare, where it would count against
+# meta-init's promise that a rank holds its shards and little more while building and loading.
+import torch._dynamo
 import torch.distributed as dist
 from torch import nn
 
@@ -188,8 +194,9 @@ def shard(model: nn.Module, mesh: Mesh, config: Config, topology: Topology) -> d
     Returns id(parameter before sharding) -> the shard that replaced it, for `bind_optimizer`.
 
     Afterwards its parameters are `DTensor` shards. Parameters and buffers are rank 0's on every
-    rank; a model built on the meta device gets storage for its shards only, initialised by each
-    module's `reset_parameters()` (`trainloop.models.meta.materialize`). Mixed precision follows
+    rank; a model built on the meta device gets storage for its shards only, initialised by the
+    model's own init hook or each module's `reset_parameters()` (`trainloop.models.meta.materialize`).
+    Mixed precision follows
     `config.precision` (its policy's `fsdp_policy()`): under bf16 (and fp8) and fp16 the gathered parameters and the
     compute are in that dtype while the sharded parameters, the optimizer and the gradient
     reduction stay fp32. On one process a single-rank process group is joined, so the run is the

@@ -1,49 +1,27 @@
-"""Start a job of many processes on PyTorch's own elastic launcher (what `torchrun` runs).
-
-    python -m trainloop.spawn -n 8 train.py --lr 3e-4
-    python -m trainloop.spawn -n 8 --nnodes 2 --node-rank 0 --master 10.0.0.1:29500 train.py
-    python -m trainloop.spawn -n 2 --precision bf16 --accumulate 4 train.py
-    python -m trainloop.spawn -n 8 --max-restarts 3 train.py
-    python -m trainloop.spawn --config run.toml train.py
-    python -m trainloop.spawn -n 2 -m package.module --flag
-
-    trainloop.spawn.run(fn, *args, n=2)      # from Python: returns rank 0's result
-
-This module only translates trainloop's flags into a `LaunchConfig` and hands it to
-`torch.distributed.launcher.api.elastic_launch`; process management, restarts, signal handling
-and error files are torch's. What it adds on top:
-
-- every `LaunchConfig` field set explicitly (its defaults differ from torchrun's: etcd
-  rendezvous, three restarts);
-- one machine: a c10d rendezvous on 127.0.0.1 with a port the OS picks;
-- run settings (`--precision bf16`) travel as `TRAINLOOP_*` variables and are validated before
-  any worker starts (a bad setting would otherwise use up the restarts);
-- `OMP_NUM_THREADS` shared out among the workers of a machine (torch's launcher API leaves it
-  unset: N workers of N threads each oversubscribe the cores);
-- workers that die with the launcher, even when it is SIGKILLed (Linux: trainloop.worker);
-- SLURM: under `srun`, the node count, node rank and master host come from SLURM's variables;
-- a failure report that names the rank that failed first; its traceback is the one the
-  worker printed itself, just above.
-"""
+"""The `python -m trainloop.spawn` command line: spawn's flags, a TOML file, SLURM's variables,
+then the job on torch's elastic launcher and what it says when the job ends."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import shutil
-import signal
-import socket
 import sys
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trainloop.config import ALIASES, SETTINGS, canonical, config_from, env_name, parse_setting, settings_from_env
+from trainloop.config import ALIASES, SETTINGS, canonical
+from trainloop.spawn.checks import validated_settings
+from trainloop.spawn.job import (
+    connects_as_client,
+    culprit,
+    launch_config,
+    launcher_scope,
+    never_joined,
+    never_joined_warning,
+    rendezvous_failure,
+    wait_until_reachable,
+)
 from trainloop.topology import first_slurm_host
-from trainloop.worker import InWorker
 
 _LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "master", "max_restarts", "join_timeout")
 _FLAGS_WITHOUT_VALUE = ("-m", "-h", "--help")
@@ -198,169 +176,9 @@ def _default_nproc() -> int:
     return torch.accelerator.device_count() if accelerator is not None else 1
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_config(nproc: int, *, nnodes: int = 1, node_rank: int | None = None,
-                  master: str | None = None, max_restarts: int = 0, join_timeout: int = 600,
-                  log_dir: str | None = None):
-    """The `LaunchConfig` for a job, every field chosen on purpose.
-
-    `join_timeout`: seconds the machines wait for one another in the rendezvous, at the start
-    and after each restart (a machine that died makes the others wait this long before they
-    give up). Static rendezvous (fixed node ranks) reads it as `timeout`, c10d as `join_timeout`.
-    """
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.launcher.api import LaunchConfig
-
-    if nproc < 1 or nnodes < 1 or max_restarts < 0:
-        raise ValueError(f"need nproc >= 1, nnodes >= 1, max_restarts >= 0 (got {nproc}, {nnodes}, {max_restarts})")
-    if nnodes == 1:
-        # One machine: meet on loopback at a port picked now; nothing listens beyond 127.0.0.1.
-        backend, endpoint, run_id, configs = "c10d", f"127.0.0.1:{free_port()}", uuid.uuid4().hex, {}
-    elif master is None:
-        raise ValueError("--nnodes > 1 needs --master HOST:PORT (the address of node 0)")
-    elif node_rank is not None:
-        # Fixed node ranks: node 0 serves the store at --master (torchrun's --node-rank mode).
-        backend, endpoint, run_id, configs = "static", master, "trainloop", {"rank": node_rank}
-    else:
-        backend, endpoint, run_id, configs = "c10d", master, "trainloop-" + master, {}
-    return LaunchConfig(
-        min_nodes=nnodes,
-        max_nodes=nnodes,
-        nproc_per_node=nproc,
-        run_id=run_id,
-        role="trainloop",
-        rdzv_endpoint=endpoint,
-        rdzv_backend=backend,
-        rdzv_configs={**configs, "timeout": join_timeout, "join_timeout": join_timeout},
-        max_restarts=max_restarts,
-        monitor_interval=0.1,  # notice a dead worker within a tenth of a second
-        start_method="spawn",
-        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
-        shutdown_timeout=30,  # SIGTERM, then SIGKILL after this grace period
-    )
-
-
-# What torch's launcher installs handlers for (TORCHELASTIC_SIGNALS_TO_HANDLE's default).
-_SIGNALS_TORCH_HANDLES = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-                               if hasattr(signal, name))
-
-
-@contextlib.contextmanager
-def _launcher_scope(settings: Mapping[str, Any], nproc: int) -> Iterator[str]:
-    """Settings as TRAINLOOP_* variables and OMP_NUM_THREADS for the workers; all undone after.
-
-    torch's launcher also writes to os.environ and installs signal handlers, and leaves its log
-    directory behind: restore the first two and remove the last, so `run()` can be called many
-    times from one Python process (tests, notebooks).
-    """
-    saved_env = dict(os.environ)
-    saved_handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS_TORCH_HANDLES}
-    log_dir = tempfile.mkdtemp(prefix="trainloop-spawn-")
-    try:
-        for name, value in settings.items():
-            # A mapping (tp_plan) travels as JSON, which the setting's parser reads back.
-            os.environ[env_name(name)] = json.dumps(value) if isinstance(value, dict) else str(value)
-        if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
-            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-        yield log_dir
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        for sig, handler in saved_handlers.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-        shutil.rmtree(log_dir, ignore_errors=True)
-
-
-def _validated_settings(settings: Mapping[str, Any],
-                        environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """Parse and check the run settings here, before any worker starts; return those given.
-
-    The `TRAINLOOP_*` variables already in the environment reach every worker too, unless a
-    setting given here replaces them: they are checked with the rest, and an error names the
-    variable. (A bad one found in the workers would fail every restart attempt the same way.)
-    """
-    given = {canonical(name): parse_setting(name, value) if isinstance(value, str) else value
-             for name, value in settings.items() if value is not None}
-    inherited = {name: value for name, value in settings_from_env(environ).items() if name not in given}
-    config_from(given, inherited)  # raises ValueError naming the setting or the variable
-    return given
-
-
-def run(fn: Callable[..., Any], *args: Any, n: int = 2, max_restarts: int = 0,
-        **settings: Any) -> Any:
-    """Run `fn(*args)` on `n` local processes; return rank 0's result.
-
-    `fn` must be importable by name (a module-level function): the workers are fresh Python
-    processes. Run settings (`precision="bf16"`, `accumulate=4`, ...) reach `tl.init` in every
-    worker. A failing worker stops the job and raises torch's `ChildFailedError`, whose message
-    holds the worker's traceback.
-    """
-    from torch.distributed.launcher.api import elastic_launch
-
-    _check_importable(fn)
-    parsed = _validated_settings(settings)
-    with _launcher_scope(parsed, n) as log_dir:
-        config = launch_config(n, max_restarts=max_restarts, log_dir=log_dir)
-        results = elastic_launch(config, InWorker(fn, os.getpid()))(*args)
-    return results[0]
-
-
 def _with_default(help_text: str, default: Any) -> str:
     """A setting's help with its default, unless the help already says it in words."""
     return help_text if "(default:" in help_text else f"{help_text} (default: {default})"
-
-
-def _check_importable(fn: Callable[..., Any]) -> None:
-    """Refuse, before any worker starts, a function the fresh worker processes cannot import."""
-    qualname = getattr(fn, "__qualname__", "")
-    main = sys.modules.get("__main__")
-    if "<" in qualname:  # a lambda or a function defined inside another function
-        where = f"{qualname} is a lambda or a nested function"
-    elif getattr(fn, "__module__", None) == "__main__" and not getattr(main, "__file__", None):
-        where = f"{qualname} is defined in a notebook cell or `python -c`"
-    else:
-        return
-    raise TypeError(
-        f"spawn.run needs a function the worker processes can import by name, but {where}: the "
-        "workers are fresh Python processes (not forks). Put it in a module (a .py file beside the "
-        "notebook) and import it from there."
-    )
-
-
-def rendezvous_failure(error: BaseException, nnodes: int, endpoint: str, join_timeout: int) -> str:
-    """The message for a rendezvous that failed: what happened, judged by torch's error type.
-
-    A connection error means the rendezvous store (served by the machine at --master, or by
-    node 0) is gone or cannot be reached; a timeout means a machine is missing.
-    """
-    from torch.distributed import DistNetworkError
-    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
-
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
-    if isinstance(error, (RendezvousConnectionError, DistNetworkError)):
-        what = (f"lost, or could not make, the connection to the rendezvous at {endpoint}: the "
-                f"machine that serves it (the one at --master) died or cannot be reached")
-    else:
-        what = (f"the {nnodes} machines did not all meet at {endpoint} within --join-timeout "
-                f"{join_timeout} s: a machine is missing (not started, or died and did not come "
-                f"back for a restart)")
-    return (f"trainloop.spawn: {what} ({type(error).__name__}: {reason}). Start every machine with "
-            f"the same --nnodes and --master and check that the address is reachable from each; "
-            f"see docs/multinode.md.")
-
-
-def _culprit(failures: Mapping[int, Any]) -> tuple[int, Any]:
-    """The failure that caused the others: not a worker the launcher itself stopped (SIGTERM)."""
-    stopped = -signal.SIGTERM.value
-    ranked = sorted(failures.items(), key=lambda item: (item[1].exitcode == stopped, item[1].timestamp, item[0]))
-    return ranked[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -372,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         values.update(_slurm_defaults(os.environ))
         values.update({k: v for k, v in vars(options).items()
                        if v is not None and k in (*_LAUNCH_FLAGS, *(f.name for f in SETTINGS))})
-        settings = _validated_settings({f.name: values.get(f.name) for f in SETTINGS})
         launch = launch_values(values)
+        settings = validated_settings({f.name: values.get(f.name) for f in SETTINGS},
+                                      world=(launch["nproc"], launch["nnodes"]))
     except ValueError as error:
         parser.error(str(error))
     if not options.module and not os.path.isfile(options.target):
@@ -388,20 +207,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Each worker first arranges to die with this process (trainloop.worker), then runs the target.
     command = ["-u", "-m", "trainloop.worker", str(os.getpid()),
                *(["-m"] if options.module else []), options.target, *options.args]
-    with _launcher_scope(settings, launch["nproc"]) as log_dir:
+    with launcher_scope(settings, launch["nproc"]) as log_dir:
         try:
             config = launch_config(**launch, log_dir=log_dir)
         except ValueError as error:
             parser.error(str(error))
         try:
+            if connects_as_client(config):
+                wait_until_reachable(config.rdzv_endpoint, launch["join_timeout"])
             elastic_launch(config, sys.executable)(*command)
         except ChildFailedError as error:
-            rank, failure = _culprit(error.failures)
+            rank, failure = culprit(error.failures)
             where = " on this machine" if config.max_nodes > 1 else ""
             print(f"trainloop.spawn: rank {rank} (pid {failure.pid}) failed first{where}, exit code "
                   f"{failure.exitcode}; its traceback is above. The job was stopped.", file=sys.stderr)
             return failure.exitcode if failure.exitcode > 0 else 1
-        except (RendezvousError, DistStoreError, DistNetworkError) as error:
+        except (RendezvousError, DistStoreError, DistNetworkError, ConnectionError) as error:
             print(rendezvous_failure(error, config.max_nodes, config.rdzv_endpoint,
                                      launch["join_timeout"]), file=sys.stderr)
             return 1
@@ -409,8 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Ctrl-C or SIGTERM: torch's agent has already stopped every worker.
             print(f"trainloop.spawn: stopped by {stop.sigval.name}; every worker was stopped.", file=sys.stderr)
             return 128 + stop.sigval.value
+        alone = never_joined(log_dir)
+        if alone:
+            print(never_joined_warning(alone, config.nproc_per_node * config.max_nodes), file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m trainloop.spawn ...`: the command line (trainloop.spawn.command_line)."""
+
+import sys
+
+from trainloop.spawn.command_line import main
+
+sys.exit(main())
