@@ -84,9 +84,8 @@ class Run:
         self.state, self.model, self.optimizer = tl.prepare(
             self.state, self.model, torch.optim.AdamW(self.model.parameters(), lr=1e-3))
         # One real step: AdamW's state then holds both moments for every parameter.
-        self.model(torch.randn(8, width)).square().mean().backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.state = tl.backward(self.state, self.model(torch.randn(8, width)).square().mean())
+        self.state = tl.step(self.state, self.optimizer)  # a prepared optimizer is stepped by tl.step
         self.accelerate_model = copy.deepcopy(tl.unwrap(self.model))
         self.accelerate_optimizer = torch.optim.AdamW(self.accelerate_model.parameters(), lr=1e-3)
         self.accelerate_optimizer.load_state_dict(self.optimizer.state_dict())

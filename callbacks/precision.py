@@ -1,21 +1,21 @@
-"""Callbacks on gradients: dynamic fp16 loss scaling and gradient-norm clipping.
+"""Callbacks on gradients: dynamic fp16 loss scaling, clipping by norm and by value.
 
 Both act in `on_before_step`, where `tl.step` hands them the gradients of the window that just
 closed: synced across ranks and normalised by the window's size. So, in this order:
 
 1. `LossScale` unscales them in place (once) and checks them for inf/nan, per optimizer; it
    takes an optimizer that overflowed out of `state.stepping` (all of them: `skip_step`).
-2. `ClipGradNorm` measures the total norm of these true gradients and clips them (not on a
-   skipped step).
+2. `ClipGradNorm` measures the total norm of these true gradients and clips them, or
+   `ClipGradValue` clamps them element by element (not on a skipped step).
 3. `tl.step` steps the optimizers and schedulers that were not skipped.
 
 Both act on exactly the optimizers of the `tl.step` call (`state.stepping`): with a GAN's
 generator and discriminator stepped by separate calls, the other one's pending gradients are
 left alone.
 
-`LossScale` must come before `ClipGradNorm` (clipping scaled gradients would clip at
+`LossScale` must come before the clipping callbacks (clipping scaled gradients would clip at
 `max_norm * scale`): `init(precision="fp16")` puts a `LossScale` first when none is given, and
-`prepare` raises if a `ClipGradNorm` precedes a `LossScale`.
+`prepare` raises if a clipping callback precedes a `LossScale`.
 """
 
 from __future__ import annotations
@@ -181,6 +181,16 @@ def _index_of(optimizer, optimizers: tuple) -> int:
     raise ValueError(f"this {type(optimizer).__name__} was not prepared: pass it to tl.prepare first")
 
 
+def _after_loss_scale(callback, state) -> None:
+    """Raise if a LossScale comes after `callback`: it would act on scaled gradients."""
+    callbacks = list(state.callbacks)
+    if any(isinstance(c, LossScale) for c in callbacks[callbacks.index(callback):]):
+        raise ValueError(
+            f"{type(callback).__name__} comes before LossScale in the callbacks, so it would clip "
+            "scaled gradients: put LossScale first (init(precision='fp16') does when you leave it out)"
+        )
+
+
 class ClipGradNorm(Callback):
     """Clip the total gradient norm of the parameters of the optimizers being stepped.
 
@@ -195,21 +205,21 @@ class ClipGradNorm(Callback):
     `last_norm` is the pre-clip total norm of the last window (a tensor on the device: log it
     with `tl.log(state, grad_norm=clip.last_norm)` without a host sync); None until the first
     window closes. On a step that `LossScale` skipped it is inf or nan and nothing is clipped.
+
+    `error_if_nonfinite=True` (torch's `clip_grad_norm_` option): a non-finite norm raises
+    RuntimeError before the optimizer steps, on every rank (one host sync per step); a step
+    that `LossScale` skipped for an overflow is not an error.
     """
 
-    def __init__(self, max_norm: float, norm_type: float = 2.0):
+    def __init__(self, max_norm: float, norm_type: float = 2.0, *, error_if_nonfinite: bool = False):
         if not max_norm > 0:
             raise ValueError(f"ClipGradNorm needs max_norm > 0 (got {max_norm})")
         self.max_norm, self.norm_type = float(max_norm), float(norm_type)
+        self.error_if_nonfinite = bool(error_if_nonfinite)
         self.last_norm: torch.Tensor | None = None
 
     def on_prepare(self, state):
-        callbacks = list(state.callbacks)
-        if any(isinstance(c, LossScale) for c in callbacks[callbacks.index(self):]):
-            raise ValueError(
-                "ClipGradNorm comes before LossScale in the callbacks, so it would clip scaled "
-                "gradients: put LossScale first (init(precision='fp16') does when you leave it out)"
-            )
+        _after_loss_scale(self, state)
 
     def on_before_step(self, state):
         parameters = _parameters(_stepping(state))
@@ -218,9 +228,46 @@ class ClipGradNorm(Callback):
             return None
         total = state.strategy.grad_norm(grads, self.norm_type)  # over every rank's shards
         self.last_norm = total
-        if not state.skip_step:
-            state.strategy.clip_grads_(grads, self.max_norm, total)
+        if state.skip_step:
+            return None
+        if self.error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(
+                f"ClipGradNorm: the total norm of order {self.norm_type} of the gradients is "
+                f"non-finite ({float(total)}), so they cannot be clipped (error_if_nonfinite=True). "
+                "Look for a nan or inf in the loss, or pass error_if_nonfinite=False"
+            )
+        state.strategy.clip_grads_(grads, self.max_norm, total)
         return None
 
     def __repr__(self) -> str:
         return f"ClipGradNorm(max_norm={self.max_norm}, norm_type={self.norm_type})"
+
+
+class ClipGradValue(Callback):
+    """Clamp every gradient element of the optimizers being stepped into `[-clip_value, clip_value]`.
+
+    `torch.nn.utils.clip_grad_value_` on the true gradients (synced, unscaled, normalised), at
+    each window's end, on exactly the optimizers of the `tl.step` call (`state.stepping`). Element
+    by element, so it is the same on plain, DDP and FSDP2 (each rank clamps its shards). Nothing
+    is clamped on a step that `LossScale` skipped. Comes after `LossScale` in the callbacks.
+    """
+
+    def __init__(self, clip_value: float):
+        if not clip_value > 0:
+            raise ValueError(f"ClipGradValue needs clip_value > 0 (got {clip_value})")
+        self.clip_value = float(clip_value)
+
+    def on_prepare(self, state):
+        _after_loss_scale(self, state)
+
+    def on_before_step(self, state):
+        if state.skip_step:
+            return None
+        grads = [_local(p.grad) for p in _parameters(_stepping(state)) if p.grad is not None]
+        if grads:
+            torch._foreach_clamp_min_(grads, -self.clip_value)
+            torch._foreach_clamp_max_(grads, self.clip_value)
+        return None
+
+    def __repr__(self) -> str:
+        return f"ClipGradValue(clip_value={self.clip_value})"

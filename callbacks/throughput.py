@@ -9,9 +9,22 @@ the measurements added to `tl.log`'s buffer, without reporting right then. Repor
 `tl.step` (calling `tl.log` there) would flush the buffer before the loop's own
 `tl.log(state, loss=...)` of that step, and shift every loss the user logs into the next report.
 
-MFU is model FLOPs utilisation: the FLOPs the model's forward and backward compute (as counted by
-`torch.utils.flop_counter.FlopCounterMode`, or as given) per second, over the device's dense bf16
-peak. The table below knows common data-centre accelerators; for any other device (the CPU among
+Rates are the job's: this rank's samples and tokens per second times the number of
+data-parallel replicas (the ranks of one tensor-parallel group share their batches, so counting
+every rank would count each sample `tp` times).
+
+MFU is model FLOPs utilisation, counted as torchtitan and the PaLM paper (appendix B) count it:
+a transformer's forward and backward cost `6 N + 12 L H Q T` FLOPs per token (N parameters
+without the embedding tables, L layers, H heads, Q the head size, T the sequence length), with
+no recompute (activation checkpointing's second forward is not useful work) and at the model's
+unsharded size. A replica's FLOP/s (its tokens/s times FLOPs per token) are shared by its
+devices (`world_size / data-parallel size`): the per-device FLOP/s over the device's dense bf16
+peak is MFU (`model_flops_per_token`). Without a sequence length or `flops_per_token`, FLOPs are
+counted with `torch.utils.flop_counter.FlopCounterMode`; that count is model FLOPs only without
+activation checkpointing and tensor parallelism (it sees the recompute, and DTensor matmuls at
+their whole size), so there it is reported as `throughput/hardware_tflops_per_sec` without MFU.
+
+The table below knows common data-centre accelerators; for any other device (the CPU among
 them) MFU is reported only when `peak_flops=` is given. A device the table does not know is never
 given another device's peak: that is how a wrong MFU gets reported as a right one.
 """
@@ -69,14 +82,55 @@ def peak_bf16_flops_of(device_name: str) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name), None)
 
 
+def model_flops_per_token(model: torch.nn.Module, seq_len: int, *, layers: int | None = None,
+                          heads: int | None = None, head_dim: int | None = None) -> float:
+    """Training FLOPs per token of a transformer, `6 N + 12 L H Q T` (PaLM, appendix B; torchtitan).
+
+    `N`: the model's parameters at their unsharded size, without those only an `nn.Embedding`
+    holds (a lookup multiplies nothing; a tied output head still counts: it is a matmul).
+    `L`, `H`, `Q` (layers, heads, head size): given, or read from a Hugging Face model's config
+    (`num_hidden_layers` / `n_layer`, `num_attention_heads` / `n_head`, `head_dim` or hidden size
+    over heads). `T`: `seq_len`. 6 N: 2 FLOPs per parameter and token forward, 4 backward; 12 L H
+    Q T: the attention scores and their weighted sum, 2 matmuls of 2 H Q T FLOPs forward, times 3.
+
+    Raises ValueError when L, H or Q is neither given nor in the model's config.
+    """
+    config = getattr(model, "config", None)
+
+    def from_config(*names: str) -> int | None:
+        return next((int(v) for n in names if isinstance(v := getattr(config, n, None), int)), None)
+
+    layers = layers or from_config("num_hidden_layers", "n_layer")
+    heads = heads or from_config("num_attention_heads", "n_head")
+    if head_dim is None and heads:
+        hidden = from_config("hidden_size", "n_embd")
+        head_dim = from_config("head_dim") or (hidden // heads if hidden else None)
+    if not (layers and heads and head_dim):
+        raise ValueError(
+            f"model_flops_per_token: {type(model).__name__} has no Hugging Face config naming its "
+            "layers, heads and head size: pass layers=, heads= and head_dim=, or give "
+            "Throughput(flops_per_token=...)")
+    embedding_only = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+                      for p in m.parameters(recurse=False)}
+    used_elsewhere = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Embedding)
+                      for p in m.parameters(recurse=False)}
+    counted = {id(p): p.numel() for p in model.parameters()  # a DTensor's numel is its whole size
+               if id(p) not in embedding_only or id(p) in used_elsewhere}
+    return 6.0 * sum(counted.values()) + 12.0 * layers * heads * head_dim * seq_len
+
+
 class Throughput(Callback):
     """Report how fast the run goes, at every `tl.log` report (every `log_every` steps).
 
     Metrics (names as the trackers show them):
 
-    - `throughput/samples_per_sec`, `throughput/tokens_per_sec`: the whole job's, all ranks.
-    - `throughput/tflops_per_sec`: per device (the mean over the ranks).
+    - `throughput/samples_per_sec`, `throughput/tokens_per_sec`: the whole job's, summed over
+      the data-parallel replicas (not over the ranks of a tensor-parallel group).
+    - `throughput/step_time_sec`: seconds per optimizer step.
+    - `throughput/tflops_per_sec`: model FLOP/s per device (see the module doc).
     - `throughput/mfu`: per device, a fraction of the peak (see the module doc).
+    - `throughput/hardware_tflops_per_sec`: instead of the two above, counted FLOP/s per device
+      when they are not model FLOPs (activation checkpointing or tensor parallelism, see above).
     - `memory/max_allocated_gb`: the accelerator memory torch allocated at its peak so far, per
       device (the mean over the ranks); not reported on the CPU.
 
@@ -86,8 +140,13 @@ class Throughput(Callback):
         tokens: where token counts come from: "num_items" (default) counts the `num_items` given
             to `tl.backward` as tokens, the token-weighted loss of a language model; an int is
             a fixed number of tokens per sample; None reports no tokens.
+        seq_len: tokens per sequence: model FLOPs per token are then `model_flops_per_token`
+            of the model (a Hugging Face config gives its layers and heads). Default: `tokens`
+            when it is an int, for a model with such a config.
+        flops_per_token: model FLOPs per token (forward and backward, no recompute, unsharded),
+            for a model without such a config: `model_flops_per_token(model, T, layers=...)`.
         flops_per_step: FLOPs of one optimizer step on one process (forward and backward over
-            its micro-batches). Default: counted once with `FlopCounterMode`, from the first
+            its micro-batches), when no FLOPs per token are known. Default: counted once with `FlopCounterMode`, from the first
             forward of a prepared model to the end of the first optimizer step, and taken as the
             same for every step (fixed shapes). That step runs slower while it is counted. When
             nothing could be counted (0 FLOPs), and under `torch.compile` (whose compiled backward
@@ -101,9 +160,10 @@ class Throughput(Callback):
     """
 
     def __init__(self, *, batch_size: int | None = None, tokens: str | int | None = "num_items",
+                 seq_len: int | None = None, flops_per_token: float | None = None,
                  flops_per_step: float | None = None, peak_flops: float | None = None):
         for name, value in (("batch_size", batch_size), ("flops_per_step", flops_per_step),
-                            ("peak_flops", peak_flops)):
+                            ("peak_flops", peak_flops), ("seq_len", seq_len), ("flops_per_token", flops_per_token)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"Throughput: {name} must be a positive number or None (got {value!r})")
         if not (tokens is None or tokens == "num_items" or
@@ -111,6 +171,8 @@ class Throughput(Callback):
             raise ValueError(f"Throughput: tokens must be 'num_items', a positive int or None (got {tokens!r})")
         self.batch_size, self.tokens = batch_size, tokens
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self.seq_len, self.flops_per_token = seq_len, flops_per_token
+        self.model_flops = True  # False: flops_per_step counts the recompute or whole DTensor matmuls
         self._set_up = False
         self._hooks: list[Any] = []
         self._counter = None  # the FlopCounterMode while it counts the first step
@@ -130,14 +192,31 @@ class Throughput(Callback):
             self.batch_size = state.loaders[0].batch_size
         if self.peak_flops is None:
             self.peak_flops = peak_bf16_flops(state.device)
-        if self.flops_per_step is None and _compiled(state):
+        self._set_up_flops_per_token(state)
+        if self.flops_per_token is not None or self.flops_per_step is not None:
+            return
+        self.model_flops = state.config.activation_checkpointing == "none" and state.config.tp == 1
+        if _compiled(state):
             warnings.warn("Throughput: FLOPs cannot be counted under torch.compile (FlopCounterMode does "
                           "not see the compiled backward); TFLOP/s and MFU are not reported unless "
                           "flops_per_step= is given", stacklevel=2)
-        elif self.flops_per_step is None:
+        else:
             # On the user's own module: it runs whichever wrapper the forward goes through.
             self._hooks = [unwrap(model).register_forward_pre_hook(self._start_counting)
                            for model in state.models]
+
+    def _set_up_flops_per_token(self, state: RunState) -> None:
+        if self.flops_per_token is not None:
+            return
+        seq_len = self.seq_len if self.seq_len is not None else (
+            self.tokens if isinstance(self.tokens, int) and not isinstance(self.tokens, bool) else None)
+        if seq_len is None:
+            return
+        try:
+            self.flops_per_token = model_flops_per_token(unwrap(state.models[0]), seq_len)
+        except ValueError:
+            if self.seq_len is not None:  # asked for explicitly: say what is missing
+                raise
 
     def _start_counting(self, module: Any, args: Any) -> None:
         from torch.utils.flop_counter import FlopCounterMode
@@ -192,19 +271,32 @@ class Throughput(Callback):
     def _measure(self, state: RunState) -> dict[str, float]:
         _synchronize(state.device)
         elapsed = time.perf_counter() - self._since
-        world = state.world_size  # reported means over ranks: a rank's rate x world_size sums them
+        # Reported values are means over the ranks. A rank's rate x the number of data-parallel
+        # replicas is the job's: the ranks of one tensor-parallel group count the same samples.
+        replicas = state.strategy.data_parallel()[1]
+        devices_per_replica = state.world_size // replicas
         metrics: dict[str, float] = {}
+        if self._windows:
+            metrics["throughput/step_time_sec"] = elapsed / self._windows
         if self.batch_size is not None:
-            metrics["throughput/samples_per_sec"] = self._samples / elapsed * world
+            metrics["throughput/samples_per_sec"] = self._samples / elapsed * replicas
         tokens = None
         if self.tokens == "num_items" and self._tokens:
             tokens = float(sum(float(t) for t in self._tokens))
         elif isinstance(self.tokens, int) and self.batch_size is not None:
             tokens = float(self._samples * self.tokens)
         if tokens is not None:
-            metrics["throughput/tokens_per_sec"] = tokens / elapsed * world
-        if self.flops_per_step is not None:
+            metrics["throughput/tokens_per_sec"] = tokens / elapsed * replicas
+        flops_per_sec = None
+        if self.flops_per_token is not None and tokens is not None:
+            # The replica's tokens (this rank's) at model FLOPs, shared by the replica's devices.
+            flops_per_sec = self.flops_per_token * tokens / elapsed / devices_per_replica
+        elif self.flops_per_step is not None:
             flops_per_sec = self.flops_per_step * self._windows / elapsed
+        if flops_per_sec is not None and not self.model_flops:
+            # Counted at DTensors' whole size: each of a tensor-parallel group's devices did 1/tp.
+            metrics["throughput/hardware_tflops_per_sec"] = flops_per_sec / devices_per_replica / 1e12
+        elif flops_per_sec is not None:
             metrics["throughput/tflops_per_sec"] = flops_per_sec / 1e12
             if self.peak_flops is not None:
                 metrics["throughput/mfu"] = flops_per_sec / self.peak_flops
@@ -219,8 +311,9 @@ class Throughput(Callback):
             self._stop_counting()
 
     def __repr__(self) -> str:
-        return (f"Throughput(batch_size={self.batch_size}, tokens={self.tokens!r}, "
-                f"flops_per_step={self.flops_per_step}, peak_flops={self.peak_flops})")
+        return (f"Throughput(batch_size={self.batch_size}, tokens={self.tokens!r}, seq_len={self.seq_len}, "
+                f"flops_per_token={self.flops_per_token}, flops_per_step={self.flops_per_step}, "
+                f"peak_flops={self.peak_flops})")
 
 
 def _compiled(state: RunState) -> bool:

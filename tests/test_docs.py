@@ -233,6 +233,47 @@ def test_migration_guide_loop_runs_as_written(tmp_path, monkeypatch):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "runs/x"))
 
 
+# -- docs/coming-from-fabric.md: the Fabric-style loop ---------------------------------------------
+
+
+class _WithTrainingStep(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.linear(x)
+
+    def training_step(self, batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+
+def test_fabric_guide_loop_runs_as_written_and_equals_the_plain_loop(capsys):
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(40, 6, generator=generator), torch.randn(40, 1, generator=generator))
+    torch.manual_seed(0)
+    reference = _WithTrainingStep()
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for i, batch in enumerate(DataLoader(data, batch_size=4)):
+        (reference.training_step(batch) / 4).backward()
+        if (i + 1) % 4 == 0:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+            plain.step()
+            plain.zero_grad()
+
+    torch.manual_seed(0)
+    model = _WithTrainingStep()
+    namespace = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+                 "loader": DataLoader(data, batch_size=4)}
+    block = python_blocks("docs/coming-from-fabric.md", "## A Fabric loop in trainloop")[0]
+    exec(compile(block, "coming-from-fabric.md", "exec"), namespace)
+    assert namespace["state"].step == 2  # 10 batches, a step every 4
+    assert capsys.readouterr().out.splitlines()[0].startswith("step 1: loss ")
+    expected = reference.state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+
+
 # -- docs/trackers.md: the tracker written in the guide -------------------------------------------
 
 

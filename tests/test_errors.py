@@ -16,7 +16,7 @@ from trainloop.config import SETTINGS, Config
     [
         ("accumulate", 0, r"accumulate must be a number >= 1 \(got 0\)"),
         ("accumulate", 2.5, r"accumulate must be an integer"),
-        ("precision", "fp9", r"precision must be one of 'fp32', 'bf16', 'fp16', 'bf16-true', 'fp8' \(got 'fp9'\)"),
+        ("precision", "fp9", r"precision must be one of 'fp32', 'bf16', 'fp16', 'bf16-true', 'fp16-true', 'fp64-true', 'fp8' \(got 'fp9'\)"),
         ("strategy", "zero3", r"strategy must be one of 'auto', 'ddp', 'fsdp' \(got 'zero3'\)"),
         ("log_every", 0, r"log_every must be a number >= 1"),
         ("seed", -1, r"seed must be a number >= 0"),

@@ -146,7 +146,8 @@ def test_the_other_precisions_train_under_fsdp(job, precision, shard_dtype):
 
 def test_blocks_default_to_the_largest_module_list_or_are_named(job):
     results, _ = job
-    assert results["default_blocks"] == ["<root>", "blocks.0", "blocks.1", "blocks.2"]
+    # The embedding before the blocks and the head after them are units of their own (fsdp_shard_ends).
+    assert results["default_blocks"] == ["<root>", "embed", "blocks.0", "blocks.1", "blocks.2", "head"]
     assert results["named_blocks"] == ["<root>", "embed", "blocks.0", "blocks.0.linear", "blocks.1",
                                        "blocks.1.linear", "head"]
 

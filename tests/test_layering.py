@@ -44,7 +44,7 @@ LAYERS: list[set[str]] = [
     # 5: the run's settings: its own, and the records the strategies own (config.ddp, ...)
     {"trainloop.config"},
     # 6: the core functions
-    {"trainloop.steps", "trainloop.preparation", "trainloop.checkpoint"},
+    {"trainloop.steps", "trainloop.optimizers", "trainloop.preparation", "trainloop.checkpoint"},
     # 7: the whole surface for callback authors beside the public API
     {"trainloop.extension"},
     # 8: the callbacks, on the public API, the protocol and the extension surface
@@ -59,7 +59,7 @@ LAYERS: list[set[str]] = [
 WRAPPER_ATTRIBUTES = ("set_requires_gradient_sync", "full_tensor", "to_local", "no_sync", "_orig_mod",
                       "module", "device_mesh", "placements", "reshard", "unshard")
 STRATEGY_TYPES = ("DistributedDataParallel", "FSDPModule", "DTensor")
-CORE = ("trainloop/preparation.py", "trainloop/steps.py", *sorted(
+CORE = ("trainloop/preparation.py", "trainloop/steps.py", "trainloop/optimizers.py", *sorted(
     str(p.relative_to(REPO)) for p in (REPO / "trainloop" / "checkpoint").glob("*.py") if p.name != "distcp.py"),
     "callbacks/precision.py", "callbacks/checkpoint.py")
 # What a callback may import from the core, besides trainloop's public names and other callbacks.

@@ -28,7 +28,7 @@ def test_init_builds_the_policy_of_the_setting_once(name):
 
 
 def test_an_unknown_policy_name_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"precision must be one of 'fp32', 'bf16', 'fp16', 'bf16-true', 'fp8' \(got 'fp9'\)"):
+    with pytest.raises(ValueError, match=r"precision must be one of 'fp32', 'bf16', 'fp16', 'bf16-true', 'fp16-true', 'fp64-true', 'fp8' \(got 'fp9'\)"):
         precision.policy("fp9")
 
 

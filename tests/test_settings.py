@@ -17,6 +17,7 @@ import trainloop as tl
 from reference import regression_data
 from trainloop import spawn, strategies
 from trainloop.config import SETTINGS, Config, parse_setting, resolve_config
+from trainloop.errors import SettingError
 from trainloop.spawn import checks
 from trainloop.strategies.ddp import DDPOptions
 from trainloop.strategies.fsdp import FSDPOptions
@@ -24,9 +25,9 @@ from trainloop.strategies.mesh import MeshOptions
 
 # The flat names users write, in the order of --help: unchanged, but fsdp_blocks is now blocks.
 FLAT_NAMES = [
-    "precision", "accumulate", "strategy", "seed", "log_every", "compile", "timeout", "device",
-    "blocks", "fsdp_reshard_after_forward", "fsdp_cpu_offload", "even_batches",
-    "activation_checkpointing", "ddp_find_unused_parameters", "ddp_static_graph",
+    "precision", "accumulate", "strategy", "seed", "log_every", "compile", "compile_options", "timeout",
+    "device", "blocks", "fsdp_reshard_after_forward", "fsdp_shard_ends", "fsdp_cpu_offload", "even_batches",
+    "activation_checkpointing", "activation_checkpointing_every", "ddp_find_unused_parameters", "ddp_static_graph",
     "ddp_gradient_as_bucket_view", "ddp_bucket_cap_mb", "ddp_comm_hook", "dp_replicate", "dp_shard",
     "tp", "tp_plan",
 ]
@@ -182,3 +183,15 @@ def test_blocks_choose_what_activation_checkpointing_wraps_without_fsdp(name):
     plain(x).sum().backward()
     model(x).sum().backward()
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(plain.parameters(), model.parameters()))
+
+
+def test_compile_options_are_torch_compiles_own_and_need_compile():
+    assert tl.init(compile="blocks", compile_options='{"backend": "aot_eager"}').config.compile_options == {
+        "backend": "aot_eager"}
+    with pytest.raises(SettingError, match=r"compile_options has unknown option\(s\) \['backnd'\]; the options are "
+                                           "backend, fullgraph, mode, dynamic"):
+        tl.init(compile=True, compile_options={"backnd": "eager"})
+    with pytest.raises(SettingError, match="compile_options are given, but compile is False"):
+        tl.init(compile_options={"backend": "eager"})
+    with pytest.raises(SettingError, match="activation_checkpointing must be one of 'none', 'blocks', 'selective'"):
+        tl.init(activation_checkpointing="some")

@@ -125,3 +125,19 @@ def test_the_llama_plan_shards_attention_and_mlp(four_ranks):
 @pytest.mark.multiprocess
 def test_a_model_on_the_meta_device_is_sharded_without_memory(four_ranks):
     assert four_ranks[0]["meta"] == {"dtensor": True, "is_meta": True, "local_shape": [8, 8]}
+
+
+def test_an_empty_plan_or_one_that_shards_nothing_is_refused_naming_the_modules():
+    with pytest.raises(ValueError, match=r"tp_plan is empty, so tp > 1 would run the whole of Stack .*its modules "
+                                         r"are blocks, blocks\.0, blocks\.0\.norm, blocks\.0\.up"):
+        apply_tp_plan(Stack(), None, {})
+    with pytest.raises(ValueError, match=r"tp_plan \{'blocks\.\*\.up': 'replicate'\} shards no module"):
+        apply_tp_plan(Stack(), None, {"blocks.*.up": "replicate"})
+
+
+def test_a_style_the_module_type_cannot_take_names_the_pattern_the_module_and_its_styles():
+    model = Stack(norm=True)
+    with pytest.raises(ValueError, match=r"tp_plan pattern 'blocks\.\*\.norm' gives 'colwise' to 'blocks\.0\.norm', "
+                                         r"a LayerNorm: .* A LayerNorm takes 'sequence_parallel' or 'replicate'"):
+        apply_tp_plan(model, None, {"blocks.*.up": "colwise", "blocks.*.norm": "colwise"})
+    assert all(type(p) is nn.Parameter for p in model.parameters())  # refused before anything is sharded

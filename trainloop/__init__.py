@@ -16,7 +16,17 @@ from trainloop._version import __version__
 from trainloop.checkpoint import export, load, save
 from trainloop.collectives import all_ranks as all  # noqa: F401  (tl.all; see __all__)
 from trainloop.collectives import any_rank as any  # noqa: F401  (tl.any; see __all__)
-from trainloop.collectives import barrier, broadcast, gather, gather_object, main_first, pad, reduce, split
+from trainloop.collectives import (
+    barrier,
+    broadcast,
+    gather,
+    gather_object,
+    main_first,
+    pad,
+    print,  # noqa: F401  (tl.print; see __all__)
+    reduce,
+    split,
+)
 from trainloop.config import Config
 from trainloop.data import PreparedLoader
 from trainloop.data.batch_size import find_batch_size
@@ -29,11 +39,11 @@ from trainloop.errors import (
     StaleStateError,
     TrainloopError,
 )
-from trainloop.forwarding import unwrap
+from trainloop.forwarding import mark_forward_method, unwrap
 from trainloop.lifecycle import attach, finish, init, log_hparams
 from trainloop.preparation import prepare
 from trainloop.state import RunState
-from trainloop.steps import accumulate, backward, log, step
+from trainloop.steps import accumulate, backward, log, no_sync, step
 from trainloop.topology import Topology
 
 __all__ = [
@@ -41,8 +51,9 @@ __all__ = [
     "RunState", "SettingError", "StaleStateError", "Topology", "TrainloopError", "__version__",
     "accumulate", "attach", "backward", "barrier", "broadcast", "empty_weights", "export",
     "find_batch_size", "finish", "gather", "gather_object", "init", "load", "load_weights", "log", "log_hparams",
-    "main_first", "pad", "prepare", "reduce", "save", "split", "step", "unwrap",
-]  # tl.any and tl.all are left out: `from trainloop import *` would shadow the builtins
+    "main_first", "mark_forward_method", "no_sync", "pad", "prepare", "reduce", "save", "split", "step",
+    "unwrap",
+]  # tl.any, tl.all and tl.print are left out: `from trainloop import *` would shadow the builtins
 
 # Imported on first use: trainloop.bigmodel and safetensors would slow every `import trainloop`.
 _LAZY = {"empty_weights": "trainloop.models.meta", "load_weights": "trainloop.models.weights"}

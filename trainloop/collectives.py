@@ -11,6 +11,7 @@ the same clear error on every rank instead of hanging.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import zlib
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from trainloop.data import PreparedLoader
 from trainloop.state import RunState
@@ -29,8 +30,14 @@ _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
         "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def gather(state: RunState, tree: T, *, loader: PreparedLoader | None = None) -> T:
+def gather(state: RunState, tree: T, *, loader: PreparedLoader | None = None, sync_grads: bool = False) -> T:
     """All-gather every tensor of `tree` along dim 0, in rank order, on every rank.
+
+    `sync_grads=True` keeps the autograd graph (contrastive losses over every rank's rows): the
+    gradient that reaches this rank's rows is the sum of every rank's gradients for them, so a
+    loss computed on each rank from the gathered rows gives, after DDP's average, the gradients
+    of one process computing the mean of those losses. Without it, the gathered rows are
+    constants, as with torch.distributed.all_gather.
 
     Sizes along dim 0 may differ per rank; the other dims and the dtypes must agree (a mismatch
     raises ValueError on every rank). Without `loader` nothing is ever dropped.
@@ -84,11 +91,44 @@ def gather(state: RunState, tree: T, *, loader: PreparedLoader | None = None) ->
     for index, leaf in enumerate(leaves):
         per_rank = [row[index] for row in rows]
         kept = [row[index] - row[len(leaves) + index] for row in rows]
+        if sync_grads and leaf.requires_grad:
+            gathered.append(_GatherWithGrads.apply(leaf, per_rank, kept, device, group))
+            continue
         padded = leaf.new_zeros((max(per_rank), *leaf.shape[1:]))
         padded[: leaf.shape[0]] = leaf
         parts = _all_gather_equal(padded.to(device), size, group)
         gathered.append(torch.cat([part[:n] for part, n in zip(parts, kept)]).to(leaf.device))
     return tree_unflatten(gathered, spec)
+
+
+class _GatherWithGrads(torch.autograd.Function):
+    """The all-gather of `gather(sync_grads=True)`: forward as `gather`; backward all-reduces
+    (sums) the gradient of the whole gathered tensor and hands this rank its own rows' part.
+
+    One all-reduce of the gathered size in backward, on any backend (gloo has no reduce-scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, leaf, per_rank, kept, device, group):
+        rank = dist.get_rank(group)
+        ctx.rows, ctx.kept, ctx.device, ctx.group = per_rank, kept, device, group
+        ctx.start = sum(kept[:rank])
+        ctx.mine = min(per_rank[rank], kept[rank])
+        padded = leaf.new_zeros((max(per_rank), *leaf.shape[1:]))
+        padded[: leaf.shape[0]] = leaf
+        parts = _all_gather_equal(padded.to(device), len(per_rank), group)
+        return torch.cat([part[:n] for part, n in zip(parts, kept)]).to(leaf.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.to(ctx.device, copy=True).contiguous()
+        dist.all_reduce(total, group=ctx.group)
+        rank = dist.get_rank(ctx.group)
+        mine = total[ctx.start:ctx.start + ctx.mine].to(grad.device)
+        rows = ctx.rows[rank]
+        if mine.shape[0] < rows:  # rows gather(loader=) dropped as padding get no gradient
+            mine = torch.cat([mine, mine.new_zeros((rows - mine.shape[0], *mine.shape[1:]))])
+        return mine, None, None, None, None
 
 
 def _padding_or_unmatched(loader: PreparedLoader, num_rows: int) -> int:
@@ -111,27 +151,31 @@ def _unmatched_message(state: RunState, leaves: list, paddings: list[int], loade
 def reduce(state: RunState, tree: T, op: str = "mean") -> T:
     """Reduce every leaf of `tree` across ranks with `op` (sum, mean, max, min).
 
-    Tensors come back as new tensors (the inputs are not modified); Python numbers as floats.
+    Leaves are tensors or Python numbers (anything else raises TypeError, on one process too).
+    Tensors come back as new, detached tensors (the inputs are not modified); Python numbers as
+    floats. The mean of an integer tensor is exact (summed as integers) and comes back in the
+    default float dtype, as torch's true division gives it. One process gives what many give.
     """
     if op not in _OPS:
         raise ValueError(f"reduce op must be one of {sorted(_OPS)} (got {op!r})")
-    if state.world_size == 1:
-        return tree
     leaves, spec = tree_flatten(tree)
-    device = collective_device(state)
+    for leaf in leaves:
+        if isinstance(leaf, bool) or not isinstance(leaf, (int, float, torch.Tensor)):
+            raise TypeError(f"reduce needs tensors or numbers at every leaf (got {_describe(leaf)})")
+    world_size = state.world_size
+    device = collective_device(state) if world_size > 1 else None
     reduced = []
     for leaf in leaves:
-        if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
-            tensor = torch.tensor(float(leaf), dtype=torch.float64, device=device)
-        elif isinstance(leaf, torch.Tensor):
-            tensor = leaf.detach().to(device, copy=True)
-            if op == "mean" and not tensor.is_floating_point():
-                tensor = tensor.double()
+        if isinstance(leaf, torch.Tensor):
+            tensor = leaf.detach().to(device, copy=True) if device is not None else leaf.detach().clone()
+            if op == "mean" and not tensor.is_floating_point() and not tensor.is_complex():
+                tensor = tensor.to(torch.int64)  # summed exactly; the division below gives a float
         else:
-            raise TypeError(f"reduce needs tensors or numbers at every leaf (got {_describe(leaf)})")
-        dist.all_reduce(tensor, op=_OPS[op])
+            tensor = torch.tensor(float(leaf), dtype=torch.float64, device=device)
+        if world_size > 1:
+            dist.all_reduce(tensor, op=_OPS[op])
         if op == "mean":
-            tensor /= state.world_size
+            tensor = tensor / world_size if not tensor.is_floating_point() else tensor.div_(world_size)
         if isinstance(leaf, torch.Tensor):
             reduced.append(tensor.to(leaf.device))
         else:
@@ -142,25 +186,44 @@ def reduce(state: RunState, tree: T, op: str = "mean") -> T:
 def broadcast(state: RunState, obj: T, src: int = 0) -> T:
     """Rank `src`'s `obj` on every rank.
 
-    A tree of tensors is broadcast tensor by tensor: every rank passes tensors of the same
-    shapes and dtypes (as with torch.distributed.broadcast) and gets new tensors back. Anything
-    else is pickled on `src` and unpickled on the other ranks: only ever between the ranks of
-    this one job, never from a file or a socket of anyone else.
+    When every rank passes a tree of tensors of the same structure, shapes and dtypes
+    (placeholders on the ranks other than `src`), it is broadcast tensor by tensor, and every
+    rank gets new tensors back. A placeholder tree of other shapes or dtypes raises the same
+    ValueError on every rank (checked inside one small all-gather, before any data moves).
+    Anything else (`None` or any value on the other ranks, or no tensors on `src`) is pickled
+    on `src` and unpickled on the other ranks, its tensors moved to this rank's device: only
+    ever between the ranks of this one job, never from a file or a socket of anyone else.
     """
     if state.world_size == 1:
         return obj
     leaves, spec = tree_flatten(obj)
-    if leaves and all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-        device = collective_device(state)
+    tensors = bool(leaves) and all(isinstance(leaf, torch.Tensor) for leaf in leaves)
+    device = collective_device(state)
+    signature = repr((str(spec), [(tuple(t.shape), str(t.dtype)) for t in leaves])) if tensors else ""
+    header = torch.tensor([int(tensors), zlib.crc32(signature.encode())], device=device)
+    headers = torch.stack(_all_gather_equal(header, state.world_size)).tolist()
+    if headers[src][0] and all(h == headers[src] for h in headers):
         out = []
         for leaf in leaves:
             tensor = leaf.detach().to(device, copy=True)
             dist.broadcast(tensor, src=src)
             out.append(tensor.to(leaf.device))
         return tree_unflatten(out, spec)
+    if headers[src][0] and any(h[0] and h != headers[src] for h in headers):
+        every_rank: list[Any] = [None] * state.world_size
+        dist.all_gather_object(every_rank, signature)  # the failure path only: what each rank passed
+        listed = "; ".join(f"rank {rank}: {sig}" for rank, sig in enumerate(every_rank))
+        raise ValueError(
+            f"broadcast: the tensors passed on some ranks do not match rank {src}'s in structure, "
+            f"shape or dtype ({listed}). Pass a placeholder of the same shapes and dtypes as rank "
+            f"{src}'s tensors on every rank, or None (any non-tensor) to receive whatever it sends"
+        )
     box = [obj if state.rank == src else None]
     dist.broadcast_object_list(box, src=src)
-    return box[0]
+    received = box[0]
+    if state.rank == src:
+        return received
+    return tree_map_only(torch.Tensor, lambda t: t.to(state.device), received)
 
 
 def barrier(state: RunState) -> None:
@@ -170,13 +233,24 @@ def barrier(state: RunState) -> None:
 
 
 @contextlib.contextmanager
-def main_first(state: RunState) -> Iterator[None]:
-    """Run the block on the main process first, then on the others (downloads, preprocessing)."""
-    if not state.is_main:
+def main_first(state: RunState, *, local: bool = False) -> Iterator[None]:
+    """Run the block on the main process first, then on the others (downloads, preprocessing).
+
+    `local=True`: the first process of each machine (`state.is_local_main`) runs it first, then
+    the others of that machine: a download or cache per node, for machines without a shared disk.
+    """
+    first = state.is_local_main if local else state.is_main
+    if not first:
         barrier(state)
     yield
-    if state.is_main:
+    if first:
         barrier(state)
+
+
+def print(state: RunState, *args: Any, **kwargs: Any) -> None:
+    """`print(*args, **kwargs)` on the main process only; nothing elsewhere."""
+    if state.is_main:
+        builtins.print(*args, **kwargs)
 
 
 def split(state: RunState, items: T) -> T:

@@ -85,6 +85,40 @@ def _parse_compile(name: str, value: str) -> bool | str:
     return "blocks" if value.strip().lower() == "blocks" else boolean(name, value)
 
 
+COMPILE_OPTIONS = ("backend", "fullgraph", "mode", "dynamic")
+
+
+def _compile_options_json(value: Any) -> Any:
+    """compile_options given as text (a spawn flag, a variable) is JSON."""
+    if not isinstance(value, str):
+        return value
+    import json
+
+    try:
+        return json.loads(value) if value.strip() else None
+    except json.JSONDecodeError as error:
+        raise SettingError("compile_options", "compile_options must be a JSON object such as "
+                           f"'{{\"backend\": \"aot_eager\"}}' (got {value!r}: {error})") from None
+
+
+def _parse_compile_options(name: str, value: str) -> Any:
+    return _compile_options_json(value)
+
+
+def _optional_compile_options(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise SettingError("compile_options", f"compile_options must be a dict of torch.compile options (got {value!r})")
+    unknown = sorted(set(value) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise SettingError("compile_options", f"compile_options has unknown option(s) {unknown}; the options "
+                           f"are {', '.join(COMPILE_OPTIONS)} (torch.compile's own)")
+    if not instance.compile:
+        raise SettingError("compile_options", "compile_options are given, but compile is False: set "
+                           "compile=True or compile='blocks', or leave compile_options out")
+
+
 @attrs.frozen(init=False)
 class Config(Settings):
     """The settings of a run. Every setting is a keyword of `tl.init` and a `--flag` of spawn.
@@ -97,8 +131,8 @@ class Config(Settings):
 
     precision: str = setting(
         "fp32", parse=text, check=[one_of(PRECISIONS)],
-        help="numerics: fp32, bf16 (autocast), fp16 (autocast + loss scaling), bf16-true (bf16 "
-             "parameters), fp8 (torchao float8 training)")
+        help="numerics: fp32, bf16 (autocast), fp16 (autocast + loss scaling), bf16-true, "
+             "fp16-true, fp64-true (parameters in that dtype), fp8 (torchao float8 training)")
     accumulate: int = setting(
         1, parse=integer, check=[is_integer, at_least(1)],
         help="micro-batches per optimizer step (gradient accumulation window)")
@@ -118,6 +152,10 @@ class Config(Settings):
         False, parse=_parse_compile, check=[_compile_choice],
         help="torch.compile: False, True (the whole model), or 'blocks' (each block on its own: "
              "regional compilation, a fraction of the compile time)")
+    compile_options: dict[str, Any] | None = setting(
+        None, parse=_parse_compile_options, convert=_compile_options_json, check=[_optional_compile_options],
+        help="compile: torch.compile's own options, any of backend, fullgraph, mode, dynamic (JSON, "
+             "e.g. '{\"mode\": \"max-autotune\"}') (default: none: torch's defaults, inductor)")
     timeout: float = setting(
         600.0, parse=number, convert=to_float, check=[at_least(1)],
         help="seconds a collective may wait for the other ranks before failing")
@@ -139,10 +177,16 @@ class Config(Settings):
              "it unevenly, a rank may get an empty batch, and with num_items training equals the "
              "big batch exactly")
     activation_checkpointing: str = setting(
-        "none", parse=text, check=[one_of(("none", "blocks"))],
+        "none", parse=text, check=[one_of(("none", "blocks", "selective"))],
         help="'blocks': recompute each block's activations in backward instead of keeping them "
              "(torch's checkpoint_wrapper on the blocks `blocks` names, before sharding); less "
-             "memory, about one more forward of compute")
+             "memory, about one more forward of compute. 'selective': op-level, torchtitan's "
+             "default: keep the matmul and attention outputs (all but every second matmul), "
+             "recompute the rest")
+    activation_checkpointing_every: int = setting(
+        1, parse=integer, check=[is_integer, at_least(1)],
+        help="activation_checkpointing: checkpoint every k-th block only (1: every block; 2: "
+             "blocks 0, 2, 4, ...: torchtitan's per-layer selective AC)")
     ddp: DDPOptions = _record(DDPOptions)
     mesh: MeshOptions = _record(MeshOptions)
 

@@ -14,22 +14,35 @@ the user's module, so `model.generate(...)`, `model.config`, `model.device`,
   runs them under the precision policy, as it runs the forward (so `generate` computes in bf16).
 - Submodules and other values are returned as they are (`model.lm_head is tl.unwrap(model).lm_head`):
   calling a submodule directly runs it outside the policy.
+- Under DDP, the user's methods run outside DDP's forward, where no gradient is synchronised:
+  right for inference (`generate` under `torch.no_grad()`, or in eval mode). A method that runs
+  the model's forward in training mode with autograd on raises, naming the way out:
+  `tl.mark_forward_method(model, "training_step")` makes `model.training_step(...)` run
+  through the prepared model's whole forward (policy, DDP), as Lightning Fabric's
+  `mark_forward_method` does.
 - Writing: assigning a public attribute that the user's module has and the wrapper does not
-  sets it on the user's module (`model.config = new_config` reaches `generate`). Any other
-  assignment sets it on the wrapper, as on any module: torch's own wrappers set new attributes
-  on themselves after construction (DDP does), so sending unknown names down would break them.
-  While a wrapper is being constructed, every write is its own. `del model.name` follows the
-  same rule.
+  sets it on the user's module (`model.config = new_config` reaches `generate`), and so does
+  assigning a submodule or parameter (`model.head = nn.Linear(...)`: in the user's module's
+  checkpoints), except under DDP or FSDP, which would never synchronise its gradients: there it
+  raises (assign it before `tl.prepare`). Any other assignment sets it on the wrapper, as on any
+  module: torch's own wrappers set new attributes on themselves after construction (DDP does),
+  so sending unknown names down would break them. While a wrapper is being constructed, every
+  write is its own. `del model.name` follows the same rule.
+- `state_dict()` and `load_state_dict()` are the user's module's, with its keys (no `module.`
+  prefix), whatever the wrappers: a checkpoint of the prepared model loads into the plain one.
 
 Nothing of the user's class or instance is patched.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -49,15 +62,28 @@ class ForwardsAttributes:
             raise AttributeError(f"{type(self).__name__} (prepared {type(users).__name__}) has no attribute "
                                  f"{name!r}, nor has the {type(users).__name__} it wraps") from error
         if inspect.ismethod(value) and value.__self__ is users:
-            return self._wrap_method(value)
+            if name in self.__dict__.get("_forward_methods", ()):
+                return _through_forward(self, value)
+            return _refused_outside_forward(self, self._wrap_method(value), name)
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
         users = self._forwarded_to(name)
+        if users is None and isinstance(value, (nn.Module, nn.Parameter)) and not name.startswith("_") \
+                and self.__dict__.get("_writes_forwarded", False) and not _has_own(self, name):
+            users = _submodule_home(self, name, value)
         if users is not None:
             setattr(users, name, value)
         else:
             nn.Module.__setattr__(self, name, value)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The user's module's state dict: its own keys, whatever wraps it."""
+        return unwrap(self).state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load into the user's module, by its own keys (what `state_dict()` gives)."""
+        return unwrap(self).load_state_dict(state_dict, strict=strict, assign=assign)
 
     def __delattr__(self, name: str) -> None:
         users = self._forwarded_to(name)
@@ -97,6 +123,92 @@ class ForwardsAttributes:
         return users if hasattr(users, name) else None
 
 
+def _submodule_home(wrapper: nn.Module, name: str, value: Any) -> nn.Module:
+    """Where a submodule or parameter assigned on the prepared model goes: the user's module,
+    unless DDP wraps it (it would never synchronise the new parameters' gradients)."""
+    users = _users_module(wrapper)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    owner = next((type(layer).__name__ for layer in wrapper_layers(wrapper)
+                  if isinstance(layer, nn.parallel.DistributedDataParallel)
+                  or (fsdp is not None and isinstance(layer, fsdp.FSDPModule))), None)
+    if owner is not None:
+        raise ValueError(
+            f"cannot assign a {type(value).__name__} to the prepared model as {name!r}: "
+            f"{owner} took over the parameters at tl.prepare, and would never synchronise this "
+            "one's gradients, so each rank would train it apart. Assign it to your model before "
+            "tl.prepare"
+        )
+    return users
+
+
+def _through_forward(wrapper: nn.Module, method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` run as the prepared model's forward: under the policy and inside DDP's forward."""
+
+    @functools.wraps(method)
+    def through_forward(*args: Any, **kwargs: Any) -> Any:
+        ddp = next((layer for layer in wrapper_layers(wrapper) if isinstance(layer, DistributedDataParallel)), None)
+        if ddp is None:
+            return wrapper._wrap_method(method)(*args, **kwargs)
+        ddp.__dict__["_routed_method"] = method
+        try:
+            return wrapper(*args, **kwargs)
+        finally:
+            ddp.__dict__.pop("_routed_method", None)
+
+    return through_forward
+
+
+def _refused_outside_forward(wrapper: nn.Module, method: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """`method`, which raises if it runs the model's forward in training with autograd on under DDP."""
+    if not any(isinstance(layer, nn.parallel.DistributedDataParallel) for layer in wrapper_layers(wrapper)):
+        return method
+    users = unwrap(wrapper)
+
+    @functools.wraps(method)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if not (users.training and torch.is_grad_enabled()):
+            return method(*args, **kwargs)  # inference: nothing to synchronise
+        ran: list[nn.Module] = []
+
+        def note(module: nn.Module, inputs: Any) -> None:
+            ran.append(module)
+
+        handles = [module.register_forward_pre_hook(note) for module in users.modules()]
+        try:
+            output = method(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if ran:
+            raise RuntimeError(
+                f"{type(users).__name__}.{name}() ran the model's forward outside "
+                "DistributedDataParallel's forward, in training mode with autograd on: its "
+                "gradients would not be synchronised and each rank would train apart. Call "
+                f"tl.mark_forward_method(model, {name!r}) after tl.prepare to run it through the "
+                "prepared model's forward, or run it under torch.no_grad() (inference)"
+            )
+        return output
+
+    return checked
+
+
+def mark_forward_method(model: nn.Module, name: str) -> None:
+    """Make `model.<name>(...)` run through the prepared model's whole forward.
+
+    `model` is what `tl.prepare` returned; `name` a method of the user's module (a
+    `training_step` that calls `self(...)` and computes the loss). Marked, the method runs
+    as the forward would: under the precision policy and inside DDP's forward, so its
+    gradients are synchronised like the forward's. Lightning Fabric's `mark_forward_method`.
+    On a prepared model with no wrapper (one process in fp32) methods already run as they are,
+    and this only checks the name. Raises AttributeError if the user's module has no such method.
+    """
+    users = unwrap(model)
+    if not inspect.ismethod(getattr(users, name, None)):
+        raise AttributeError(f"{type(users).__name__} has no method {name!r} to mark as a forward method")
+    if isinstance(model, ForwardsAttributes):
+        model.__dict__.setdefault("_forward_methods", set()).add(name)
+
+
 def _has_own(wrapper: nn.Module, name: str) -> bool:
     return (name in wrapper.__dict__ or hasattr(type(wrapper), name)
             or any(name in wrapper.__dict__.get(store, ()) for store in ("_parameters", "_buffers", "_modules")))
@@ -131,6 +243,21 @@ def wrapper_layers(model: nn.Module) -> Iterator[nn.Module]:
             return
 
 
+def refuse_prepared(model: nn.Module) -> None:
+    """ValueError for a model that a `prepare` already wrapped (or sharded): preparing it again
+    would wrap it twice (Autocast around Autocast, DDP around DDP)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by then if anything was sharded
+    for layer in wrapper_layers(model):
+        if isinstance(layer, (ForwardsAttributes, nn.parallel.DistributedDataParallel)) or (
+                fsdp is not None and isinstance(layer, fsdp.FSDPModule)):
+            raise ValueError(
+                f"this {type(model).__name__} was already prepared (it is wrapped in "
+                f"{type(layer).__name__}), and preparing it again would wrap it twice: prepare "
+                "the user's module once per run (tl.unwrap(model) gives it back), or keep using "
+                "the prepared model"
+            )
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's own module inside what `prepare` returned (autocast, DDP, compile wrappers)."""
     *_, innermost = wrapper_layers(model)
@@ -142,10 +269,22 @@ class DistributedDataParallel(ForwardsAttributes, nn.parallel.DistributedDataPar
 
     Methods reached through it run on the user's module directly, outside DDP's forward (no
     gradient synchronisation is set up for them): right for `generate` and other inference, as
-    `tl.unwrap(model).method()` would be.
+    `tl.unwrap(model).method()` would be. A method marked with `tl.mark_forward_method` runs
+    inside DDP's forward instead; an unmarked one that runs the forward in training raises.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._forward_writes()
+
+    def _run_ddp_forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        # A method marked with `tl.mark_forward_method` runs where DDP runs the module's forward,
+        # inside DDP's own bookkeeping; the user's module is never patched.
+        method = self.__dict__.get("_routed_method")
+        if method is None:
+            return super()._run_ddp_forward(*inputs, **kwargs)
+        if self._use_python_reducer:
+            return method(*inputs, **kwargs)
+        with self._inside_ddp_forward():
+            return method(*inputs, **kwargs)
 

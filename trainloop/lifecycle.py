@@ -34,10 +34,11 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
 
     Settings, all optional keywords (what each does, and its default: README's table
     "Settings and precedence", or `python -m trainloop.spawn --help`): `precision`,
-    `accumulate`, `strategy`, `seed`, `log_every`, `compile`, `timeout`, `device`, `blocks`,
-    `even_batches`, `activation_checkpointing`; DDP's `ddp_find_unused_parameters`, `ddp_static_graph`,
+    `accumulate`, `strategy`, `seed`, `log_every`, `compile`, `compile_options`, `timeout`,
+    `device`, `blocks`, `even_batches`, `activation_checkpointing`,
+    `activation_checkpointing_every`; DDP's `ddp_find_unused_parameters`, `ddp_static_graph`,
     `ddp_gradient_as_bucket_view`, `ddp_bucket_cap_mb`, `ddp_comm_hook`; FSDP's
-    `fsdp_reshard_after_forward`, `fsdp_cpu_offload`; the mesh's `dp_replicate`, `dp_shard`,
+    `fsdp_reshard_after_forward`, `fsdp_shard_ends`, `fsdp_cpu_offload`; the mesh's `dp_replicate`, `dp_shard`,
     `tp`, `tp_plan`. `TRAINLOOP_*` environment variables (set by
     `python -m trainloop.spawn --precision bf16 ...`) override them. The precision policy
     (`state.precision`) and the strategy (`state.strategy`) are built here, once.

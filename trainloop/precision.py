@@ -6,7 +6,15 @@
 | `bf16`      | fp32                        | autocast to bf16                           | none                  |
 | `fp16`      | fp32                        | autocast to fp16                           | `LossScale` (dynamic) |
 | `bf16-true` | bf16                        | bf16: floating inputs cast to bf16         | none                  |
+| `fp16-true` | fp16                        | fp16: floating inputs cast to fp16         | none                  |
+| `fp64-true` | fp64                        | fp64: floating inputs cast to fp64         | none                  |
 | `fp8`       | fp32                        | torchao `Float8Linear` for the eligible `nn.Linear` layers, autocast to bf16 around the rest | none |
+
+The true precisions (`bf16-true`, `fp16-true`, `fp64-true`) also make their dtype torch's default
+dtype while the forward (or a method of the model) runs, as Lightning Fabric's do: a tensor the
+model creates itself (`h + torch.zeros(4)`) has the parameters' dtype instead of fp32, which would
+fail the next layer's dtype check (or silently promote to fp32). The default is restored after.
+fp64 outputs leave the model as they are.
 
 Output dtypes. Inside the forward, autocast's own rules apply: the ops it lowers (matmuls,
 linear, convolutions) compute in the low-precision dtype, the ops it keeps in fp32 (on CPU and
@@ -61,7 +69,7 @@ class Precision:
     The run keeps it as `state.precision`; `prepare` casts each model with `cast` and wraps it
     with `wrap`, FSDP shards under `fsdp_policy`, and `init` attaches `LossScale` when
     `loss_scaling` is set. A policy is its fields, no subclass: a new precision is one more
-    `Precision(...)` in `POLICIES` (`16-true` would be `param_dtype=torch.float16`).
+    `Precision(...)` in `POLICIES` (`fp16-true` is `param_dtype=torch.float16`).
     """
 
     #: The `precision` setting's value ("bf16", "bf16-true", ...).
@@ -124,6 +132,8 @@ POLICIES = (
     Precision("bf16", autocast_dtype=torch.bfloat16),
     Precision("fp16", autocast_dtype=torch.float16, loss_scaling=True),
     Precision("bf16-true", param_dtype=torch.bfloat16),
+    Precision("fp16-true", param_dtype=torch.float16),
+    Precision("fp64-true", param_dtype=torch.float64),
     Precision("fp8", autocast_dtype=torch.bfloat16, float8=True),
 )
 
@@ -141,10 +151,11 @@ class Autocast(ForwardsAttributes, nn.Module):
     """The precision policy around a prepared model's forward; the wrapped module is untouched.
 
     With `autocast=True` (the `bf16`, `fp16` and `fp8` policies) the forward runs under
-    `torch.autocast(device_type, dtype=dtype)`. With `autocast=False` (`bf16-true`, whose
+    `torch.autocast(device_type, dtype=dtype)`. With `autocast=False` (the true policies, whose
     parameters already are `dtype`) floating-point inputs are cast to `dtype` instead, so that
-    fp32 data meets bf16 weights without a dtype error. Either way, fp16 and bf16 outputs come
-    back as fp32 (see the module doc).
+    fp32 data meets bf16 weights without a dtype error, and `dtype` is torch's default dtype
+    while the forward runs (tensors created inside it have the parameters' dtype). Either way,
+    fp16 and bf16 outputs come back as fp32 (see the module doc).
 
     The wrapped model's public attributes are reachable on the wrapper (`trainloop.forwarding`),
     and its methods run under the same policy as the forward: `model.generate(...)` computes in
@@ -171,7 +182,12 @@ class Autocast(ForwardsAttributes, nn.Module):
                 outputs = function(*args, **kwargs)
         else:
             args, kwargs = tree_map_only(torch.Tensor, self._to_dtype, (args, kwargs))
-            outputs = function(*args, **kwargs)
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(self._dtype)
+            try:
+                outputs = function(*args, **kwargs)
+            finally:
+                torch.set_default_dtype(default)
         if isinstance(outputs, torch.Tensor):  # the common case, without a pytree walk
             return _to_fp32(outputs)
         return tree_map_only(torch.Tensor, _to_fp32, outputs)

@@ -13,13 +13,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainloop.data import PreparedLoader
+from trainloop.data.kept import KeptLoader
+from trainloop.forwarding import refuse_prepared
 from trainloop.models.meta import move_real_tensors
+from trainloop.optimizers import guard_optimizer
 from trainloop.state import RunState
 
 _SUPPORTED = "nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, torch.optim.lr_scheduler.LRScheduler"
 
 
-def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
+def prepare(state: RunState, *objects: Any, shard: bool = True, move_to_device: bool = True) -> tuple[Any, ...]:
     """Prepare models, optimizers, loaders and LR schedulers; register them in the state.
 
     Returns `(new_state, *prepared)`, the prepared objects in the order given:
@@ -31,14 +34,22 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
       place with FSDP2 instead, on any number of ranks.
     - `Optimizer`: the same object, still bound to the (moved) parameters; under FSDP its param
       groups are pointed at the shards in place (prepare it with its model, before it steps).
+      Its `step()` is trainloop's from now on: called by hand it raises, naming `tl.step`.
     - `DataLoader`: a `PreparedLoader`: sharded over the data-parallel ranks, batches on the
-      device, seeded shuffling, resumable position.
+      device, seeded shuffling, resumable position. With `shard=False`, the user's loader is
+      kept as it is (already sharded, e.g. by a `DistributedSampler`, or a subclass with its own
+      iteration): `trainloop.data.kept`.
     - LR scheduler: the same object; `tl.step` steps it once per optimizer step.
+
+    `move_to_device=False`: models stay where they are and batches where the loader puts them
+    (the user places them).
 
     Then the `on_prepare` hooks fire (a `Checkpoint(resume=True)` restores the run there).
     Use the state returned: it registers the objects (`state` itself stays usable as a base,
     e.g. for preparing a second, independent run).
-    Raises TypeError for any other object, and ValueError for an object prepared twice.
+    Raises TypeError for any other object (or a DataLoader subclass whose own methods the
+    re-built loader would drop, without `shard=False`), and ValueError for an object prepared
+    twice, in this run or another (a prepared model would be wrapped twice).
     """
     state.check_current("prepare")
     if not objects:
@@ -48,6 +59,8 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
         _check_supported(obj)
         if any(obj is seen for seen in registered) or sum(obj is other for other in objects) > 1:
             raise ValueError(f"{type(obj).__name__} was already prepared; prepare each object once")
+        if isinstance(obj, nn.Module):
+            refuse_prepared(obj)
 
     prepared: dict[int, Any] = {}
     models, optimizers, schedulers, loaders = [], [], [], []
@@ -55,7 +68,7 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
     replaced: dict[int, nn.Parameter] = {}
     for index, obj in enumerate(objects):
         if isinstance(obj, nn.Module):
-            prepared[index], sharded = _prepare_model(state, obj)
+            prepared[index], sharded = _prepare_model(state, obj, move_to_device)
             replaced.update(sharded)
             models.append(prepared[index])
     dp_rank, dp_size = state.strategy.data_parallel()
@@ -66,10 +79,14 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
             state.strategy.bind_optimizer(obj, replaced)
             prepared[index] = obj
             optimizers.append(obj)
+        elif isinstance(obj, DataLoader) and not shard:
+            prepared[index] = KeptLoader(obj, device=state.device, move_to_device=move_to_device)
+            loaders.append(prepared[index])
         elif isinstance(obj, DataLoader):
             prepared[index] = PreparedLoader(obj, device=state.device, rank=dp_rank,
                                              world_size=dp_size, seed=state.config.seed,
-                                             even_batches=state.config.even_batches)
+                                             even_batches=state.config.even_batches,
+                                             move_to_device=move_to_device)
             loaders.append(prepared[index])
     all_optimizers = (*state.optimizers, *optimizers)
     for index, obj in enumerate(objects):
@@ -89,6 +106,8 @@ def prepare(state: RunState, *objects: Any) -> tuple[Any, ...]:
         schedulers=(*state.schedulers, *schedulers),
         loaders=(*state.loaders, *loaders),
     )
+    for optimizer in optimizers:
+        guard_optimizer(optimizer, state.lineage)
     for hook in state.hooks.on_prepare:
         state = hook(state) or state
     return (state, *(prepared[i] for i in range(len(objects))))
@@ -106,13 +125,16 @@ def _check_supported(obj: Any) -> None:
         raise TypeError(f"prepare cannot prepare a {type(obj).__name__}; it supports {_SUPPORTED}")
 
 
-def _prepare_model(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+def _prepare_model(state: RunState, model: nn.Module,
+                   move_to_device: bool = True) -> tuple[nn.Module, dict[int, nn.Parameter]]:
     """Device, dtype, activation checkpointing, compile, the strategy's wrapper, then autocast.
 
     Returns the prepared model and the parameters the strategy replaced (id -> replacement).
     """
     # A model built under tl.empty_weights() keeps its meta tensors: the strategy allocates them.
-    model = state.precision.cast(move_real_tensors(model, state.device), state.device)
+    if move_to_device:
+        model = move_real_tensors(model, state.device)
+    model = state.precision.cast(model, state.device)
     # Activation checkpointing and compile="blocks" act on the blocks: the strategy applies them
     # (after tensor parallelism, before sharding or DDP, as torchtitan orders them).
     if state.config.compile is True:
@@ -121,6 +143,6 @@ def _prepare_model(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[i
         # the graph at DDP's bucket boundaries (DDPOptimizer), so the all-reduce overlaps the
         # backward. After the cast: float8 layers are compiled too. Autocast stays outside:
         # dynamo guards on the autocast state and traces the casts into the graph.
-        model = torch.compile(model)
+        model = torch.compile(model, **(state.config.compile_options or {}))
     model, replaced = state.strategy.wrap(model)
     return state.precision.wrap(model, state.device), replaced

@@ -62,7 +62,8 @@ class Lineage:
 
     It also holds the metric names the ranks last agreed on in a `log` report, so that a report
     with the same names checks them inside its one collective (see `trainloop.steps.flush_logs`),
-    and the resources that belong to the run rather than the process: its background checkpoint
+    where the open micro-step stands (`grouping`, `counted`: see `trainloop.steps.backward`), and
+    the resources that belong to the run rather than the process: its background checkpoint
     `writer` (made by its first background save, `trainloop.checkpoint.staging.writer_of`).
 
     `newest` is the newest state of the run (the last one `advance` made, or a copy of it):
@@ -71,8 +72,8 @@ class Lineage:
     never called `finish` (`trainloop.lifecycle`, through `UNFINISHED`). `finish` drops it.
     """
 
-    __slots__ = ("__weakref__", "data_checked", "finished", "generation", "log_names", "made_by", "newest",
-                 "prepared_from", "reported_step", "writer")
+    __slots__ = ("__weakref__", "counted", "data_checked", "finished", "generation", "grouping", "log_names",
+                 "made_by", "newest", "prepared_from", "reported_step", "writer")
 
     def __init__(self) -> None:
         self.generation = 0
@@ -86,6 +87,10 @@ class Lineage:
         self.prepared_from = False
         self.data_checked = False  # `step` looked once for a prepared loader (see steps.py)
         self.reported_step: int | None = None  # the step of the run's last report to on_log
+        # A `tl.accumulate` call opened a micro-step (`grouping`) that a backward already counted
+        # (`counted`): the backward calls until the next `tl.accumulate` or `tl.step` join it.
+        self.grouping = False
+        self.counted = False
 
     def __repr__(self) -> str:
         return f"Lineage(generation={self.generation}, made_by={self.made_by!r}, finished={self.finished})"
@@ -127,8 +132,9 @@ class RunState:
         config: the settings (precision, accumulate, strategy, seed, log_every, ...).
         callbacks: the attached callbacks, in firing order.
         models, optimizers, schedulers, loaders: what `prepare` registered.
-        step: optimizer steps done. micro_step: `backward` calls done.
-        window_micro_steps: `backward` calls in the open accumulation window.
+        step: optimizer steps done. micro_step: micro-steps done (window positions, not
+            `backward` calls: see `trainloop.steps.backward`).
+        window_micro_steps: micro-steps in the open accumulation window.
         window_items: the open window's summed `num_items` (None when not given).
         skip_step: set by an `on_before_step` hook to skip this optimizer step.
         stepping: inside `tl.step`'s hooks, the optimizers this call steps (`()` elsewhere). An

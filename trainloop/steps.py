@@ -14,12 +14,25 @@ once, at the window's end, by the window's real size:
   factor is `world_size / total_items`. One all-reduce of the count per optimizer step.
 
 Either way, k micro-batches on n ranks give the update of one big batch.
+
+A micro-step is a window position (one micro-batch), not a `backward` call: several `backward`
+calls in one micro-step (two losses, two models) give the plain autograd gradients, and the
+normalisation counts micro-steps. Where one begins:
+
+- with `accumulate=1`: every `backward` call until the `step` is one micro-step (the window);
+- inside `tl.accumulate(...)`: each call of it opens a micro-step, which every `backward` until
+  the next `tl.accumulate` or `tl.step` call joins;
+- otherwise (`accumulate > 1` without `tl.accumulate`): each `backward` call is one; several
+  losses of one micro-batch are then one `backward` of their sum.
+
+`num_items` sums over every `backward` call of the window, whatever its micro-step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +40,16 @@ import torch.distributed as dist
 from torch import nn
 
 from trainloop.collectives import collective_device
+from trainloop.forwarding import unwrap
+from trainloop.optimizers import (
+    STEPPING,
+    chosen_schedulers,
+    refuse_untracked_gradients,
+    registered,
+    step_schedulers,
+    step_with_closure,
+    zero_grad,
+)
 from trainloop.state import RunState, raise_stale
 
 _NOTHING_TO_DO = contextlib.nullcontext()
@@ -39,11 +62,48 @@ def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.Ab
     (the strategy's `no_sync`: DDP `no_sync`, FSDP `set_requires_gradient_sync(False)`) for
     `model`, or for every prepared model when None; gradients then accumulate locally and are
     synchronised once, on the last micro-step. A window also closes at the last batch of a
-    prepared loader's epoch. On one process there is nothing to synchronise and this does nothing.
+    prepared loader's epoch. On one process there is nothing to synchronise.
+
+    Each call opens one micro-step: every `backward` until the next `accumulate` or `step` call
+    is part of it (see the module doc). `model` is a model `prepare` returned, or the user's
+    module inside one; any other module raises ValueError (its sync could not be turned off).
     """
+    lineage = state.lineage
+    lineage.grouping, lineage.counted = True, False
+    if model is not None and model not in state.models:
+        model = prepared_model(state, model, "accumulate")
     if state.world_size == 1 or state.sync_now:
         return _NOTHING_TO_DO
     return state.strategy.no_sync(state.models if model is None else (model,))
+
+
+def no_sync(state: RunState, model: nn.Module | None = None, *, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Context manager: no gradient synchronisation across ranks inside, when `enabled`.
+
+    For loops that decide accumulation themselves (Lightning Fabric's `no_backward_sync`): keep
+    `accumulate=1`, run the micro-batches that must not sync under `no_sync(state, model)`, the
+    last one with `enabled=False` (it synchronises everything accumulated), then `tl.step`. The
+    gradients are then the plain sum of the `backward` calls (scale each loss yourself), as with
+    Fabric. It does not count micro-steps; `tl.accumulate` does both for you. `model`: as in
+    `accumulate` (None: every prepared model). On one process it does nothing.
+    """
+    if model is not None and model not in state.models:
+        model = prepared_model(state, model, "no_sync")
+    if not enabled or state.world_size == 1:
+        return _NOTHING_TO_DO
+    return state.strategy.no_sync(state.models if model is None else (model,))
+
+
+def prepared_model(state: RunState, model: nn.Module, caller: str) -> nn.Module:
+    """The prepared model that is `model` or wraps it; ValueError for a module never prepared."""
+    for candidate in state.models:
+        if candidate is model or unwrap(candidate) is model:
+            return candidate
+    raise ValueError(
+        f"tl.{caller} was given a {type(model).__name__} that was not prepared in this run, so its "
+        "gradient sync cannot be turned off: pass the model tl.prepare returned (or leave model "
+        "out: every prepared model)"
+    )
 
 
 def backward(state: RunState, loss: torch.Tensor, *, num_items: Any = None) -> RunState:
@@ -77,15 +137,28 @@ def backward(state: RunState, loss: torch.Tensor, *, num_items: Any = None) -> R
     for hook in state.hooks.on_backward:
         loss = hook(state, loss)
     loss.backward()
+    # Does this backward begin a micro-step, or join the open one? (the module doc's rule)
+    lineage = state.lineage
+    window = state.window_micro_steps
+    if not window:
+        new = 1
+    elif state.config.accumulate == 1:
+        new = 0
+    elif lineage.grouping:
+        new = 0 if lineage.counted else 1
+    else:
+        new = 1
+    lineage.counted = True
     return state.advance(
         "backward",
-        micro_step=state.micro_step + 1,
-        window_micro_steps=state.window_micro_steps + 1,
+        micro_step=state.micro_step + new,
+        window_micro_steps=window + new,
         window_items=items,
     )
 
 
-def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunState:
+def step(state: RunState, optimizer: Any = None, scheduler: Any = None, *,
+         closure: Callable[[], torch.Tensor] | None = None) -> RunState:
     """At the accumulation window's end, take one optimizer step; elsewhere return `state`.
 
     At the end of a window, in this order: normalise the gradients by the window's size (see
@@ -98,29 +171,50 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunSt
     Several optimizers (a GAN's) are stepped by one call, or each by its own call: hooks act on
     exactly the optimizers of the call. `scheduler` is one prepared scheduler, a sequence, or
     None for the prepared schedulers of the optimizers stepped.
+
+    A closure optimizer (`torch.optim.LBFGS`) takes its step with `closure=`: a function of no
+    arguments that computes and returns the loss (a mean), without calling backward. The
+    optimizer calls it as often as it needs; each time trainloop zeroes the gradients, runs
+    the `on_backward` hooks and the backward (synchronised across ranks), and hands the
+    optimizer the loss averaged across ranks, so that every rank takes the same decisions and
+    n ranks take one process's step over the global batch. It is one whole step: no
+    `tl.backward` before it, `accumulate=1`, no `on_before_step` hooks (clip in the closure).
+
+    Raises RuntimeError when the window is empty but the optimizers' parameters have gradients
+    (a `loss.backward()` that `tl.backward` did not see would leak into the next step).
     """
-    if state.generation != state.lineage.generation:
+    lineage = state.lineage
+    if state.generation != lineage.generation:
         raise_stale(state, "step")
     if not state.optimizers:
         _raise_no_optimizer(state)
+    lineage.grouping = False  # a step call closes the open micro-step
+    if closure is not None:
+        return step_with_closure(state, optimizer, scheduler, closure)
     in_window = state.window_micro_steps
     if in_window < state.config.accumulate and not (in_window and state.at_epoch_end):
+        if not in_window:
+            refuse_untracked_gradients(state, optimizer)
         return state
     if not state.lineage.data_checked:
         _warn_without_prepared_loader(state)
-    optimizers = _registered(optimizer, state.optimizers, "optimizer")
-    schedulers = state.schedulers if scheduler is None else _chosen_schedulers(scheduler, state, optimizers)
+    optimizers = registered(optimizer, state.optimizers, "optimizer")
+    schedulers = state.schedulers if scheduler is None else chosen_schedulers(scheduler, state, optimizers)
     if in_window > 1 or state.window_items is not None:  # else the gradients are already the mean
         _normalise_gradients(state, optimizers)
     hooks = state.hooks
     if hooks.on_before_step or hooks.on_step:
         return _step_with_hooks(state, hooks, optimizers, schedulers)
-    for opt in optimizers:  # no hooks: every optimizer of the call steps
-        opt.step()
+    token = STEPPING.set(True)  # not `with stepping()`: a generator context costs ~1 us a step
+    try:
+        for opt in optimizers:  # no hooks: every optimizer of the call steps
+            opt.step()
+    finally:
+        STEPPING.reset(token)
     for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+        zero_grad(opt)
     if schedulers:
-        _step_schedulers(schedulers, optimizers)
+        step_schedulers(schedulers, optimizers)
     return state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None)
 
 
@@ -155,24 +249,22 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
     for hook in hooks.on_before_step:
         state = hook(state) or state
     stepped = () if state.skip_step else _narrowed(state.stepping, optimizers)
-    for opt in stepped:
-        opt.step()
+    token = STEPPING.set(True)
+    try:
+        for opt in stepped:
+            opt.step()
+    finally:
+        STEPPING.reset(token)
     for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+        zero_grad(opt)
     if not stepped:
         return state.advance("step", window_micro_steps=0, window_items=None, skip_step=False, stepping=())
-    _step_schedulers(schedulers, stepped)
+    step_schedulers(schedulers, stepped)
     state = state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None,
                           stepping=stepped)
     for hook in hooks.on_step:
         state = hook(state) or state
     return state.evolve(stepping=())
-
-
-def _step_schedulers(schedulers: tuple, stepped: tuple) -> None:
-    for sched in schedulers:
-        if sched.optimizer in stepped:  # never the scheduler of an optimizer that did not step
-            sched.step()
 
 
 def _narrowed(stepping: tuple, optimizers: tuple) -> tuple:
@@ -186,29 +278,6 @@ def _narrowed(stepping: tuple, optimizers: tuple) -> tuple:
                 "tl.step call does not step: hooks may only remove optimizers from it"
             )
     return tuple(stepping)
-
-
-def _registered(selection: Any, registered: tuple, kind: str) -> tuple:
-    if selection is None:
-        return registered
-    if len(registered) == 1 and selection is registered[0]:
-        return registered  # the common case: the one prepared optimizer, checked without a scan
-    chosen = tuple(selection) if isinstance(selection, (list, tuple)) else (selection,)
-    for obj in chosen:
-        if not any(obj is r for r in registered):
-            raise ValueError(f"this {type(obj).__name__} was not prepared: pass the {kind} to tl.prepare first")
-    return chosen
-
-
-def _chosen_schedulers(scheduler: Any, state: RunState, optimizers: tuple) -> tuple:
-    chosen = _registered(scheduler, state.schedulers, "scheduler")
-    for sched in chosen:
-        if sched.optimizer not in optimizers:
-            raise ValueError(
-                f"this {type(sched).__name__} schedules an optimizer that this tl.step call does not "
-                "step: pass it to the tl.step call of its optimizer"
-            )
-    return chosen
 
 
 def _normalise_gradients(state: RunState, optimizers: tuple) -> None:

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from trainloop.errors import CheckpointError
+from trainloop.optimizers import stepping
 
 METADATA = ".metadata"  # DCP's metadata file, written last: a checkpoint that holds one is sharded
 
@@ -84,7 +85,8 @@ def load_sharded(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.O
     # get_optimizer_state_dict creates them (with a zero step that the loaded state replaces).
     tensors: dict[str, Any] = {"model": get_model_state_dict(container)}
     for index, (optimizer, plain) in enumerate(zip(optimizers, plain_optimizers)):
-        state = get_optimizer_state_dict(container, optimizer)["state"]
+        with stepping():  # DCP creates the state by stepping it (zero gradients, zero lr)
+            state = get_optimizer_state_dict(container, optimizer)["state"]
         tensors[f"optimizer.{index}"] = {key: _tensors(state.get(key, {})) for key in plain["state"]}
     reader = _VerifiedReader(directory, files)
     _check_fit(tensors, reader.read_metadata(), directory)
@@ -96,7 +98,8 @@ def load_sharded(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.O
     for index, (optimizer, plain) in enumerate(zip(optimizers, plain_optimizers)):
         loaded = tensors[f"optimizer.{index}"]
         state = {key: {**values, **loaded[key]} for key, values in plain["state"].items()}
-        set_optimizer_state_dict(container, optimizer, {"state": state, "param_groups": plain["param_groups"]})
+        with stepping():
+            set_optimizer_state_dict(container, optimizer, {"state": state, "param_groups": plain["param_groups"]})
 
 
 def _tensors(values: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -43,6 +43,27 @@ def _user_batch_sampler(loader: DataLoader) -> Any:
     )
 
 
+def refuse_lost_subclass(loader: DataLoader) -> None:
+    """Raise TypeError for a DataLoader subclass whose own methods the re-built loader would drop.
+
+    `prepare` re-builds a plain DataLoader from the user's dataset, sampler and settings: a
+    subclass's `__iter__` (or any other method it overrides) would silently stop running. A
+    subclass that only sets things up in `__init__` (a collate_fn, a sampler) loses nothing.
+    """
+    overridden = sorted({
+        name for cls in type(loader).__mro__[:type(loader).__mro__.index(DataLoader)]
+        for name, value in vars(cls).items()
+        if callable(value) and name != "__init__" and hasattr(DataLoader, name)
+    })
+    if overridden:
+        raise TypeError(
+            f"prepare re-builds the DataLoader to shard it, and {type(loader).__name__} overrides "
+            f"{', '.join(overridden)}, which the re-built loader would drop: pass shard=False to "
+            "keep your loader as it is (sharding it yourself, e.g. with a DistributedSampler), or "
+            "move that behaviour into the dataset, the collate_fn or the sampler"
+        )
+
+
 class PreparedLoader:
     """A DataLoader as `prepare` returns it. Iterate it like the original.
 
@@ -58,7 +79,8 @@ class PreparedLoader:
     """
 
     def __init__(self, loader: DataLoader, *, device: torch.device, rank: int,
-                 world_size: int, seed: int, even_batches: bool = True):
+                 world_size: int, seed: int, even_batches: bool = True, move_to_device: bool = True):
+        refuse_lost_subclass(loader)
         if getattr(loader, "in_order", True) is False and loader.num_workers > 0:
             raise ValueError(
                 "prepare needs DataLoader(in_order=True) with workers: positions, padding and "
@@ -76,7 +98,7 @@ class PreparedLoader:
         # rows this epoch so far. Kept after the pass ends, until the next epoch's first batch.
         self._yielded_epoch: int | None = None
         self._batch_rows = self._batch_padding = self._epoch_rows = 0
-        self._move = device.type != "cpu"
+        self._move = move_to_device and device.type != "cpu"
         self._non_blocking = bool(loader.pin_memory)
         settings = _loader_settings(loader)
         # The DataLoader draws its workers' base seed from this generator when a pass starts.
@@ -210,6 +232,11 @@ class PreparedLoader:
 
     def check_state_dict(self, state_dict: dict[str, int | None]) -> None:
         """Raise ValueError if `state_dict` cannot be restored into this loader; change nothing."""
+        if "kept" in state_dict:
+            raise ValueError(
+                "this loader position is of a loader prepared with shard=False, and the loader "
+                "being restored is sharded by prepare: prepare it the way the checkpoint's run did"
+            )
         deals_batches = isinstance(self._plan, _BatchPlan)
         if deals_batches != ("batches_seen" in state_dict):
             saved = "a batch sampler's batches" if "batches_seen" in state_dict else "samples"

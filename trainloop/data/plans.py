@@ -22,8 +22,8 @@ How a map-style dataset is cut up, every epoch:
 A DataLoader with its own batch sampler (`batch_sampler=`, e.g. length bucketing, or
 `sampler=<a BatchSampler>` with `batch_size=None`) is dealt in the sampler's batches instead:
 each epoch the sampler is drawn once under torch's RNG seeded `seed + epoch` (after
-`set_epoch(epoch)` where it has one); *round* j is its batches `j*W .. j*W + W-1` and rank r
-takes the r-th. In a short last round the ranks without a batch repeat the epoch's first batches
+`set_epoch(epoch)` where it, or the sampler inside it, has one); *round* j is its batches
+`j*W .. j*W + W-1` and rank r takes the r-th. In a short last round the ranks without a batch repeat the epoch's first batches
 (`even_batches=True`, dropped by `gather(loader=)`) or yield an empty batch (`False`).
 
 The position within the epoch is kept as a count of global samples already yielded (of the
@@ -117,7 +117,8 @@ def _check_same_on_every_rank(values: torch.Tensor, device: torch.device, what: 
         raise ValueError(
             f"{what} differs between ranks: it must draw its randomness from torch's (or Python's) "
             "global RNG, which prepare seeds with seed + epoch, or from set_epoch(epoch). Do not "
-            "use a DistributedSampler: prepare shards the data itself"
+            "use a DistributedSampler: prepare shards the data itself (or pass prepare(..., "
+            "shard=False) to keep a loader you shard yourself)"
         )
 
 
@@ -250,6 +251,9 @@ class _BatchPlan:
             with _seeded_draws(self.seed + epoch):
                 if hasattr(self.batch_sampler, "set_epoch"):
                     self.batch_sampler.set_epoch(epoch)
+                inner = getattr(self.batch_sampler, "sampler", None)  # an epoch-aware sampler inside
+                if hasattr(inner, "set_epoch") and inner is not self.batch_sampler:
+                    inner.set_epoch(epoch)
                 drawn = [list(batch) for batch in self.batch_sampler]
             if any(not batch for batch in drawn):
                 raise ValueError(f"the batch sampler yielded an empty batch in epoch {epoch}")

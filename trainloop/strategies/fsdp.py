@@ -46,7 +46,6 @@ from trainloop.models.meta import materialize
 from trainloop.settings import Settings, boolean, is_boolean, setting
 from trainloop.strategies import blocks
 from trainloop.strategies.base import clip, rebind
-from trainloop.strategies.blocks import find_blocks
 from trainloop.strategies.mesh import Mesh, build_mesh, mesh_shape
 from trainloop.topology import leave_process_group
 
@@ -65,6 +64,12 @@ class FSDPOptions(Settings):
         True, parse=boolean, check=[is_boolean],
         help="strategy fsdp: free each block's gathered parameters after its forward and gather "
              "them again for backward (less memory, more communication)")
+    shard_ends: bool = setting(
+        True, parse=boolean, check=[is_boolean],
+        help="strategy fsdp: shard the modules before the blocks (the embedding) and after them "
+             "(the final norm and the output head) as two units of their own, as torchtitan does, "
+             "instead of keeping them gathered in the root for the whole step; the head's unit is "
+             "not resharded after forward")
     cpu_offload: bool = setting(
         False, parse=boolean, check=[is_boolean],
         help="strategy fsdp: keep the sharded parameters, gradients and optimizer state in CPU "
@@ -208,8 +213,7 @@ def shard(model: nn.Module, mesh: Mesh, config: Config, topology: Topology) -> d
         from trainloop.strategies.tensor_parallel import apply_tp_plan
 
         apply_tp_plan(model, mesh.tp_mesh, config.mesh.tp_plan)
-    blocks.apply(model, config)
-    found = find_blocks(model, config.blocks)
+    found = blocks.apply(model, config, warn=True)  # as they now sit: checkpoint-wrapped, compiled
     options: dict[str, Any] = {
         "mesh": mesh.fsdp_mesh,
         "mp_policy": precision.policy(config.precision).fsdp_policy(),
@@ -218,6 +222,13 @@ def shard(model: nn.Module, mesh: Mesh, config: Config, topology: Topology) -> d
     }
     for block in found:
         fully_shard(block, reshard_after_forward=config.fsdp.reshard_after_forward, **options)
+    if found and config.fsdp.shard_ends:
+        before, after = end_units(model, found)
+        if before:
+            fully_shard(before, reshard_after_forward=config.fsdp.reshard_after_forward, **options)
+        if after:
+            # The first unit backward needs: resharding it after forward would gather it again at once.
+            fully_shard(after, reshard_after_forward=False, **options)
     # The root's parameters are needed again as soon as backward starts: keep them gathered.
     fully_shard(model, reshard_after_forward=False, **options)
     # Built under tl.empty_weights(): allocate and initialise this rank's shards only.
@@ -225,6 +236,27 @@ def shard(model: nn.Module, mesh: Mesh, config: Config, topology: Topology) -> d
     # Tensor parallelism and FSDP replaced the parameters; checkpoint_wrapper renamed their paths.
     now = {_without_wrappers(name): parameter for name, parameter in model.named_parameters()}
     return {key: now[name] for key, name in names.items()}
+
+
+def end_units(model: nn.Module, found: list[nn.Module]) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The modules outside the blocks that hold parameters: those before the blocks, those after.
+
+    torchtitan's units: the embedding (before), the final norm with the output head (after). They
+    are sharded as two units of their own instead of staying gathered in the root for the whole
+    step. A parameter both groups share (a head tied to the embedding) keeps both in the root:
+    FSDP2 cannot shard one parameter in two units.
+    """
+    inside = {id(m) for block in found for m in block.modules()}
+    order = [m for m in model.modules() if m is not model]
+    first = min(i for i, m in enumerate(order) if id(m) in inside)
+    owners = [(i, m) for i, m in enumerate(order)
+              if id(m) not in inside and any(True for _ in m.parameters(recurse=False))]
+    before = [m for i, m in owners if i < first]
+    after = [m for i, m in owners if i > first]
+    shared = {id(p) for m in before for p in m.parameters()} & {id(p) for m in after for p in m.parameters()}
+    if shared:
+        return [], []
+    return before, after
 
 
 def _without_wrappers(name: str) -> str:

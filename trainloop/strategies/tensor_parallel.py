@@ -93,32 +93,82 @@ def apply_tp_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: Mapping[str, str]
     `plan` maps module-name patterns to styles (see the module docstring); None takes the
     Hugging Face model's own plan. A collective over `tp_mesh`: every rank of it calls this on
     the same model. Raises ValueError for a pattern that matches no module (listing what the
-    model has), a module two patterns match, an unknown style, or no plan at all.
+    model has), a module two patterns match, an unknown style, a style the module's type does
+    not take (a norm given "colwise"), no plan at all, or a plan that shards nothing (empty, or
+    all "replicate": tp > 1 would then run the whole model on every rank, silently).
     """
     if plan is None:
         plan = hugging_face_plan(model)
     styles = {pattern: parallel_style(style) for pattern, style in plan.items()}  # checks every style first
     resolved: dict[str, ParallelStyle] = {}
     claimed: dict[str, str] = {}
-    names = [name for name, _ in model.named_modules() if name]
+    modules = {name: module for name, module in model.named_modules() if name}
+    names = list(modules)
     for pattern, style in styles.items():
         matched = matching_modules(names, pattern)
         if not matched:
-            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
             raise ValueError(
                 f"tp_plan pattern {pattern!r} matches no module of {type(model).__name__}; "
-                f"its modules are {shown} ('*' stands for one dot-separated part, as in 'blocks.*.up')"
+                f"its modules are {_shown(names)} ('*' stands for one dot-separated part, as in 'blocks.*.up')"
             )
         for name in matched:
             if name in claimed:
                 raise ValueError(f"tp_plan patterns {claimed[name]!r} and {pattern!r} both match module "
                                  f"{name!r}; give each module one style")
             claimed[name] = pattern
+            _check_module_takes(modules[name], name, pattern, plan[pattern])
             if style is not None:
                 resolved[name] = style
-    if resolved:
-        parallelize_module(model, tp_mesh, resolved)
+    if not resolved:
+        given = f"{dict(plan)} shards no module" if plan else "is empty"
+        raise ValueError(
+            f"tp_plan {given}, so tp > 1 would run the whole of {type(model).__name__} on every "
+            f"tensor-parallel rank: map module-name patterns to 'colwise' / 'rowwise' (its modules are "
+            f"{_shown(names)}), or leave tp at 1"
+        )
+    _refuse_float8_sequence_parallel(modules, claimed, plan)
+    parallelize_module(model, tp_mesh, resolved)
     return model
+
+
+def _refuse_float8_sequence_parallel(modules: dict[str, nn.Module], claimed: dict[str, str],
+                                     plan: Mapping[str, str]) -> None:
+    """precision='fp8' (torchao's Float8Linear) with a sequence-parallel norm: refused up front.
+
+    The norm's sequence-sharded DTensor output reaches the float8 cast of the next colwise layer,
+    where torchao's float8 tensor does not implement `aten.index_select` (a crash in the first
+    forward). torchao's own float8 parallel styles would be needed; until then, say so here.
+    """
+    float8 = [name for name, module in modules.items() if type(module).__name__ == "Float8Linear"]
+    sequence = [name for name, pattern in claimed.items() if plan[pattern] == "sequence_parallel"]
+    if float8 and sequence:
+        raise ValueError(
+            f"precision='fp8' with tp_plan's 'sequence_parallel' style ({sequence[0]!r}) is not supported: "
+            "torchao's float8 layers fail on the sequence-sharded activations (aten.index_select). "
+            "Use precision='bf16' with sequence parallelism, or drop the 'sequence_parallel' entries "
+            "(fp8 with colwise/rowwise tensor parallelism works)"
+        )
+
+
+# torch's ColwiseParallel and RowwiseParallel shard the weights of these types only.
+_SHARDABLE = (nn.Linear, nn.Embedding)
+_WHOLE_MODULE_STYLES = ("sequence_parallel", "replicate")
+
+
+def _check_module_takes(module: nn.Module, name: str, pattern: str, style: str) -> None:
+    """Refuse a sharding style for a module whose weights torch cannot shard that way."""
+    if style in _WHOLE_MODULE_STYLES or isinstance(module, _SHARDABLE):
+        return
+    raise ValueError(
+        f"tp_plan pattern {pattern!r} gives {style!r} to {name!r}, a {type(module).__name__}: torch "
+        f"shards only nn.Linear and nn.Embedding weights by column or row. A {type(module).__name__} "
+        f"takes {' or '.join(repr(s) for s in _WHOLE_MODULE_STYLES)}; name its Linear layers instead "
+        f"(e.g. {name + '.*'!r})"
+    )
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
 
 
 def matching_modules(names: list[str], pattern: str) -> list[str]:
