@@ -1,0 +1,54 @@
+"""The DDP and checkpoint benchmarks run to the end and print their tables. Timings are never
+asserted: they depend on the machine, and a benchmark that fails on a busy one is noise, not a
+signal. (The overhead benchmark's smoke test is in test_benchmarks_smoke.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.paths import REPO
+
+NUMBER = r"[0-9.]+"
+
+
+def run_quick(script: str) -> str:
+    """stdout of `python benchmarks/<script> --quick`, which must exit 0."""
+    done = subprocess.run(
+        [sys.executable, os.path.join("benchmarks", script), "--quick"],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.multiprocess
+def test_ddp_benchmark_quick_run_prints_its_table():
+    out = run_quick("ddp.py")
+    header = r"^\s*accumulate\s+variant\s+us/step\s+vs raw\s+spread\s+cpu us/step\s+vs raw\s+spread$"
+    assert re.search(header, out, re.MULTILINE), out
+    for accumulate in ("1", "4"):
+        for variant in ("raw DDP", "raw DDP \\+ synced log", "trainloop"):
+            row = rf"^\s*{accumulate}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x"
+            assert re.search(row, out, re.MULTILINE), f"no {variant} row for accumulate {accumulate}:\n{out}"
+        assert re.search(rf"^\s*per-step, accumulate {accumulate}: {NUMBER}x raw DDP", out, re.MULTILINE), out
+
+
+def test_checkpoint_benchmark_quick_run_prints_its_tables():
+    out = run_quick("checkpoint.py")
+    assert re.search(r"^op\s+variant\s+ms\s+vs raw\s+spread$", out, re.MULTILINE), out
+    # Accelerate's rows need the bench extra; CI installs the dev extra only.
+    accelerate = ("accelerate",) if importlib.util.find_spec("accelerate") else ()
+    rows = [("save", v) for v in ("raw", "raw durable", *accelerate, "dcp", "trainloop",
+                                  "trainloop background: blocked", "trainloop background: committed")]
+    rows += [("load", v) for v in ("raw", *accelerate, "dcp", "trainloop")]
+    for op, variant in rows:
+        row = rf"^{op}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}$"
+        assert re.search(row, out, re.MULTILINE), f"no {op} {variant} row:\n{out}"
+    for target in ("background save, loop blocked", "background save, committed", "tl.load, verified"):
+        assert re.search(rf"^\s*{target}: {NUMBER}x raw", out, re.MULTILINE), out

@@ -1,0 +1,43 @@
+"""The package type-checks: pyright, in basic mode, on trainloop/ and callbacks/ (pyrightconfig.json).
+
+The package ships `py.typed`, so users' type checkers read these annotations: they must hold.
+pyright is in the `dev` extra (`pyright[nodejs]` brings its own Node.js); without it this skips.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.paths import REPO
+
+
+def test_the_package_ships_py_typed_and_installs_every_subpackage():
+    """`py.typed` is installed beside the code, and every folder of the source is a listed package
+    (a package left out of setup.cfg is missing from the wheel, py.typed or not)."""
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    listed = {name.strip() for name in config["options"]["packages"].replace("\n", ",").split(",") if name.strip()}
+    assert (REPO / "trainloop" / "py.typed").is_file()
+    assert "py.typed" in config["options.package_data"]["trainloop"]
+    found = {".".join(("trainloop", *path.parent.relative_to(REPO / "trainloop").parts))
+             for path in (REPO / "trainloop").rglob("__init__.py") if "callbacks" not in path.parts}
+    found |= {".".join(("trainloop.callbacks", *path.parent.relative_to(REPO / "callbacks").parts))
+              for path in (REPO / "callbacks").rglob("__init__.py")}
+    assert found <= listed, f"setup.cfg [options] packages lacks {sorted(found - listed)}"
+
+
+@pytest.mark.slow  # a Node.js process, a minute of CPU
+@pytest.mark.skipif(importlib.util.find_spec("pyright") is None,
+                    reason="pyright is not installed: pip install -e '.[dev]' (it is in the dev extra)")
+def test_pyright_finds_no_type_errors_in_trainloop_and_callbacks():
+    done = subprocess.run([sys.executable, "-m", "pyright", "--pythonpath", sys.executable, "-p", str(REPO)],
+                          capture_output=True, text=True, cwd=REPO, timeout=900, check=False,
+                          env={**os.environ, "PYRIGHT_PYTHON_IGNORE_WARNINGS": "1"})
+    assert done.returncode == 0, done.stdout[-20_000:] + done.stderr[-5_000:]
+    assert "0 errors" in done.stdout, done.stdout
