@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import DataLoader
 
 import trainloop as tl
-from tests.support.checks import WorkerResults
 from tests.support.reference import CountingDataset, TokenData, mse, regression_data, tiny_model, token_loss_sum
 from tests.support.tracking import check_two_rank_tracking
 from trainloop.callbacks import Callback
@@ -58,83 +57,74 @@ class _Recorder(Callback):
         self.reports.append((state.step, metrics))
 
 
-def ddp_checks(tmp_dir: str) -> WorkerResults:
-    """Everything about DDP training, the collectives and tracking, on 2 ranks (gloo, CPU).
-
-    Each check is reported alone (tests/support/checks.py): one that raises fails its tests only.
-    """
-    results = WorkerResults()
+def ddp_checks(tmp_dir: str) -> dict:
+    """Everything about DDP training, the collectives and tracking, on 2 ranks (gloo, CPU)."""
+    results: dict = {}
     state = tl.init(accumulate=2, seed=3)
     results["world_size"], results["backend"] = state.world_size, state.topology.backend
 
-    with results.check("ddp accumulation"):
-        # 40 samples, 4 per rank and batch, 2 ranks, windows of 2: windows 2, 2 and a short 1.
-        model = tiny_model()
-        state, model = _train(state, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
-                              DataLoader(regression_data(40), batch_size=4, shuffle=True), epochs=2)
-        results["ddp_weights"], results["ddp_steps"] = _weights(model), state.step
+    # 40 samples, 4 per rank and batch, 2 ranks, windows of 2: windows 2, 2 and a short 1.
+    model = tiny_model()
+    state, model = _train(state, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                          DataLoader(regression_data(40), batch_size=4, shuffle=True), epochs=2)
+    results["ddp_weights"], results["ddp_steps"] = _weights(model), state.step
 
-    with results.check("ragged token counts"):
-        # Ragged token counts per micro-batch and per rank; 30 sequences: windows 2, 2, 1.
-        tokens = tiny_model()
-        _state_t, tokens = _train(tl.init(accumulate=2, seed=5), tokens,
-                                 torch.optim.SGD(tokens.parameters(), lr=0.05),
-                                 DataLoader(TokenData(30), batch_size=3, shuffle=True), epochs=2, tokens=True)
-        results["token_weights"] = _weights(tokens)
+    # Ragged token counts per micro-batch and per rank; 30 sequences: windows 2, 2, 1.
+    tokens = tiny_model()
+    _state_t, tokens = _train(tl.init(accumulate=2, seed=5), tokens,
+                             torch.optim.SGD(tokens.parameters(), lr=0.05),
+                             DataLoader(TokenData(30), batch_size=3, shuffle=True), epochs=2, tokens=True)
+    results["token_weights"] = _weights(tokens)
 
+    # Per-batch gathering covers every sample once, in order when not shuffled.
     plain = tl.init(seed=9)
+    for n in (11, 99, 8):
+        results[f"gather_{n}"] = _gathered_indices(plain, n, 4, shuffle=False)
+    # An IterableDataset: every rank reads the stream and keeps its chunk of each global batch.
+    plain, stream = tl.prepare(plain, DataLoader(_Stream(11), batch_size=2))
+    results["gather_stream_11"] = [i for batch in stream for i in tl.gather(plain, batch, loader=stream).tolist()]
+    shuffled = _gathered_indices(plain, 99, 4, shuffle=True)
+    results["gather_shuffled"] = shuffled
+    results["gather_shuffled_same_on_every_rank"] = shuffled == tl.broadcast(plain, shuffled, src=1)
+
+    # Sizes that differ per rank; nested trees.
+    ragged = {"a": torch.arange(plain.rank + 1), "b": [torch.full((plain.rank + 2, 2), plain.rank)]}
+    results["gather_ragged"] = tl.gather(plain, ragged)
+
+    # The other collectives.
     rank = plain.rank
-    with results.check("gather"):
-        # Per-batch gathering covers every sample once, in order when not shuffled.
-        for n in (11, 99, 8):
-            results[f"gather_{n}"] = _gathered_indices(plain, n, 4, shuffle=False)
-        # An IterableDataset: every rank reads the stream and keeps its chunk of each global batch.
-        plain, stream = tl.prepare(plain, DataLoader(_Stream(11), batch_size=2))
-        results["gather_stream_11"] = [i for batch in stream for i in tl.gather(plain, batch, loader=stream).tolist()]
-        shuffled = _gathered_indices(plain, 99, 4, shuffle=True)
-        results["gather_shuffled"] = shuffled
-        results["gather_shuffled_same_on_every_rank"] = shuffled == tl.broadcast(plain, shuffled, src=1)
+    results["reduce"] = {op: tl.reduce(plain, {"t": torch.tensor([rank + 1.0, 10.0 * rank]), "n": rank + 1}, op=op)
+                         for op in ("sum", "mean", "max", "min")}
+    results["broadcast_tensor"] = tl.broadcast(plain, torch.full((3,), float(rank)), src=1)
+    results["broadcast_object"] = tl.broadcast(plain, {"from": rank, "items": [rank] * 2}, src=0)
+    results["split"] = tl.gather(plain, tl.split(plain, torch.arange(7)))
+    results["split_list"] = tl.split(plain, list("abcde"))
+    order = []
+    with tl.main_first(plain):
+        order.append(("inside", rank))
+        tl_value = torch.tensor([float(rank)])
+    results["main_first_done"] = tl.gather(plain, tl_value).tolist()
 
-        # Sizes that differ per rank; nested trees.
-        ragged = {"a": torch.arange(plain.rank + 1), "b": [torch.full((plain.rank + 2, 2), plain.rank)]}
-        results["gather_ragged"] = tl.gather(plain, ragged)
+    # A mismatched gather raises on every rank instead of hanging.
+    try:
+        tl.gather(plain, torch.zeros(2, 3 + rank))
+        results["mismatch"] = None
+    except ValueError as error:
+        results["mismatch"] = str(error)
+    results["mismatch_on_every_rank"] = tl.gather(plain, torch.tensor([results["mismatch"] is not None])).tolist()
 
-    with results.check("collectives"):
-        results["reduce"] = {op: tl.reduce(plain, {"t": torch.tensor([rank + 1.0, 10.0 * rank]), "n": rank + 1}, op=op)
-                             for op in ("sum", "mean", "max", "min")}
-        results["broadcast_tensor"] = tl.broadcast(plain, torch.full((3,), float(rank)), src=1)
-        results["broadcast_object"] = tl.broadcast(plain, {"from": rank, "items": [rank] * 2}, src=0)
-        results["split"] = tl.gather(plain, tl.split(plain, torch.arange(7)))
-        results["split_list"] = tl.split(plain, list("abcde"))
-        order = []
-        with tl.main_first(plain):
-            order.append(("inside", rank))
-            tl_value = torch.tensor([float(rank)])
-        results["main_first_done"] = tl.gather(plain, tl_value).tolist()
+    # log: one collective per flush, the cross-rank mean on the main process.
+    recorder = _Recorder()
+    logging = tl.init(log_every=1, callbacks=[recorder])
+    model = tiny_model()
+    logging, model, opt = tl.prepare(logging, model, torch.optim.SGD(model.parameters(), lr=0.0))
+    x, y = regression_data(4).tensors
+    logging = tl.step(tl.backward(logging, mse(model, x, y)), opt)
+    logging = tl.log(logging, rank_value=torch.tensor(float(rank) * 2), constant=3.0)
+    results["log_reports"] = recorder.reports
 
-    with results.check("mismatched gather"):
-        # A mismatched gather raises on every rank instead of hanging.
-        try:
-            tl.gather(plain, torch.zeros(2, 3 + rank))
-            results["mismatch"] = None
-        except ValueError as error:
-            results["mismatch"] = str(error)
-        results["mismatch_on_every_rank"] = tl.gather(plain, torch.tensor([results["mismatch"] is not None])).tolist()
-
-    with results.check("log"):
-        # log: one collective per flush, the cross-rank mean on the main process.
-        recorder = _Recorder()
-        logging = tl.init(log_every=1, callbacks=[recorder])
-        model = tiny_model()
-        logging, model, opt = tl.prepare(logging, model, torch.optim.SGD(model.parameters(), lr=0.0))
-        x, y = regression_data(4).tensors
-        logging = tl.step(tl.backward(logging, mse(model, x, y)), opt)
-        logging = tl.log(logging, rank_value=torch.tensor(float(rank) * 2), constant=3.0)
-        results["log_reports"] = recorder.reports
-
-    with results.check("tracking"):
-        # Trackers: one run, written by rank 0 only, with the cross-rank means.
-        results["tracking"] = check_two_rank_tracking(tmp_dir)
+    # Trackers: one run, written by rank 0 only, with the cross-rank means.
+    results["tracking"] = check_two_rank_tracking(tmp_dir)
 
     tl.finish(state)
     return results
