@@ -32,7 +32,7 @@ What is measured, and why it is fair:
   ratio is the median over rounds of (variant / raw) within the round, its spread the ratios'
   interquartile range. "committed" is also reported against raw durable: the same promise.
 
-Goals (issue 14): background blocked <= 0.5x raw save; background committed <= 1.15x raw
+Goals: background blocked <= 0.5x raw save; background committed <= 1.15x raw
 durable; tl.load <= 1.3x raw load. Timings are printed, never asserted: the exit code is 0.
 """
 

@@ -27,7 +27,7 @@ What is measured, and why it is fair:
   of (variant / raw DDP) *within* the round, which cancels the machine's slow drift; the spread
   is the ratio's interquartile range.
 
-Target (issue 4): trainloop's per-step time <= 1.05x the raw DDP loop, at accumulate 1 and 4.
+Target: trainloop's per-step time <= 1.05x the raw DDP loop, at accumulate 1 and 4.
 Timings are printed, never asserted: the exit code is 0.
 """
 

@@ -3,7 +3,7 @@
 Importing this package is cheap: each tracker imports its library only when it is built.
 """
 
-from trainloop.callbacks.base import Callback
+from trainloop.hooks import Callback
 from trainloop.callbacks.checkpoint import Checkpoint, CheckpointWarning
 from trainloop.callbacks.precision import ClipGradNorm, LossScale
 from trainloop.callbacks.profile import Profile

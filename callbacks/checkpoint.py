@@ -7,19 +7,9 @@ import shutil
 import warnings
 from pathlib import Path
 
-from trainloop.callbacks.base import Callback
-from trainloop.checkpoint import (
-    CheckpointError,
-    CheckpointWarning,
-    PreviousSaveFailed,
-    checkpoints_in,
-    finish_saves,
-    load,
-    save,
-)
-from trainloop.checkpoint_files import fsync
-from trainloop.collectives import broadcast
-from trainloop.state import RunState
+from trainloop import CheckpointError, CheckpointWarning, PreviousSaveFailed, RunState, broadcast, load, save
+from trainloop.extension import checkpoints_in, finish_saves, fsync
+from trainloop.hooks import Callback
 
 __all__ = ["Checkpoint", "CheckpointWarning"]
 

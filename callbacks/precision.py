@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainloop.callbacks.base import Callback
-from trainloop.collectives import collective_device
+from trainloop.extension import collective_device
+from trainloop.hooks import Callback
 
 
 def _stepping(state) -> tuple:

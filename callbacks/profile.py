@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from trainloop.callbacks.base import Callback
 from trainloop.callbacks.trackers import check_writable
+from trainloop.hooks import Callback
 
 if TYPE_CHECKING:
-    from trainloop.state import RunState
+    from trainloop import RunState
 
 
 class Profile(Callback):

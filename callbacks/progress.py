@@ -16,10 +16,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from trainloop.callbacks.base import Callback
+from trainloop.hooks import Callback
 
 if TYPE_CHECKING:
-    from trainloop.state import RunState
+    from trainloop import RunState
 
 
 class Progress(Callback):

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainloop.callbacks.base import Callback
+from trainloop.extension import add_to_report, report_due, unwrap, wrapper_layers
+from trainloop.hooks import Callback
 
 if TYPE_CHECKING:
-    from trainloop.state import RunState
+    from trainloop import RunState
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, per device as torch lists it, from the
 # vendors' data sheets. Matched as substrings of the device name, first match wins: the more
@@ -134,8 +135,6 @@ class Throughput(Callback):
                           "not see the compiled backward); TFLOP/s and MFU are not reported unless "
                           "flops_per_step= is given", stacklevel=2)
         elif self.flops_per_step is None:
-            from trainloop.prepare import unwrap
-
             # On the user's own module: it runs whichever wrapper the forward goes through.
             self._hooks = [unwrap(model).register_forward_pre_hook(self._start_counting)
                            for model in state.models]
@@ -172,19 +171,17 @@ class Throughput(Callback):
             self._tokens.append(state.window_items)
 
     def on_step(self, state: RunState) -> RunState | None:
-        every = state.config.log_every
         if self._since is None:
             self._restart_clock(state)
             return None
-        window = state.step // every
-        # The steps at which `tl.log` reports (the same test as its own), once per report.
-        if window <= state.logged_step // every or window == self._reported_window:
+        window = state.step // state.config.log_every
+        # The steps at which `tl.log` reports, once per report.
+        if not report_due(state) or window == self._reported_window:
             return None
         self._reported_window = window
         metrics = self._measure(state)
         self._restart_clock(state)
-        # `tl.log`'s buffer: the report that the loop's next `tl.log` call makes includes these.
-        return state.evolve(pending_logs=(metrics, state.pending_logs))
+        return add_to_report(state, metrics)  # in the report that the loop's next `tl.log` makes
 
     def _restart_clock(self, state: RunState) -> None:
         _synchronize(state.device)
@@ -227,8 +224,6 @@ class Throughput(Callback):
 
 
 def _compiled(state: RunState) -> bool:
-    from trainloop.prepare import wrapper_layers
-
     return bool(state.config.compile) or any(
         hasattr(layer, "_orig_mod") for model in state.models for layer in wrapper_layers(model))
 

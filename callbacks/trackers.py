@@ -35,10 +35,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from trainloop.callbacks.base import Callback
+from trainloop.hooks import Callback
 
 if TYPE_CHECKING:
-    from trainloop.state import RunState
+    from trainloop import RunState
 
 _RUN_KEY = "trainloop.run_key"  # the MLflow tag that finds a run before its id is saved
 

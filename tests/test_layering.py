@@ -1,70 +1,82 @@
 """The package's layers: a module imports only from its own layer or the ones below, never in a cycle.
 
-The layers are written out here, lowest first, so that a new module has to be placed
-deliberately (the test names any module it does not know). Imports inside functions count
-(a lazy import is still a dependency); imports under `if TYPE_CHECKING:` do not.
+The layers are written out here, lowest first, by module or by package (a package's modules share
+its layer unless one of them is named on its own), so that a new module has to be placed
+deliberately (the test names any module it does not know). Imports inside functions count (a
+lazy import is still a dependency); imports under `if TYPE_CHECKING:` do not. Importing
+`a.b.c` also runs the package `a.b`'s `__init__`, so it counts as importing `a.b` too (the root
+`trainloop` excepted: it is the front door, and runs first whatever is imported).
 
-The core reaches the strategies only through `state.strategy`: prepare, steps, checkpoint and
-the callbacks never name a strategy, never `hasattr`-sniff a wrapper, and the callbacks use
-only public names.
+The core reaches the strategies only through `state.strategy`: preparation, steps, checkpoint and
+the callbacks never name a strategy, never `hasattr`-sniff a wrapper. The callbacks use only the
+public API (`trainloop`'s own names), the protocol (`trainloop.hooks`) and the surface for
+callback authors (`trainloop.extension`). Training code never imports `trainloop.bigmodel`.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).parent.parent
-# (folder, package name) of the installed packages: trainloop.callbacks lives in callbacks/.
+# (folder, package name) of the installed packages: trainloop.callbacks lives in callbacks/
+# (trainloop/callbacks is a symbolic link to it, which rglob does not follow).
 PACKAGES = ((REPO / "trainloop", "trainloop"), (REPO / "callbacks", "trainloop.callbacks"))
 
 LAYERS: list[set[str]] = [
-    # 0: no trainloop imports at all
-    {"trainloop._version", "trainloop.errors", "trainloop.config", "trainloop.callbacks.base",
-     "trainloop.forwarding", "trainloop.data", "trainloop.topology", "trainloop.worker",
-     "trainloop.checkpoint_files", "trainloop.checkpoint_staging"},
+    # 0: foundations: settings, errors, the callback protocol, topology, the wrapper walk, data,
+    #    what trainloop does to models themselves (meta-init, Hugging Face conventions, weights)
+    {"trainloop._version", "trainloop.errors", "trainloop.config", "trainloop.hooks", "trainloop.forwarding",
+     "trainloop.topology", "trainloop.worker", "trainloop.data", "trainloop.models"},
     # 1: the precision policy's wrapper (a forwarding one)
     {"trainloop.precision"},
     # 2: the run's record
     {"trainloop.state"},
-    # 3: what the strategies and the core build on
-    {"trainloop.collectives", "trainloop.distcp", "trainloop.mesh", "trainloop.tensor_parallel",
-     "trainloop.batch_size"},
+    # 3: what the strategies and the core build on; big-model inference, on torch and models
+    {"trainloop.collectives", "trainloop.strategies.mesh", "trainloop.strategies.tensor_parallel",
+     "trainloop.strategies.blocks", "trainloop.data.batch_size", "trainloop.bigmodel"},
     # 4: the strategies, each behind trainloop.strategies.base.Strategy
-    {"trainloop.strategies", "trainloop.strategies.base", "trainloop.strategies.local",
-     "trainloop.strategies.ddp", "trainloop.strategies.fsdp", "trainloop.strategies.meta_init",
-     "trainloop.strategies.blocks"},
+    {"trainloop.strategies"},
     # 5: the core functions
-    {"trainloop.steps", "trainloop.prepare", "trainloop.checkpoint", "trainloop.weights"},
-    # 6: the callbacks, on the public API
-    {"trainloop.callbacks", "trainloop.callbacks.checkpoint", "trainloop.callbacks.precision",
-     "trainloop.callbacks.progress", "trainloop.callbacks.trackers", "trainloop.callbacks.profile",
-     "trainloop.callbacks.throughput"},
-    # 7: starting and ending a run (init attaches LossScale)
+    {"trainloop.steps", "trainloop.preparation", "trainloop.checkpoint"},
+    # 6: the whole surface for callback authors beside the public API
+    {"trainloop.extension"},
+    # 7: the callbacks, on the public API, the protocol and the extension surface
+    {"trainloop.callbacks"},
+    # 8: starting and ending a run (init attaches LossScale)
     {"trainloop.lifecycle"},
-    # 8: the front door, the launcher and the tools
+    # 9: the front door, the launcher and the tools
     {"trainloop", "trainloop.spawn", "trainloop.__main__", "trainloop.env"},
 ]
-# trainloop.bigmodel is a package of its own on top of torch: its modules import only each other.
-BIGMODEL_LAYER = 3
 
 # What the old code sniffed wrappers and shards by (`hasattr(inner, "set_requires_gradient_sync")`).
 WRAPPER_ATTRIBUTES = ("set_requires_gradient_sync", "full_tensor", "to_local", "no_sync", "_orig_mod",
                       "module", "device_mesh", "placements", "reshard", "unshard")
 STRATEGY_TYPES = ("DistributedDataParallel", "FSDPModule", "DTensor")
-CORE = ("trainloop/prepare.py", "trainloop/steps.py", "trainloop/checkpoint.py",
-        "callbacks/precision.py", "callbacks/checkpoint.py")
+CORE = ("trainloop/preparation.py", "trainloop/steps.py", *sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "trainloop" / "checkpoint").glob("*.py") if p.name != "distcp.py"),
+    "callbacks/precision.py", "callbacks/checkpoint.py")
+# What a callback may import from the core, besides trainloop's public names and other callbacks.
+CALLBACK_SURFACE = ("trainloop.hooks", "trainloop.extension")
+MAX_TOP_LEVEL_MODULES = 16  # trainloop/*.py besides __init__, __main__ and _version
+MAX_MODULE_LINES = 500
 
 
 def layer_of(module: str) -> int:
-    if module.startswith("trainloop.bigmodel"):
-        return BIGMODEL_LAYER
-    for index, members in enumerate(LAYERS):
-        if module in members:
-            return index
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layering.py")
+    """The layer of `module`: the one naming it, else the one naming its nearest package."""
+    name = module
+    while True:
+        for index, members in enumerate(LAYERS):
+            if name in members:
+                return index
+        if "." not in name:
+            raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layering.py")
+        name = name.rsplit(".", 1)[0]
+        if name == "trainloop":  # the root package's layer is its own module's, not its children's
+            raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layering.py")
 
 
 def module_files() -> dict[str, Path]:
@@ -94,7 +106,13 @@ def trainloop_imports(source: str, known: set[str]) -> set[str]:
                 found.add(submodule if submodule in known else node.module)
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "trainloop"}
-    return found
+    # Importing a.b.c runs a.b's __init__ too (the root's excepted: see the module docstring).
+    return found | {parent for name in found for parent in _parents(name) if parent in known}
+
+
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts))]
 
 
 def upward_imports(modules: dict[str, str]) -> list[str]:
@@ -103,7 +121,7 @@ def upward_imports(modules: dict[str, str]) -> list[str]:
     return [f"{module} (layer {layer_of(module)}) imports {imported} (layer {layer_of(imported)})"
             for module, source in sorted(modules.items())
             for imported in sorted(trainloop_imports(source, known))
-            if layer_of(imported) > layer_of(module)]
+            if layer_of(imported) > layer_of(module) and not module.startswith(imported + ".")]
 
 
 def import_cycles(modules: dict[str, str]) -> list[list[str]]:
@@ -157,7 +175,16 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(sources):
                                   "    from trainloop.lifecycle import init\n"}
     assert upward_imports(tangled) == [
         "trainloop.strategies.fsdp (layer 4) imports trainloop.checkpoint (layer 5)"]
-    assert ["trainloop.checkpoint", "trainloop.strategies.fsdp", "trainloop.checkpoint"] in import_cycles(tangled)
+    assert ["trainloop.checkpoint", "trainloop.strategies", "trainloop.strategies.fsdp",
+            "trainloop.checkpoint"] in import_cycles(tangled)  # through the package's __init__
+
+
+def test_importing_a_module_counts_as_importing_its_package(sources):
+    """The cycle the old state.py hid: a lazy import of one checkpoint module runs the package's
+    __init__, which imports the state back."""
+    hidden = {**sources, "trainloop.state": "def f():\n    from trainloop.checkpoint.staging import Writer\n"}
+    assert "trainloop.state (layer 2) imports trainloop.checkpoint (layer 5)" in upward_imports(hidden)
+    assert any("trainloop.state" in cycle and "trainloop.checkpoint" in cycle for cycle in import_cycles(hidden))
 
 
 def strategy_branches(source: str) -> list[str]:
@@ -193,13 +220,65 @@ def test_the_branch_check_catches_what_the_core_did_before_the_seam():
         "fsdp", "hasattr(inner, 'set_requires_gradient_sync')", "nn.parallel.DistributedDataParallel"])
 
 
-def test_callbacks_use_only_public_names(sources):
-    for module, source in sources.items():
-        if not module.startswith("trainloop.callbacks"):
-            continue
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("trainloop"):
-                private = [a.name for a in node.names if a.name.startswith("_")]
-                assert not private, f"{module} imports private {private} from {node.module}"
-                assert not node.module.startswith(("trainloop.strategies", "trainloop.distcp")), \
-                    f"{module} reaches into {node.module}: use state.strategy or the public API"
+def callback_reach(module: str, source: str) -> list[str]:
+    """What a callback module imports from the core beyond the public API and its surface."""
+    reached = []
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "trainloop":
+            names = [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [(alias.name, None) for alias in node.names if alias.name.split(".")[0] == "trainloop"]
+        for imported, name in names:
+            if imported.startswith("trainloop.callbacks") or imported in CALLBACK_SURFACE:
+                continue
+            if imported == "trainloop" and name is not None and not name.startswith("_"):
+                continue  # the public API
+            reached.append(f"{module} imports {name or imported} from {imported}")
+    return reached
+
+
+def test_callbacks_use_only_the_public_api_and_the_extension_surface(sources):
+    reached = [line for module, source in sorted(sources.items()) if module.startswith("trainloop.callbacks")
+               for line in callback_reach(module, source)]
+    assert reached == []
+
+
+def test_the_callback_check_catches_a_private_reach():
+    source = "from trainloop.checkpoint.files import fsync\nfrom trainloop import save, _LAZY\n"
+    assert callback_reach("trainloop.callbacks.x", source) == [
+        "trainloop.callbacks.x imports fsync from trainloop.checkpoint.files",
+        "trainloop.callbacks.x imports _LAZY from trainloop"]
+
+
+def test_training_code_never_imports_bigmodel(sources):
+    known = set(sources)
+    reaching = [module for module, source in sorted(sources.items())
+                if not module.startswith("trainloop.bigmodel")
+                and any(i.startswith("trainloop.bigmodel") for i in trainloop_imports(source, known))]
+    assert reaching == []
+
+
+def test_no_module_is_shadowed_by_a_function_of_its_name():
+    """`import trainloop.prepare` must not give a function: every public callable's name is free
+    of submodules (so `mock.patch("trainloop.<module>.x")` always reaches a module)."""
+    import trainloop
+
+    shadowed = [name for name in trainloop.__all__
+                if callable(getattr(trainloop, name)) and importlib.util.find_spec(f"trainloop.{name}") is not None]
+    assert shadowed == []
+
+
+def test_the_tree_stays_small():
+    top_level = sorted(p.name for p in (REPO / "trainloop").glob("*.py")
+                       if p.name not in ("__init__.py", "__main__.py", "_version.py"))
+    assert len(top_level) <= MAX_TOP_LEVEL_MODULES, top_level
+    long = {str(file.relative_to(REPO)): lines for file in module_files().values()
+            if (lines := len(file.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
+
+
+def test_callbacks_import_from_a_plain_checkout():
+    """`trainloop/callbacks` links to `callbacks/`: no install needed for `trainloop.callbacks`."""
+    link = REPO / "trainloop" / "callbacks"
+    assert link.is_symlink() and link.resolve() == (REPO / "callbacks").resolve()

@@ -13,28 +13,31 @@ Keep your own loop; call pure functions that take and return an immutable `RunSt
 """
 
 from trainloop._version import __version__
-from trainloop.batch_size import find_batch_size
 from trainloop.checkpoint import export, load, save
 from trainloop.collectives import all_ranks as all  # noqa: F401  (tl.all; see __all__)
 from trainloop.collectives import any_rank as any  # noqa: F401  (tl.any; see __all__)
 from trainloop.collectives import barrier, broadcast, gather, gather_object, main_first, pad, reduce, split
 from trainloop.config import Config
 from trainloop.data import PreparedLoader
+from trainloop.data.batch_size import find_batch_size
+from trainloop.errors import CheckpointError, CheckpointWarning, PreviousSaveFailed, StaleStateError, TrainloopError
+from trainloop.forwarding import unwrap
 from trainloop.lifecycle import attach, finish, init
-from trainloop.prepare import prepare, unwrap
+from trainloop.preparation import prepare
 from trainloop.state import RunState
 from trainloop.steps import accumulate, backward, log, step
 from trainloop.topology import Topology
 
 __all__ = [
-    "Config", "PreparedLoader", "RunState", "Topology", "__version__",
+    "CheckpointError", "CheckpointWarning", "Config", "PreparedLoader", "PreviousSaveFailed", "RunState",
+    "StaleStateError", "Topology", "TrainloopError", "__version__",
     "accumulate", "attach", "backward", "barrier", "broadcast", "empty_weights", "export",
     "find_batch_size", "finish", "gather", "gather_object", "init", "load", "load_weights", "log",
     "main_first", "pad", "prepare", "reduce", "save", "split", "step", "unwrap",
 ]  # tl.any and tl.all are left out: `from trainloop import *` would shadow the builtins
 
 # Imported on first use: trainloop.bigmodel and safetensors would slow every `import trainloop`.
-_LAZY = {"empty_weights": "trainloop.bigmodel.meta", "load_weights": "trainloop.weights"}
+_LAZY = {"empty_weights": "trainloop.models.meta", "load_weights": "trainloop.models.weights"}
 
 
 def __getattr__(name: str):

@@ -1,15 +1,18 @@
-"""The exceptions and warnings trainloop raises of its own (beyond ValueError and TypeError).
+"""The exceptions and warnings trainloop raises of its own, exported at the top level (`tl.CheckpointError`).
 
-One module, imported by every layer that raises them and importing nothing of trainloop, so that
-a low-level module can raise a checkpoint error without importing the checkpoint machinery.
-Each is re-exported where it was first defined (`trainloop.checkpoint.CheckpointError`,
-`trainloop.state.StaleStateError`), so older imports keep working.
+Every error derives from `TrainloopError` (catch that for "anything trainloop refused") and from
+the builtin it refines, so code that catches `ValueError` keeps catching a stale state. One
+module, importing nothing of trainloop, so that any layer can raise them.
 """
 
 from __future__ import annotations
 
 
-class CheckpointError(Exception):
+class TrainloopError(Exception):
+    """The base of every error trainloop raises of its own."""
+
+
+class CheckpointError(TrainloopError):
     """A checkpoint could not be written, or is not one that may be loaded (the reason says why)."""
 
 
@@ -17,9 +20,9 @@ class PreviousSaveFailed(CheckpointError):
     """The background save before this one failed (raised on every rank; this save did not start)."""
 
 
+class StaleStateError(TrainloopError, ValueError):
+    """A trainloop function was given a `RunState` that a later call has superseded."""
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (damaged) or not written (and `on_error="warn"`)."""
-
-
-class StaleStateError(ValueError):
-    """A trainloop function was given a `RunState` that a later call has superseded."""

@@ -11,7 +11,8 @@ import torch
 from trainloop import strategies
 from trainloop.checkpoint import finish_saves
 from trainloop.config import resolve_config
-from trainloop.state import Hooks, RunState
+from trainloop.hooks import Callback, Hooks, overridden_hooks
+from trainloop.state import RunState
 from trainloop.steps import flush_logs
 from trainloop.topology import join, leave_process_group
 
@@ -59,8 +60,6 @@ def attach(state: RunState, *callbacks: Any) -> RunState:
     prepared = state.models or state.optimizers or state.schedulers or state.loaders
     state = state.advance("attach", callbacks=(*state.callbacks, *callbacks))
     if prepared:
-        from trainloop.callbacks.base import overridden_hooks
-
         for callback in callbacks:
             if "on_prepare" in overridden_hooks(callback):
                 state = callback.on_prepare(state) or state
@@ -92,8 +91,6 @@ def finish(state: RunState) -> None:
 
 
 def _check_callbacks(callbacks: tuple) -> None:
-    from trainloop.callbacks import Callback
-
     for callback in callbacks:
         if not isinstance(callback, Callback):
             raise TypeError(

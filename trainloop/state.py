@@ -13,7 +13,6 @@ the run and *where* the run is; torch owns the tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -21,38 +20,14 @@ import torch
 
 from trainloop.config import Config
 from trainloop.errors import StaleStateError  # defined with the other errors; re-exported here
+from trainloop.hooks import Hooks
 from trainloop.topology import Topology
 
 if TYPE_CHECKING:
-    from trainloop.callbacks import Callback
+    from trainloop.checkpoint.staging import Writer
     from trainloop.data import PreparedLoader
+    from trainloop.hooks import Callback
     from trainloop.strategies.base import Strategy
-
-
-@attrs.frozen
-class Hooks:
-    """The bound hook methods of the attached callbacks, by hook, in callback order.
-
-    Derived from the callbacks once when they are attached, so that firing the hooks of a run
-    with no callbacks is a loop over an empty tuple.
-    """
-
-    on_prepare: tuple[Callable, ...] = ()
-    on_backward: tuple[Callable, ...] = ()
-    on_before_step: tuple[Callable, ...] = ()
-    on_step: tuple[Callable, ...] = ()
-    on_log: tuple[Callable, ...] = ()
-    on_finish: tuple[Callable, ...] = ()
-
-    @classmethod
-    def of(cls, callbacks: tuple[Callback, ...]) -> Hooks:
-        from trainloop.callbacks.base import HOOKS, overridden_hooks
-
-        found: dict[str, list[Callable]] = {name: [] for name in HOOKS}
-        for callback in callbacks:
-            for name in overridden_hooks(callback):
-                found[name].append(getattr(callback, name))
-        return cls(**{name: tuple(methods) for name, methods in found.items()})
 
 
 # What to write instead, by the function that made the newest state.
@@ -84,16 +59,19 @@ class Lineage:
     `accumulate`, the properties) accept any state.
 
     It also holds the metric names the ranks last agreed on in a `log` report, so that a report
-    with the same names checks them inside its one collective (see `trainloop.steps.flush_logs`).
+    with the same names checks them inside its one collective (see `trainloop.steps.flush_logs`),
+    and the resources that belong to the run rather than the process: its background checkpoint
+    `writer` (made by its first background save, `trainloop.checkpoint.staging.writer_of`).
     """
 
-    __slots__ = ("finished", "generation", "log_names", "made_by")
+    __slots__ = ("finished", "generation", "log_names", "made_by", "writer")
 
     def __init__(self) -> None:
         self.generation = 0
         self.made_by = "init"
         self.finished = False
         self.log_names: tuple[str, ...] | None = None
+        self.writer: Writer | None = None
 
     def __repr__(self) -> str:
         return f"Lineage(generation={self.generation}, made_by={self.made_by!r}, finished={self.finished})"

@@ -231,14 +231,24 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, **values: Any) -
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"log: {name} must be a number or a scalar tensor (got {type(value).__name__})")
     pending = (values, state.pending_logs)
-    # Report when the step count crosses a multiple of log_every: the same steps whether or not
-    # the run was resumed from a checkpoint in between.
-    every = state.config.log_every
-    if state.step // every > state.logged_step // every:
+    if report_due(state):
         # Advanced only once reported: a report that raises (names that differ across ranks)
         # leaves `state` the current one.
         return flush_logs(state.evolve(pending_logs=pending)).advance("log")
     return state.advance("log", pending_logs=pending)
+
+
+def report_due(state: RunState) -> bool:
+    """Whether the next `log` call reports: the step count crossed a multiple of `log_every`
+    since the last report (the same steps whether or not the run was resumed in between)."""
+    every = state.config.log_every
+    return state.step // every > state.logged_step // every
+
+
+def add_to_report(state: RunState, metrics: dict[str, float]) -> RunState:
+    """The state with `metrics` buffered for the next report, as if logged (for callbacks: an
+    `on_step` hook returns it). Unlike `log` it never reports and does not supersede `state`."""
+    return state.evolve(pending_logs=(dict(metrics), state.pending_logs))
 
 
 def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:

@@ -124,7 +124,7 @@ def test_not_a_checkpoint_future_format_and_escaping_paths(tmp_path):
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     manifest["files"]["../../etc/passwd"] = {"size": 1, manifest["hash"]: "0"}
     del manifest["manifest_sha256"]
-    from trainloop.checkpoint import _canonical_hash
+    from trainloop.checkpoint.manifest import _canonical_hash
 
     manifest["manifest_sha256"] = _canonical_hash(manifest)
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))

@@ -1,4 +1,4 @@
-"""Background checkpoint saves, one pass over the bytes, format 2 and format 1 (issue 14).
+"""Background checkpoint saves, one pass over the bytes, format 2 and format 1.
 
 The kill tests of background saves are in test_checkpoint.py and test_checkpoint_fallback.py:
 `Checkpoint(background=True)` is the default, so every SIGKILL there (at fixed points of a save,
@@ -23,9 +23,10 @@ import trainloop as tl
 from tests.checkpoint.checkpoint_workers import background_disk_full
 from tests.support.paths import DATA
 from tests.support.reference import mse, regression_data, tiny_model
-from trainloop import checkpoint_files, spawn
+from trainloop import spawn
 from trainloop.callbacks import Checkpoint, CheckpointWarning
 from trainloop.checkpoint import CheckpointError, PreviousSaveFailed, finish_saves, verify
+from trainloop.checkpoint import files as checkpoint_files
 
 V1_CHECKPOINT = DATA / "v1-checkpoint"
 
@@ -177,9 +178,9 @@ def test_each_hash_algorithm_loads_and_refuses_a_flipped_byte(tmp_path, monkeypa
     """XXH3-128 is the default; checkpoints hashed with BLAKE3 (the first format-2 trainloop) or
     SHA-256 (a machine without xxhash and blake3) still load, and a flipped byte in any of them is
     refused. The large files are hashed beside their writes, so this covers the overlapped writer."""
-    from trainloop import checkpoint
+    from trainloop.checkpoint import writing
 
-    monkeypatch.setattr(checkpoint, "default_hash", lambda: algorithm)
+    monkeypatch.setattr(writing, "default_hash", lambda: algorithm)
     state, model, optimizer, batches = prepared_run()
     state = train(state, model, optimizer, batches, 2)
     saved = tl.save(state, tmp_path / "saved", background=True).result()
@@ -216,7 +217,7 @@ def test_large_writes_are_hashed_in_order_beside_the_write(tmp_path):
 def test_staging_copies_on_several_cores_are_exact(monkeypatch):
     """A large CPU tensor is staged in pieces on several threads: every byte lands, small and
     non-contiguous tensors too."""
-    from trainloop import checkpoint_staging
+    from trainloop.checkpoint import staging as checkpoint_staging
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     monkeypatch.setattr(checkpoint_staging.os, "cpu_count", lambda: 4)
@@ -259,15 +260,14 @@ def test_a_format_1_checkpoint_written_by_the_previous_trainloop_loads(tmp_path)
 
 def test_staging_reuses_its_buffers_from_save_to_save(tmp_path):
     """Memory is bounded: one staged copy of the state, the same buffers at every save."""
-    from trainloop.checkpoint_staging import WRITER
-
     state, model, optimizer, batches = prepared_run()
     state = train(state, model, optimizer, batches, 1)
     tl.save(state, tmp_path / "first", background=True).result()
-    buffers = {key: buffer.data_ptr() for key, buffer in WRITER.staging._buffers.items()}
+    writer = state.lineage.writer  # the run's own
+    buffers = {key: buffer.data_ptr() for key, buffer in writer.staging._buffers.items()}
     assert ("model", 0, "0.weight") in buffers and ("optimizer", 0, "state", 0, "exp_avg") in buffers
     state = train(state, model, optimizer, batches, 1)
     tl.save(state, tmp_path / "second", background=True).result()
-    assert {key: buffer.data_ptr() for key, buffer in WRITER.staging._buffers.items()} == buffers
+    assert {key: buffer.data_ptr() for key, buffer in writer.staging._buffers.items()} == buffers
     tl.finish(state)
-    assert not WRITER.staging._buffers  # finish gives the memory back
+    assert not writer.staging._buffers  # finish gives the memory back

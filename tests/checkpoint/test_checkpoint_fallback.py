@@ -1,5 +1,5 @@
 """Damaged checkpoints fall back, never crash; misfits are refused before anything is restored;
-pruning is atomic. (Issue 12, items 7-12.)
+pruning is atomic.
 
 A damaged checkpoint is a CheckpointError from `tl.load`, and for `Checkpoint(resume=True)` one
 warning and the previous good checkpoint: never an AttributeError, KeyError, UnicodeDecodeError
@@ -29,7 +29,8 @@ from tests.support.checkpoints import RESUMABLE, assert_identical, rehash_manife
 from tests.support.processes import child_env, why_user_cannot_run_python
 from tests.support.reference import regression_data, tiny_model
 from trainloop.callbacks import Checkpoint, CheckpointWarning
-from trainloop.checkpoint import CheckpointError, _canonical_hash, verify
+from trainloop.checkpoint import CheckpointError, verify
+from trainloop.checkpoint.manifest import _canonical_hash
 
 NEWEST = "step-00000002"
 

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader, IterableDataset, WeightedRandomSampler
 import trainloop as tl
 from tests.support.reference import CountingDataset, TokenData, epoch_order, mse, tiny_model
 from tests.support.samplers import LengthBucketing, token_lengths
-from trainloop.data import PreparedLoader, empty_like
+from trainloop.data import PreparedLoader
+from trainloop.data.stream import empty_like
 
 
 def prepared(dataset, world_size=1, rank=0, seed=0, even_batches=True, **loader_kwargs) -> PreparedLoader:

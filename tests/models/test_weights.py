@@ -22,7 +22,8 @@ import trainloop as tl
 from tests.models.weights_workers import weights_checks
 from tests.support.models import BlockModel, probe_input
 from trainloop import spawn
-from trainloop.weights import INDEX, _MappedFiles
+from trainloop.models.hf import INDEX
+from trainloop.models.weights import _MappedFiles
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 
@@ -195,7 +196,7 @@ def test_paths_that_are_no_checkpoint(tmp_path, checkpoints):
 
 def test_import_trainloop_stays_light():
     code = ("import sys, trainloop; print(sorted(m for m in sys.modules "
-            "if m.startswith(('safetensors', 'trainloop.bigmodel', 'trainloop.weights'))))")
+            "if m.startswith(('safetensors', 'trainloop.bigmodel', 'trainloop.models.weights'))))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
 

@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 
 import trainloop as tl
 from tests.support.models import BlockModel, full_weights, probe_input
-from trainloop.mesh import MeshShape, build_mesh
-from trainloop.tensor_parallel import apply_tp_plan
+from trainloop.strategies.mesh import MeshShape, build_mesh
+from trainloop.strategies.tensor_parallel import apply_tp_plan
 
 TP_PLAN = {"blocks.0.linear": "colwise", "blocks.1.linear": "rowwise", "blocks.2.linear": "colwise_rep",
            "head": "rowwise_rep"}

@@ -26,7 +26,9 @@ from tests.support.models import BlockModel, probe_input
 from tests.support.paths import REPO, SCRIPTS
 from tests.support.reference import big_batch_reference, epoch_order, mse, regression_data
 from trainloop import spawn
-from trainloop.checkpoint import CheckpointError, _canonical_hash, _file_record, verify
+from trainloop.checkpoint import CheckpointError, verify
+from trainloop.checkpoint.files import file_record as _file_record
+from trainloop.checkpoint.manifest import _canonical_hash
 
 pytestmark = pytest.mark.multiprocess
 
@@ -279,7 +281,7 @@ def test_a_planted_pickle_in_dcp_metadata_is_refused_and_never_runs(job, tmp_pat
 
 
 def test_dcp_metadata_that_points_outside_the_verified_files_is_refused(job, tmp_path):
-    from trainloop.distcp import _MetadataUnpickler
+    from trainloop.checkpoint.distcp import _MetadataUnpickler
 
     _, directory = job
     checkpoint = copy_checkpoint(directory / "sharded", tmp_path / "redirected")

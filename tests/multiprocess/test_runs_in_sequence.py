@@ -2,8 +2,8 @@
 
 A sweep, a notebook cell run twice, training then a fresh evaluation run: each joins a new
 process group in workers that already joined one. The ranks reach the next `init` at different
-moments, which is when a new group used to meet over the previous group's store keys and hang
-(issue 16). One `spawn.run` trains several runs in a row with every shipped callback attached;
+moments, which is when a new group used to meet over the previous group's store keys and hang.
+One `spawn.run` trains several runs in a row with every shipped callback attached;
 a second `spawn.run` from this same Python process trains again with other settings.
 """
 

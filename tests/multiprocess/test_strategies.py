@@ -46,7 +46,7 @@ def assert_weights(found: list | dict, expected: dict, atol: float = 1e-6) -> No
         torch.testing.assert_close(found[name], value, atol=atol, rtol=0, msg=f"{name} differs")
 
 
-# -- DDP's own options (issue 12, item 17) ---------------------------------------------------
+# -- DDP's own options ----------------------------------------------------------------------------
 
 
 def test_ddp_options_reach_distributed_data_parallel(job):
@@ -101,7 +101,7 @@ def test_ddp_option_values_are_checked():
         tl.init(ddp_static_graph="yes")
 
 
-# -- meta-device init (issue 13, item 2) -----------------------------------------------------
+# -- meta-device init -----------------------------------------------------------------------------
 
 
 def whole_built(seed: int = 3) -> torch.nn.Module:
@@ -161,7 +161,7 @@ def test_an_optimizer_left_on_meta_parameters_is_refused():
         tl.prepare(state, optimizer)
 
 
-# -- activation checkpointing (issue 13, item 3) ---------------------------------------------
+# -- activation checkpointing ---------------------------------------------------------------------
 
 
 def test_activation_checkpointing_wraps_each_block_and_keeps_fewer_tensors(job):
@@ -184,7 +184,7 @@ def test_activation_checkpointing_needs_blocks():
         tl.prepare(state, tiny_model())
 
 
-# -- compile="blocks" (issue 13, item 5) -----------------------------------------------------
+# -- compile="blocks" -----------------------------------------------------------------------------
 
 
 def test_compile_blocks_compiles_each_block_and_matches_eager():
@@ -214,7 +214,7 @@ def test_compile_setting_takes_blocks_from_the_environment(monkeypatch):
         tl.init(compile="regions")
 
 
-# -- meshes on 4 processes (issue 13, item 4) ------------------------------------------------
+# -- meshes on 4 processes ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

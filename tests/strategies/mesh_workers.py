@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import trainloop as tl
-from trainloop import mesh as meshes
+from trainloop.strategies import mesh as meshes
 
 SHAPES = [(1, -1, 1), (2, 2, 1), (1, 2, 2), (2, 1, 2), (1, 1, 4), (4, 1, 1)]
 

@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 
 import trainloop as tl
 from trainloop.bigmodel import empty_weights
-from trainloop.mesh import MeshShape, build_mesh
-from trainloop.tensor_parallel import apply_tp_plan
+from trainloop.strategies.mesh import MeshShape, build_mesh
+from trainloop.strategies.tensor_parallel import apply_tp_plan
 
 WIDTH = 8
 

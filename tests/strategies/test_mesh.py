@@ -1,4 +1,4 @@
-"""The run's device mesh (trainloop.mesh): settings, validation, and the ranks of each group.
+"""The run's device mesh (trainloop.strategies.mesh): settings, validation, and the ranks of each group.
 
 The validation runs in this process; one `spawn.run` of `mesh_checks` on 4 ranks builds every
 mesh 4 ranks allow and reports each rank's groups (tests/mesh_workers.py).
@@ -14,7 +14,7 @@ import trainloop as tl
 from tests.strategies.mesh_workers import SHAPES, mesh_checks
 from trainloop import spawn
 from trainloop.config import resolve_config
-from trainloop.mesh import MeshShape, mesh_shape
+from trainloop.strategies.mesh import MeshShape, mesh_shape
 
 
 def test_defaults_are_plain_data_parallel_over_the_world():

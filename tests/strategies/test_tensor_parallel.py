@@ -1,4 +1,4 @@
-"""Tensor parallelism from a plan (trainloop.tensor_parallel).
+"""Tensor parallelism from a plan (trainloop.strategies.tensor_parallel).
 
 The plan's checks (patterns, styles, Hugging Face plans) run in this process; one `spawn.run`
 of `tp_checks` on 4 ranks (dp_shard=2 x tp=2) compares sharded models with the same models
@@ -13,7 +13,7 @@ from torch import nn
 from tests.strategies.tensor_parallel_workers import Stack, tp_checks
 from trainloop import spawn
 from trainloop.config import TP_STYLES
-from trainloop.tensor_parallel import apply_tp_plan, hugging_face_plan, matching_modules, parallel_style
+from trainloop.strategies.tensor_parallel import apply_tp_plan, hugging_face_plan, matching_modules, parallel_style
 
 ATOL = 1e-5
 

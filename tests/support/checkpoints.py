@@ -72,7 +72,8 @@ def small_run(directory: Path, steps: int, **checkpoint_kwargs):
 
 
 def rehash_manifest(checkpoint: Path, **changes) -> None:
-    from trainloop.checkpoint import _canonical_hash, _file_record
+    from trainloop.checkpoint.files import file_record as _file_record
+    from trainloop.checkpoint.manifest import _canonical_hash
 
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     manifest.update(changes)

@@ -29,8 +29,8 @@ Outputs equal the fully loaded model's: offloading moves weights, it never chang
 from trainloop.bigmodel.checkpoint_reader import Checkpoint as Checkpoint  # the type `dispatch` takes
 from trainloop.bigmodel.dispatch import dispatch
 from trainloop.bigmodel.load_and_dispatch import load_and_dispatch
-from trainloop.bigmodel.meta import empty_weights
 from trainloop.bigmodel.pipeline import PipelineRunner, pipeline
 from trainloop.bigmodel.placement import device_map
+from trainloop.models.meta import empty_weights
 
 __all__ = ["PipelineRunner", "device_map", "dispatch", "empty_weights", "load_and_dispatch", "pipeline"]

@@ -11,8 +11,8 @@ from torch import nn
 from trainloop.bigmodel.checkpoint_reader import Checkpoint
 from trainloop.bigmodel.dispatch import dispatch
 from trainloop.bigmodel.key_map import KeyMap
-from trainloop.bigmodel.meta import empty_weights
 from trainloop.bigmodel.placement import device_map as place
+from trainloop.models.meta import empty_weights
 
 
 def load_and_dispatch(model: nn.Module | Callable[[], nn.Module], checkpoint: Checkpoint,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from trainloop.bigmodel._devices import _device_name, _target_dtype
+from trainloop.models.hf import declared_no_split
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -150,17 +151,6 @@ def _tensors_under(module: nn.Module, recurse: bool) -> list[torch.Tensor]:
 
 def _uncounted(tensors: list[torch.Tensor], counted: set[int]) -> list[torch.Tensor]:
     return [tensor for tensor in tensors if id(tensor) not in counted]
-
-
-def declared_no_split(model: nn.Module) -> list[str]:
-    """The class names a model's modules declare in `_no_split_modules` (Hugging Face's convention)."""
-    names: list[str] = []
-    for module in model.modules():
-        declared = getattr(module, "_no_split_modules", None) or ()
-        if isinstance(declared, str):
-            declared = [declared]
-        names.extend(name for name in declared if isinstance(name, str) and name not in names)
-    return names
 
 
 def _no_split_test(no_split: Iterable[type[nn.Module] | str]) -> Callable[[nn.Module], bool]:

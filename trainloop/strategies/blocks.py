@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from trainloop.models.hf import declared_no_split
+
 if TYPE_CHECKING:
     from trainloop.config import Config
 
@@ -40,8 +42,6 @@ def find_blocks(model: nn.Module, class_names: str = "") -> list[nn.Module]:
                 f"of that class; its module classes are {present}"
             )
         return found[::-1]  # modules() is pre-order: reversed, inner blocks come before outer ones
-    from trainloop.bigmodel.placement import declared_no_split  # lazily: bigmodel's imports
-
     declared = set(declared_no_split(model))  # a Hugging Face model names its blocks itself
     found = [m for m in model.modules() if m is not model and type(m).__name__ in declared]
     if found:

@@ -17,9 +17,9 @@ from torch import nn
 
 from trainloop import forwarding
 from trainloop.forwarding import unwrap, wrapper_layers
+from trainloop.models.meta import materialize
 from trainloop.strategies import blocks
 from trainloop.strategies.base import WholeModel, refuse_mesh
-from trainloop.strategies.meta_init import materialize
 
 if TYPE_CHECKING:
     from trainloop.config import Config

@@ -12,7 +12,7 @@ Sharding replaces every parameter by a new `DTensor` parameter. An optimizer bui
 shards in place, so the optimizer object (and any scheduler stepping it) stays the same.
 
 Checkpoints are sharded (`sharded = True`): every rank writes its shards through
-torch.distributed.checkpoint (`trainloop.distcp`), and a later run at any world size reads the
+torch.distributed.checkpoint (`trainloop.checkpoint.distcp`), and a later run at any world size reads the
 pieces it needs.
 
 This module imports torch.distributed.fsdp (about 0.5 s): `trainloop.strategies.create` imports
@@ -35,12 +35,12 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from trainloop.forwarding import unwrap
-from trainloop.mesh import Mesh, build_mesh, mesh_shape
+from trainloop.models.meta import materialize
 from trainloop.precision import AUTOCAST_DTYPES
 from trainloop.strategies import blocks
 from trainloop.strategies.base import clip, rebind
 from trainloop.strategies.blocks import find_blocks
-from trainloop.strategies.meta_init import materialize
+from trainloop.strategies.mesh import Mesh, build_mesh, mesh_shape
 from trainloop.topology import leave_process_group
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
     """Parallelise `model` (on `state.device`) over `mesh`, in place: TP, blocks, FSDP2, storage.
 
     In this order (torchtitan's): tensor parallelism over the "tp" dimension when tp > 1
-    (`trainloop.tensor_parallel`, the plan `tp_plan` or the Hugging Face model's own); the
+    (`trainloop.strategies.tensor_parallel`, the plan `tp_plan` or the Hugging Face model's own); the
     blocks' activation checkpointing and compile (`blocks.apply`); FSDP2 on each block, then the
     root, over the data-parallel dimensions (HSDP when dp_replicate > 1: sharded within a
     replica, replicated across them); a meta model's storage.
@@ -160,7 +160,7 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
 
     Afterwards its parameters are `DTensor` shards. Parameters and buffers are rank 0's on every
     rank; a model built on the meta device gets storage for its shards only, initialised by each
-    module's `reset_parameters()` (`meta_init.materialize`). Mixed precision follows
+    module's `reset_parameters()` (`trainloop.models.meta.materialize`). Mixed precision follows
     `state.config.precision`: under bf16 (and fp8) and fp16 the gathered parameters and the
     compute are in that dtype while the sharded parameters, the optimizer and the gradient
     reduction stay fp32. On one process a single-rank process group is joined, so the run is the
@@ -172,7 +172,7 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
         _broadcast_from_rank0(model)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     if mesh.shape.tp > 1:
-        from trainloop.tensor_parallel import apply_tp_plan
+        from trainloop.strategies.tensor_parallel import apply_tp_plan
 
         apply_tp_plan(model, mesh.tp_mesh, config.tp_plan)
     blocks.apply(model, config)

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from trainloop.forwarding import unwrap
+from trainloop.models.meta import materialize
 from trainloop.strategies import blocks
 from trainloop.strategies.base import WholeModel
-from trainloop.strategies.meta_init import materialize
 
 if TYPE_CHECKING:
     from trainloop.state import RunState

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))  # the repository root: tests.support
 import trainloop as tl
 import trainloop.checkpoint
-import trainloop.checkpoint_files
+import trainloop.checkpoint.files
 from tests.support.reference import mse, regression_data, tiny_model
 from trainloop.callbacks import Checkpoint, LossScale
 
@@ -41,23 +41,23 @@ parser.add_argument("--precision", default="fp32")
 args = parser.parse_args()
 
 if args.kill_in_save is not None:
-    replace_dir = trainloop.checkpoint._replace_dir
+    replace_dir = trainloop.checkpoint.writing._replace_dir
 
     def replace_dir_or_die(source, target):
         if target.name == f"step-{args.kill_in_save:08d}":
             os.kill(os.getpid(), signal.SIGKILL)
         replace_dir(source, target)
 
-    trainloop.checkpoint._replace_dir = replace_dir_or_die
+    trainloop.checkpoint.writing._replace_dir = replace_dir_or_die
 
 if args.slow_write:  # the background saves then span several steps: kills land mid-write
-    write = trainloop.checkpoint_files.HashingFile.write
+    write = trainloop.checkpoint.files.HashingFile.write
 
     def slow_write(self, data):
         time.sleep(args.slow_write)
         return write(self, data)
 
-    trainloop.checkpoint_files.HashingFile.write = slow_write
+    trainloop.checkpoint.files.HashingFile.write = slow_write
 
 if args.kill_in_prune:  # the run's first deletions are a prune's (it starts in a fresh directory)
     unlink, unlinked = os.unlink, []

@@ -4,7 +4,7 @@ A strategy whose checkpoints are sharded (`Strategy.sharded`: FSDP2) has every r
 shards with `save_sharded`; a later run at any world size, sharded or not, reads the pieces it
 needs with `load_sharded`.
 
-DCP has no checksums and unpickles its `.metadata` with plain `pickle` (FIELD-NOTES), so
+DCP has no checksums and unpickles its `.metadata` with plain `pickle`, so
 `trainloop.checkpoint` hash-checks every file first and DCP reads them here only through
 `_VerifiedReader`: the metadata through an unpickler that knows DCP's few metadata classes and
 nothing else, data only from files the manifest lists. Only tensors go into DCP: non-tensor

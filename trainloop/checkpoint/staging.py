@@ -8,12 +8,12 @@ link's full speed and do not wait for the device queue to drain twice). The cost
 a second copy of its model and optimizer state in RAM for the rest of the run; an accelerator run
 holds it in pinned host memory.
 
-One writer thread per process and at most one save in flight: a new save, `load` and `finish`
+One writer thread per run and at most one save in flight: a new save, `load` and `finish`
 wait for the one before (the staging buffers are the in-flight save's until it is done). The
-writer is a process-wide resource like the disk it writes to: two runs in one process take
-turns. Its thread is joined when the interpreter exits, so a script that ends without `finish`
-still completes its last save; a process killed mid-save leaves the previous checkpoint
-committed (the write is all-or-nothing, see `trainloop.checkpoint`).
+writer belongs to the run (`writer_of(state)`, kept on the run's `Lineage`), not to the process:
+two runs side by side in one process each have their own, and one run's `finish` never waits
+for, reports or clears another run's save. A process killed mid-save leaves the previous
+checkpoint committed (the write is all-or-nothing, see `trainloop.checkpoint.writing`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ import os
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from trainloop.state import RunState
 
 
 class Staging:
@@ -126,7 +129,7 @@ class SaveFuture(Future):
 
 
 class Writer:
-    """The process's checkpoint writer thread and its one save in flight."""
+    """A run's checkpoint writer thread and its one save in flight."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -174,9 +177,12 @@ class Writer:
         return self._pending_report
 
     def release(self) -> None:
-        """After `finish`: nothing to report, and the staging buffers' memory back."""
+        """After `finish`: nothing to report, the staging buffers' memory back, the thread ended."""
         self._pending_report = False
         self.staging.release()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _run_into(write: Callable[[], Any], future: SaveFuture) -> None:
@@ -188,4 +194,10 @@ def _run_into(write: Callable[[], Any], future: SaveFuture) -> None:
         future.set_result(outcome)
 
 
-WRITER = Writer()
+
+def writer_of(state: RunState) -> Writer:
+    """The run's writer, made at its first use (a run that never saves has no thread)."""
+    lineage = state.lineage
+    if lineage.writer is None:
+        lineage.writer = Writer()
+    return lineage.writer

@@ -26,7 +26,7 @@ to torch's own `ParallelStyle`, applied by `torch.distributed.tensor.parallel.pa
 Parameters are taken from the first rank of each tensor-parallel group (torch's default
 `src_data_rank=0`), so the sharded model computes what that rank's whole model computes.
 Tensor-parallel ranks must see the same inputs (trainloop's loaders shard by the
-data-parallel rank only: trainloop.mesh).
+data-parallel rank only: trainloop.strategies.mesh).
 
 Without a plan, a Hugging Face model's own is used: `config.base_model_tp_plan` (the keys are
 relative to the base model, e.g. `LlamaForCausalLM.model`, so they are prefixed with the

@@ -10,15 +10,16 @@ of already-reduced shards is the only traffic).
     shape = mesh_shape(state.config, state.world_size)  # validates; resolves dp_shard=-1
     mesh = build_mesh(shape, state.device.type)          # a `Mesh`: torch DeviceMeshes
     fully_shard(block, mesh=mesh.fsdp_mesh)              # 1-D dp_shard, or 2-D for HSDP
-    apply_tp_plan(model, mesh.tp_mesh, plan)             # trainloop.tensor_parallel
+    apply_tp_plan(model, mesh.tp_mesh, plan)             # trainloop.strategies.tensor_parallel
     mesh.data_parallel_rank, mesh.data_parallel_size     # what the loaders shard by
-    mesh.data_parallel_group                             # what metrics are reduced over
+    mesh.data_parallel_group                             # what gather() collects over
 
 The data-parallel dimensions together (`dp_replicate` x `dp_shard`) are flattened into one
 1-D mesh, "dp": its ranks see different batches, while the `tp` ranks of one group see
-the same batch and compute the same loss. So loaders shard by the data-parallel rank, and sums
-over ranks (`num_items`, logged metrics) go over the "dp" group, never the whole world, where
-each tensor-parallel rank would count the same batch again.
+the same batch and compute the same loss. So loaders shard by the data-parallel rank and
+`gather` collects over the "dp" group. Logged metrics and `num_items` are reduced over the whole
+world: each tensor-parallel rank counts its batch again, `tp` times in all, and what is used is
+a ratio that the repetition cancels out of (a metric's mean; `world_size / total items`).
 
 This module imports torch.distributed.device_mesh only when a mesh is built.
 """

@@ -1,7 +1,7 @@
 """`prepare`: make the user's model, optimizer, loader and scheduler ready for this run.
 
 Objects come back in the order they were given. Models are prepared first, whatever the order,
-so that optimizers can be checked against (and, under FSDP, rebuilt for) the final parameters.
+so that optimizers can be checked against (and, under FSDP, rebound to) the final parameters.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from torch.utils.data import DataLoader
 
 from trainloop import precision
 from trainloop.data import PreparedLoader
-from trainloop.forwarding import unwrap, wrapper_layers  # noqa: F401 (their old home: re-exported)
+from trainloop.models.meta import move_real_tensors
 from trainloop.state import RunState
-from trainloop.strategies.meta_init import move_real_tensors
 
 _SUPPORTED = "nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, torch.optim.lr_scheduler.LRScheduler"
 

@@ -376,3 +376,15 @@ def file_record(file: Path, algorithm: str | None = None) -> dict[str, Any]:
             digest.update(block)
             size += len(block)
     return {"size": size, algorithm: digest.hexdigest()}
+
+
+def in_parallel(function, arguments: list, keys: list) -> dict:
+    """{key: function(argument)}, computed on a few threads.
+
+    Reading, hashing and fsync release the GIL, so the files of a checkpoint are read and hashed
+    side by side.
+    """
+    if len(arguments) <= 1:
+        return {key: function(argument) for key, argument in zip(keys, arguments)}
+    with ThreadPoolExecutor(max_workers=min(len(arguments), os.cpu_count() or 1)) as pool:
+        return dict(zip(keys, pool.map(function, arguments)))

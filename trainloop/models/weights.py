@@ -37,18 +37,18 @@ index names but that does not exist.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 
+from trainloop.forwarding import unwrap
+from trainloop.models.hf import checkpoint_files
+
 if TYPE_CHECKING:
     from trainloop.state import RunState
 
-INDEX = "model.safetensors.index.json"  # Hugging Face's index of a sharded checkpoint
-SINGLE = "model.safetensors"
 
 
 class LoadResult(NamedTuple):
@@ -65,8 +65,6 @@ def load_weights(state: RunState, model: nn.Module, path: str | Path, *, strict:
     (empty lists when `strict`). Raises FileNotFoundError for a path that is no checkpoint,
     ValueError for tensors that do not fit (all of them listed), before loading any.
     """
-    from trainloop.prepare import unwrap
-
     module = unwrap(model)
     files = checkpoint_files(Path(path))
     groups = _tensor_groups(module)
@@ -75,29 +73,6 @@ def load_weights(state: RunState, model: nn.Module, path: str | Path, *, strict:
         for name, tensor in plan:
             _load_one(mapped, files[name], name, tensor, state.device)
     return result
-
-
-def checkpoint_files(path: Path) -> dict[str, Path]:
-    """Each tensor name of the checkpoint at `path` -> the safetensors file that holds it."""
-    if path.is_dir():
-        index = path / INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {name: path / file for name, file in weight_map.items()}
-            absent = sorted({str(f) for f in files.values() if not f.is_file()})
-            if absent:
-                raise FileNotFoundError(f"{index} names file(s) that do not exist: {', '.join(absent)}")
-            return files
-        if (path / SINGLE).is_file():
-            path = path / SINGLE
-        else:
-            raise FileNotFoundError(f"{path} holds neither {INDEX} nor {SINGLE}: not a safetensors checkpoint")
-    if not path.is_file():
-        raise FileNotFoundError(f"no safetensors checkpoint at {path}")
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as reader:
-        return dict.fromkeys(reader.keys(), path)
 
 
 def _tensor_groups(module: nn.Module) -> list[tuple[list[str], torch.Tensor]]:

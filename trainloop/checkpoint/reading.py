@@ -1,0 +1,236 @@
+"""Reading a checkpoint: every file read once and verified, checked for form and for fit, then restored.
+
+Nothing is restored before every hash matched and the checkpoint was found to fit the run: a
+checkpoint that is damaged (CheckpointError) or does not fit (ValueError) leaves the run as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from trainloop.checkpoint.files import (
+    CheckpointError,
+    MemoryFile,
+    check_hash,
+    map_listed,
+    read_safetensors,
+    read_verified,
+)
+from trainloop.checkpoint.manifest import (
+    _class_name,
+    _hash_algorithm,
+    _is_count,
+    _model_file,
+    _read_manifest,
+    _record,
+    _required_files,
+    _sharded,
+)
+from trainloop.checkpoint.rng import _set_rng_state
+from trainloop.forwarding import unwrap
+
+if TYPE_CHECKING:
+    from trainloop.state import RunState
+
+
+def safe_torch_load(file: Any, name: str | None = None) -> Any:
+    """`torch.load(weights_only=True)` of a file, its bytes or a file object (`name` then says
+    which file it was), with a clear refusal naming what an unsafe file wanted."""
+    if not isinstance(file, (str, os.PathLike)):
+        file = MemoryFile(file)
+    try:
+        if hasattr(file, "seek"):
+            file.seek(0)
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as error:
+        try:
+            if hasattr(file, "seek"):
+                file.seek(0)
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+        except Exception:
+            wanted = []
+        detail = f"it asks for {', '.join(wanted)}" if wanted else str(error).splitlines()[0]
+        raise CheckpointError(
+            f"refusing to load {name or file}: it is not plain tensors and data ({detail}); "
+            "a checkpoint must never run code"
+        ) from None
+
+
+class _Contents:
+    """A checkpoint read into memory and checked for form: what `_restore` restores from."""
+
+    def __init__(self, manifest: dict, trainer: dict, optimization: dict, callbacks: dict,
+                 rng: list, weights: list[dict[str, torch.Tensor]]):
+        self.manifest, self.trainer, self.optimization = manifest, trainer, optimization
+        self.callbacks, self.rng, self.weights = callbacks, rng, weights
+
+
+def _read_checkpoint(path: Path) -> _Contents:
+    """Read every file once and verify it. The files load needs are memory-mapped and hashed on
+    other threads while this one deserializes them from the same mappings (weights_only, and
+    safetensors' checked header: nothing in an unverified file can run code); nothing is
+    returned, and so nothing restored, before every hash matched. DCP's shards are only hashed
+    here: DCP reads them when restoring."""
+    manifest = _read_manifest(path)
+    algorithm = _hash_algorithm(manifest)
+    kept = _required_files(manifest)
+    data = {name: map_listed(path / name, _record(path, manifest, name)) for name in kept}
+    others = [name for name in manifest["files"] if name not in data]
+    with ThreadPoolExecutor(max_workers=min(len(manifest["files"]), os.cpu_count() or 1)) as pool:
+        checks = [pool.submit(check_hash, path / name, data[name], manifest["files"][name], algorithm)
+                  for name in sorted(data, key=lambda name: -len(data[name]))]
+        checks += [pool.submit(read_verified, path / name, manifest["files"][name], algorithm) for name in others]
+        try:
+            contents, failure = _deserialize(path, manifest, data), None
+        except CheckpointError as error:
+            contents, failure = None, error
+        for check in checks:
+            check.result()  # a hash that does not match is the reason, whatever deserializing said
+    if failure is not None:
+        raise failure
+    return contents
+
+
+def _deserialize(path: Path, manifest: dict[str, Any], data: dict[str, Any]) -> _Contents:
+    try:
+        trainer = json.loads(bytes(data["trainer.json"]).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path / 'trainer.json'} is damaged: {error}") from None
+    contents = _Contents(
+        manifest, trainer,
+        safe_torch_load(data["optimizer.pt"], path / "optimizer.pt"),
+        safe_torch_load(data["callbacks.pt"], path / "callbacks.pt"),
+        safe_torch_load(data["rng.pt"], path / "rng.pt"),
+        [] if _sharded(manifest) else [read_safetensors(data[_model_file(i)], path / _model_file(i))
+                                       for i in range(manifest["models"])],
+    )
+    _check_form(path, contents)
+    return contents
+
+
+def _check_form(path: Path, contents: _Contents) -> None:
+    """CheckpointError unless the state files have the structure that `save` writes."""
+    trainer, optimization = contents.trainer, contents.optimization
+
+    def damaged(file: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path / file} is damaged: {what}")
+
+    if not (isinstance(trainer, dict)
+            and all(_is_count(trainer.get(k)) for k in ("step", "micro_step", "logged_step"))
+            and isinstance(trainer.get("loaders"), list)
+            and all(isinstance(loader, dict) and _is_count(loader.get("epoch"))
+                    and _is_count(loader.get("samples_seen")) for loader in trainer["loaders"])):
+        raise damaged("trainer.json", "it is not the counters and loader positions that save writes")
+    classes = trainer.get("classes", {})  # absent in format-1 checkpoints
+    if not (isinstance(classes, dict)
+            and all(isinstance(classes.get(k, []), list) for k in ("optimizers", "schedulers"))):
+        raise damaged("trainer.json", "'classes' is not the optimizers' and schedulers' class names")
+    if not (isinstance(optimization, dict) and isinstance(optimization.get("optimizers"), list)
+            and isinstance(optimization.get("schedulers"), list)
+            and all(isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)
+                    and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in o["param_groups"])
+                    for o in optimization["optimizers"])
+            and all(isinstance(s, dict) for s in optimization["schedulers"])):
+        raise damaged("optimizer.pt", "it is not the optimizers' and schedulers' state dicts")
+    if not isinstance(contents.callbacks, dict):
+        raise damaged("callbacks.pt", "it is not the callbacks' state dicts by key")
+    if not (isinstance(contents.rng, list)
+            and all(isinstance(r, dict) and "python" in r and "torch" in r for r in contents.rng)):
+        raise damaged("rng.pt", "it is not every rank's RNG states")
+
+
+def _check_fit(state: RunState, path: Path, contents: _Contents) -> None:
+    """ValueError listing what differs between the checkpoint and the run; changes nothing."""
+    manifest, trainer, optimization = contents.manifest, contents.trainer, contents.optimization
+    counts = {
+        "models": (manifest["models"], len(state.models)),
+        "optimizers": (len(optimization["optimizers"]), len(state.optimizers)),
+        "schedulers": (len(optimization["schedulers"]), len(state.schedulers)),
+        "loaders": (len(trainer["loaders"]), len(state.loaders)),
+    }
+    for kind, (saved, prepared) in counts.items():
+        if saved != prepared:
+            raise ValueError(f"{path} holds {saved} {kind} but the run prepared {prepared}: prepare the same objects")
+    if _sharded(manifest):
+        pass  # the shards' shapes are checked by distcp.load_sharded before it loads anything
+    elif state.strategy.sharded:
+        raise ValueError(
+            f"{path} holds whole (unsharded) weights from a {manifest['strategy']!r} run; a "
+            f"strategy={state.config.strategy!r} run loads sharded checkpoints only: resume with that "
+            "strategy, or start from its weights with tl.export and load_state_dict before sharding"
+        )
+    else:
+        for index, model in enumerate(state.models):
+            _check_weights(unwrap(model), contents.weights[index], path / _model_file(index))
+    classes = trainer.get("classes", {})
+    problems = []
+    for kind, objects, saved_states in (("optimizer", state.optimizers, optimization["optimizers"]),
+                                        ("scheduler", state.schedulers, optimization["schedulers"])):
+        saved_classes = classes.get(f"{kind}s", [])
+        for index, obj in enumerate(objects):
+            if index < len(saved_classes) and saved_classes[index] != _class_name(obj):
+                problems.append(f"{kind} {index} is a {_class_name(obj)} in the run, a {saved_classes[index]} "
+                                "in the checkpoint")
+            elif kind == "optimizer":
+                saved_sizes = [len(group["params"]) for group in saved_states[index]["param_groups"]]
+                sizes = [len(group["params"]) for group in obj.param_groups]
+                if saved_sizes != sizes:
+                    problems.append(f"optimizer {index} ({type(obj).__name__}) has param groups of "
+                                    f"{sizes} parameters in the run, {saved_sizes} in the checkpoint")
+    if problems:
+        raise ValueError(f"{path} does not fit the run: {'; '.join(problems)}. Prepare the same "
+                         "optimizers and schedulers, built the same way, as the run that saved it")
+
+
+def _check_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """ValueError listing the first differences of names and shapes (as `load_model` matches them:
+    a tied weight is stored once)."""
+    from safetensors.torch import _remove_duplicate_names
+
+    expected = model.state_dict()
+    for removed in _remove_duplicate_names(expected, preferred_names=list(tensors)).values():
+        for name in removed:
+            del expected[name]
+    problems = [f"{name}: checkpoint {tuple(t.shape)}, model {tuple(expected[name].shape)}"
+                for name, t in tensors.items() if name in expected and expected[name].shape != t.shape]
+    problems += [f"{name}: in the checkpoint, not in the model" for name in tensors if name not in expected]
+    problems += [f"{name}: in the model, not in the checkpoint" for name in expected if name not in tensors]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"{file} does not fit {type(model).__name__}: {shown}")
+
+
+def _restore(state: RunState, path: Path, contents: _Contents) -> RunState:
+    manifest, trainer, optimization = contents.manifest, contents.trainer, contents.optimization
+    if _sharded(manifest):
+        from trainloop.checkpoint import distcp
+
+        distcp.load_sharded([unwrap(m) for m in state.models], state.optimizers, path,
+                            manifest["files"], optimization["optimizers"])
+    else:
+        for model, tensors in zip(state.models, contents.weights):
+            unwrap(model).load_state_dict(tensors, strict=False)  # _check_weights matched the names
+        for optimizer, saved in zip(state.optimizers, optimization["optimizers"]):
+            optimizer.load_state_dict(saved)
+    for scheduler, saved in zip(state.schedulers, optimization["schedulers"]):
+        scheduler.load_state_dict(saved)
+    for loader, saved in zip(state.loaders, trainer["loaders"]):
+        loader.load_state_dict(saved)
+    for callback in state.callbacks:
+        if callback.key in contents.callbacks:
+            callback.load_state_dict(contents.callbacks[callback.key])
+    if state.rank < len(contents.rng):
+        _set_rng_state(contents.rng[state.rank], state.device)
+    # The report due at the checkpoint's own step was made by the run that saved it (it logs
+    # right after its on_step hooks): count it as made, so reports continue at the same steps.
+    every = state.config.log_every
+    logged_step = max(trainer["logged_step"], trainer["step"] // every * every)
+    return state.evolve(step=trainer["step"], micro_step=trainer["micro_step"],
+                        logged_step=logged_step, window_micro_steps=0, window_items=None,
+                        pending_logs=None)
