@@ -290,6 +290,7 @@ print(json.dumps({"baseline": baseline, "peak": peak, "placement": placement}))
 """
 
 
+@pytest.mark.slow  # a child process
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads the peak RSS from /proc")
 def test_dispatch_peak_memory_stays_under_budget_plus_one_block(tmp_path):
     torch.manual_seed(0)

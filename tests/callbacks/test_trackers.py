@@ -289,6 +289,7 @@ def test_a_missing_library_names_the_extra_to_install(tmp_path, monkeypatch, tra
         tracker(tmp_path)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_the_callbacks_imports_no_tracker_library():
     code = ("import sys, trainloop.callbacks; "
             "print(sorted(m for m in ('tensorboard', 'wandb', 'mlflow') if m in sys.modules))")
@@ -352,6 +353,7 @@ def test_check_two_rank_tracking_reads_back_on_one_process(tmp_path):
         assert recorded == expected, tracker
 
 
+@pytest.mark.slow  # a killed child
 def test_a_killed_and_resumed_run_continues_the_same_tracker_runs_without_repeating_steps(tmp_path):
     """A real process SIGKILLed mid-run, then started again: it resumes from its checkpoint."""
     script = SCRIPTS / "tracked_run.py"

@@ -19,6 +19,7 @@ from trainloop.callbacks import CheckpointWarning
 from trainloop.checkpoint import FORMAT_VERSION, CheckpointError, verify
 
 
+@pytest.mark.slow  # SIGKILLed children
 def test_sigkilled_mid_epoch_and_restarted_ends_bit_identical(tmp_path, uninterrupted):
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out.pt")
     run_script(ckpt, out, "--slow", "0.5", kill_after_step=5)  # slow: the kill lands before step 6
@@ -29,6 +30,7 @@ def test_sigkilled_mid_epoch_and_restarted_ends_bit_identical(tmp_path, uninterr
     assert_identical(torch.load(out, weights_only=True), uninterrupted)
 
 
+@pytest.mark.slow  # SIGKILLed children
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path, uninterrupted):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
     died = run_script(str(ckpt), str(out), "--kill-in-save", "6")
@@ -163,6 +165,7 @@ def test_disk_full_during_save_raises_keeps_previous_and_next_save_works(tmp_pat
     assert verify(tmp_path / "after")
 
 
+@pytest.mark.slow  # a 2-process job
 def test_checkpoint_saved_on_two_ranks_loads_on_one(tmp_path):
     """The DDP checkpoint format is replicated: a 2-rank checkpoint loads at world size 1."""
     ckpt = tmp_path / "ckpt"

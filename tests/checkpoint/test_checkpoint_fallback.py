@@ -160,6 +160,7 @@ print("warnings", [str(w.message) for w in caught if issubclass(w.category, Chec
 """
 
 
+@pytest.mark.slow  # a child as nobody
 def test_an_unreadable_file_is_a_checkpoint_error_and_falls_back():
     """A PermissionError reading a file is a damaged checkpoint, not a crash.
 
@@ -274,6 +275,7 @@ def run_resumable(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(RESUMABLE), *args], capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow  # SIGKILLed children
 def test_a_process_killed_mid_prune_leaves_only_whole_checkpoints(tmp_path, uninterrupted):
     """`keep` deleted in place: a prune killed after one file left a committed-looking remain."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
@@ -287,6 +289,7 @@ def test_a_process_killed_mid_prune_leaves_only_whole_checkpoints(tmp_path, unin
     assert not list(ckpt.glob(".*"))  # the next save cleaned the remains
 
 
+@pytest.mark.slow  # SIGKILLed children
 def test_sigkills_at_random_instants_of_saves_and_prunes_leave_whole_checkpoints(tmp_path, uninterrupted):
     """Saves are background saves (the default) on a slow disk, so that one is in flight most of
     the time: each kill may land in staging, writing, the commit, a prune or training. Every

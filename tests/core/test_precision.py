@@ -410,6 +410,7 @@ def run_resumable(checkpoints: Path, out: Path, *, kill_after_step: int | None =
     return ""
 
 
+@pytest.mark.slow  # SIGKILLed children
 def test_fp16_run_killed_and_resumed_ends_bit_identical_with_its_loss_scale(tmp_path):
     run_resumable(tmp_path / "whole", tmp_path / "whole.pt")
     run_resumable(tmp_path / "ckpt", tmp_path / "out.pt", kill_after_step=5)

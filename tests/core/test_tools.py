@@ -189,6 +189,7 @@ def test_profile_refuses_bad_schedules(tmp_path):
 
 # -- python -m trainloop env ------------------------------------------------------------------
 
+@pytest.mark.slow  # a child process
 def test_env_reports_versions_devices_backends_and_the_launch_variables():
     env = {**os.environ, "TRAINLOOP_PRECISION": "bf16", "MASTER_PORT": "29512", "OMP_NUM_THREADS": "1",
            "WANDB_API_KEY": "secret-key-never-printed"}
@@ -202,6 +203,7 @@ def test_env_reports_versions_devices_backends_and_the_launch_variables():
     assert "secret-key" not in out  # only the variables that matter for a bug report
 
 
+@pytest.mark.slow  # a child process
 def test_env_as_json_holds_the_same_facts_and_imports_no_optional_library():
     code = ("import contextlib, io, json, sys; from trainloop import env; out = io.StringIO()\n"
             "with contextlib.redirect_stdout(out): env.main(['--json'])\n"

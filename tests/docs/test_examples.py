@@ -15,6 +15,8 @@ import pytest
 
 from tests.support.paths import REPO
 
+pytestmark = pytest.mark.slow  # every example runs as users run it: a fresh process
+
 ACCURACY_LINE = re.compile(r"^held-out accuracy: ([0-9.]+) \((\d+)/(\d+) images\)$", re.MULTILINE)
 HELD_OUT_IMAGES = 360  # examples/digits.py holds out 360 of the 1797 images
 

@@ -194,6 +194,7 @@ def test_paths_that_are_no_checkpoint(tmp_path, checkpoints):
         tl.load_weights(tl.init(), BlockModel(), sharded)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_trainloop_stays_light():
     code = ("import sys, trainloop; print(sorted(m for m in sys.modules "
             "if m.startswith(('safetensors', 'trainloop.bigmodel', 'trainloop.models.weights'))))")
