@@ -191,6 +191,7 @@ class Throughput(Callback):
 
     def _measure(self, state: RunState) -> dict[str, float]:
         _synchronize(state.device)
+        assert self._since is not None, "measured before the clock started"
         elapsed = time.perf_counter() - self._since
         world = state.world_size  # reported means over ranks: a rank's rate x world_size sums them
         metrics: dict[str, float] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import configparser
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -36,8 +37,17 @@ def test_the_package_ships_py_typed_and_installs_every_subpackage():
 @pytest.mark.skipif(importlib.util.find_spec("pyright") is None,
                     reason="pyright is not installed: pip install -e '.[dev]' (it is in the dev extra)")
 def test_pyright_finds_no_type_errors_in_trainloop_and_callbacks():
-    done = subprocess.run([sys.executable, "-m", "pyright", "--pythonpath", sys.executable, "-p", str(REPO)],
-                          capture_output=True, text=True, cwd=REPO, timeout=900, check=False,
+    done = subprocess.run([sys.executable, "-m", "pyright", "--outputjson", "--pythonpath", sys.executable,
+                           "-p", str(REPO)], capture_output=True, text=True, cwd=REPO, timeout=900, check=False,
                           env={**os.environ, "PYRIGHT_PYTHON_IGNORE_WARNINGS": "1"})
-    assert done.returncode == 0, done.stdout[-20_000:] + done.stderr[-5_000:]
-    assert "0 errors" in done.stdout, done.stdout
+    try:
+        report = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"pyright did not run (exit code {done.returncode}):\n{done.stdout[-5000:]}{done.stderr[-5000:]}")
+    # Errors, and the warnings that are always bugs: pyrightconfig.json demotes their rule (it
+    # also reports torch's dynamic attributes) but an import of a name that does not exist is one.
+    found = [f"{item['file']}:{item['range']['start']['line'] + 1}: {item['message']} ({item.get('rule', '')})"
+             for item in report["generalDiagnostics"]
+             if item["severity"] == "error" or "is unknown import symbol" in item["message"]]
+    assert not found, f"{len(found)} type errors:\n" + "\n".join(found)
+    assert report["summary"]["filesAnalyzed"] > 40  # the config found the package

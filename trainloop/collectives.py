@@ -158,7 +158,7 @@ def broadcast(state: RunState, obj: T, src: int = 0) -> T:
             dist.broadcast(tensor, src=src)
             out.append(tensor.to(leaf.device))
         return tree_unflatten(out, spec)
-    box = [obj if state.rank == src else None]
+    box: list[Any] = [obj if state.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
@@ -195,7 +195,7 @@ def split(state: RunState, items: T) -> T:
         raise TypeError(f"split needs a list, tuple, tensor or dict (got {type(items).__name__})")
     base, extra = divmod(len(items), state.world_size)
     start = state.rank * base + min(state.rank, extra)
-    return items[start:start + base + (state.rank < extra)]
+    return items[start:start + base + (state.rank < extra)]  # pyright: ignore[reportReturnType]  (a slice of T is a T)
 
 
 def _all_gather_equal(tensor: torch.Tensor, world_size: int, group: Any = None) -> list[torch.Tensor]:

@@ -122,6 +122,6 @@ def _prepare_model(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[i
         # the graph at DDP's bucket boundaries (DDPOptimizer), so the all-reduce overlaps the
         # backward. After cast_module: float8 layers are compiled too. Autocast stays outside:
         # dynamo guards on the autocast state and traces the casts into the graph.
-        model = torch.compile(model)
+        model = torch.compile(model)  # pyright: ignore[reportAssignmentType]  (an OptimizedModule)
     model, replaced = state.strategy.wrap(state, model)
     return precision.wrap_forward(model, state.device, state.config.precision), replaced

@@ -110,7 +110,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> dict[int, 
         torch.manual_seed(seed)  # the same numbers on every rank, whatever the rank's own seed
         for module in pending:
             with _whole_tensors(module):
-                module.reset_parameters()
+                module.reset_parameters()  # pyright: ignore[reportCallIssue]  (Module.__getattr__ says Tensor)
     return {key: model.get_parameter(name) for key, name in names.items()}
 
 

@@ -141,7 +141,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for the model, and each device only for one parameter.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    return get_model_state_dict(model, options=options)  # pyright: ignore[reportReturnType]  (tensors)
 
 
 # -- sharding ----------------------------------------------------------------------------------
