@@ -39,6 +39,7 @@ def train(progress: Progress, *, steps: int, log_every: int = 100, start_step: i
     return time.monotonic() - started
 
 
+@pytest.mark.slow  # 10,000 steps
 def test_in_a_log_file_a_long_run_prints_a_few_plain_lines_with_the_last_loss(capsys):
     train(Progress(total=10_000), steps=10_000)
     lines = capsys.readouterr().err.splitlines()

@@ -114,6 +114,7 @@ def test_tensorboard_event_files_hold_the_logged_means_and_the_config(tmp_path):
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.slow  # MLflow runs git
 def test_mlflow_records_params_and_metric_history_with_steps(mlflow_store, experiment):
     train([MLflow(experiment=experiment, dir=mlflow_store)], steps=9, log_every=2)
     [run_id] = mlflow_run_ids(mlflow_store, experiment)
@@ -124,6 +125,7 @@ def test_mlflow_records_params_and_metric_history_with_steps(mlflow_store, exper
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # W&B starts its service process
 def test_wandb_offline_run_records_config_and_metrics(tmp_path):
     tracker = wandb_tracker(tmp_path, mode="offline", config={"lr": 0.5})
     train([tracker], steps=8, log_every=2)
@@ -133,6 +135,7 @@ def test_wandb_offline_run_records_config_and_metrics(tmp_path):
     assert dict(run["history"]) == expected_reports(1, 8, 2)
 
 
+@pytest.mark.slow  # W&B's service, MLflow's git
 def test_trackers_record_nan_and_inf_as_they_are(tmp_path, mlflow_store, experiment):
     def odd(step):
         return {"odd": [float("nan"), float("inf"), float("-inf"), 1.0][step - 1]}
@@ -231,6 +234,7 @@ def test_jsonlines_resume_drops_a_line_a_crash_cut_short(tmp_path):
     assert read_jsonlines(path) == [{"step": step, "loss": value_at(step)} for step in (1, 2, 3, 4)]
 
 
+@pytest.mark.slow  # MLflow runs git
 @pytest.mark.parametrize("restore_first", [True, False])
 @pytest.mark.parametrize("log_every, save_at", CRASHES)
 def test_mlflow_resume_continues_the_same_run_without_repeating_steps(
@@ -241,6 +245,7 @@ def test_mlflow_resume_continues_the_same_run_without_repeating_steps(
     assert_each_step_once([step for step, _ in read_mlflow(mlflow_store, first.run_id)], log_every)
 
 
+@pytest.mark.slow  # W&B starts its service process
 @pytest.mark.parametrize("log_every, save_at", CRASHES)
 def test_wandb_resume_reopens_the_run_id_and_continues_steps(tmp_path, log_every, save_at):
     first, second = crash_and_resume(lambda: wandb_tracker(tmp_path), log_every=log_every,
@@ -299,7 +304,7 @@ def test_importing_the_callbacks_imports_no_tracker_library():
 
 @pytest.mark.parametrize("tracker", [
     lambda path: TensorBoard(path),
-    lambda path: MLflow(dir=path),
+    pytest.param(lambda path: MLflow(dir=path), marks=pytest.mark.slow),  # MLflow runs git
     lambda path: JSONLines(path / "metrics.jsonl"),
     lambda path: WandB(dir=path),
 ])
@@ -328,7 +333,7 @@ def unwritable_directory(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("tracker", [
     lambda path: TensorBoard(path / "runs"),
-    lambda path: MLflow(dir=path / "mlruns"),
+    pytest.param(lambda path: MLflow(dir=path / "mlruns"), marks=pytest.mark.slow),  # MLflow runs git
     lambda path: JSONLines(path / "metrics.jsonl"),
 ])
 def test_an_unwritable_directory_fails_at_construction(tmp_path, tracker):
@@ -337,6 +342,7 @@ def test_an_unwritable_directory_fails_at_construction(tmp_path, tracker):
         tracker(target)
 
 
+@pytest.mark.slow  # MLflow runs git
 def test_non_main_ranks_create_nothing(tmp_path):
     trackers = [TensorBoard(tmp_path / "tb"), JSONLines(tmp_path / "m.jsonl"), MLflow(dir=tmp_path / "ml"),
                 wandb_tracker(tmp_path)]
@@ -345,6 +351,7 @@ def test_non_main_ranks_create_nothing(tmp_path):
     assert all(tracker.last_step is None for tracker in trackers)
 
 
+@pytest.mark.slow  # W&B's service, MLflow's git
 def test_check_two_rank_tracking_reads_back_on_one_process(tmp_path):
     seen = check_two_rank_tracking(tmp_path)
     expected = seen.pop("expected")

@@ -287,6 +287,7 @@ def prepared_fp8(model: nn.Module, train: TensorDataset):
                       DataLoader(train, batch_size=64, shuffle=True))
 
 
+@pytest.mark.slow  # seconds of training
 def test_fp8_converts_eligible_layers_learns_digits_and_round_trips_a_checkpoint(tmp_path):
     pytest.importorskip("torchao")
     from torchao.float8.float8_linear import Float8Linear
@@ -432,6 +433,7 @@ def test_fp16_run_killed_and_resumed_ends_bit_identical_with_its_loss_scale(tmp_
 # -- torch.compile -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # inductor's compile workers
 def test_compile_gives_the_eager_weights():
     """Slow on a cold cache: inductor compiles C++ for the CPU (~15-30 s), a few seconds warm."""
     batches = micro_batches(count=6, overflow_at=None)

@@ -139,6 +139,7 @@ def test_unsupported_loader_settings_are_named():
     assert flat(prepared(CountingDataset(4), batch_sampler=batch_sampler)) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_prepare_wraps_a_loader_that_works_with_workers():
     _state, loader = tl.prepare(tl.init(), DataLoader(CountingDataset(9), batch_size=2, num_workers=2, shuffle=True))
     assert sorted(flat(loader)) == list(range(9))
@@ -339,6 +340,7 @@ def test_checkpoint_resumes_a_batch_sampler_mid_epoch(tmp_path):
         torch.testing.assert_close(resumed[name], value, atol=0, rtol=0)
 
 
+@pytest.mark.slow  # DataLoader worker processes
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_a_streams_last_batch_is_padded_or_split_and_its_padding_known_with_workers(num_workers):
     def rank_batches(rank, even):
