@@ -232,7 +232,7 @@ def test_staging_copies_on_several_cores_are_exact(monkeypatch):
 
 
 def v1_run():
-    """The run that tests/data/make_v1_checkpoint.py trained and saved, before its training."""
+    """The run that tests/support/data/make_v1_checkpoint.py trained and saved, before its training."""
     model = tiny_model(seed=5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)

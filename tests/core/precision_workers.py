@@ -2,7 +2,7 @@
 the tests' single-process references.
 
 `two_rank_checks` is started once by `trainloop.spawn.run(fn, n=2)` and returns plain data from
-every rank (gathered to rank 0); tests/test_precision.py asserts on it.
+every rank (gathered to rank 0); tests/core/test_precision.py asserts on it.
 """
 
 from __future__ import annotations

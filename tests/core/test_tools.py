@@ -1,6 +1,6 @@
 """The small tools: tl.any/all, gather_object, pad, find_batch_size, Throughput, Profile, `python -m trainloop env`.
 
-The multi-process checks share one 2-process start-up (tests/tools_workers.py).
+The multi-process checks share one 2-process start-up (tests/core/tools_workers.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The code blocks of README.md and docs/*.md, read as a user copies them, and the objects they assume.
 
-tests/test_docs.py runs them in one process; `readme_loop_on_ranks` runs the README's loop in the
+tests/docs/test_docs.py runs them in one process; `readme_loop_on_ranks` runs the README's loop in the
 workers of one `spawn.run`. A snippet is taken from the file every time, so editing the docs edits
 the test: a snippet that stops working fails here.
 """

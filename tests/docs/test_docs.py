@@ -1,6 +1,6 @@
 """The documentation's code runs as written, and its tables name what the code has.
 
-Snippets are read from README.md and docs/*.md each time (tests/docs_snippets.py), so a doc edit
+Snippets are read from README.md and docs/*.md each time (tests/docs/docs_snippets.py), so a doc edit
 that breaks one fails here. One process, except one `spawn.run` start-up for the multi-process
 snippets.
 """

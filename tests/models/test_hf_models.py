@@ -1,6 +1,6 @@
 """Hugging Face models through trainloop: the prepared model behaves like the user's model.
 
-Tiny GPT-2 and Llama models built from configs (tests/hf_models.py), never downloaded.
+Tiny GPT-2 and Llama models built from configs (tests/support/hf_models.py), never downloaded.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One `spawn.run` of `weights_checks` on 2 ranks loads a file written here from a whole model
 (and the same weights as a Hugging Face sharded directory) into FSDP2, DDP, tensor-parallel and
-FSDP2-over-TP models (tests/weights_workers.py). One process, meta-device models, tied weights
+FSDP2-over-TP models (tests/models/weights_workers.py). One process, meta-device models, tied weights
 and the errors run in this process.
 """
 

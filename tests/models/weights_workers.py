@@ -1,4 +1,4 @@
-"""What runs inside the worker processes of the load_weights tests (tests/test_weights.py).
+"""What runs inside the worker processes of the load_weights tests (tests/models/test_weights.py).
 
 `weights_checks` is started once on 2 ranks. It loads checkpoints that the test wrote from a
 whole model into models prepared with strategy="fsdp" (DTensor shards), with DDP, and sharded by

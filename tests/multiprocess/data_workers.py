@@ -1,6 +1,6 @@
 """Data across ranks, inside real worker processes: gather(loader=), uneven batches, batch samplers.
 
-`data_checks` is started once by `trainloop.spawn.run(data_checks, n=2)` (tests/test_uneven.py)
+`data_checks` is started once by `trainloop.spawn.run(data_checks, n=2)` (tests/multiprocess/test_uneven.py)
 and performs every check; it returns plain data and the tests assert on it. `LengthBucketing`
 is the real length-bucketing batch sampler the tests shard.
 """

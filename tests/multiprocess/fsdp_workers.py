@@ -1,8 +1,8 @@
-"""What runs inside the worker processes of the FSDP tests (tests/test_fsdp.py).
+"""What runs inside the worker processes of the FSDP tests (tests/multiprocess/test_fsdp.py).
 
 `fsdp_checks` is started once on 2 ranks by `trainloop.spawn.run` and performs every check that
 needs a live FSDP job; it returns plain data (rank 0's) that the tests assert on.
-`resumable_training` is the run that tests/scripts/fsdp_resumable.py checkpoints, kills and
+`resumable_training` is the run that tests/support/scripts/fsdp_resumable.py checkpoints, kills and
 resumes at other world sizes; `fsdp_checks` runs it uninterrupted for comparison.
 """
 

@@ -1,4 +1,4 @@
-"""What runs inside the worker processes of tests/test_strategies.py (strategies and scale).
+"""What runs inside the worker processes of tests/multiprocess/test_strategies.py (strategies and scale).
 
 `two_rank_checks` runs every 2-process check in one start-up; the tests assert on the plain
 data it returns, against plain PyTorch loops run in the test process.

@@ -1,7 +1,7 @@
 """Checks of `tl.log`'s cross-rank reports that run inside 2 worker processes (gloo, CPU).
 
 `log_checks` is started once by `trainloop.spawn.run(fn, n=2)`; it returns plain data from
-every rank (gathered to rank 0), and tests/test_steps_multiprocess.py asserts on it.
+every rank (gathered to rank 0), and tests/multiprocess/test_steps_multiprocess.py asserts on it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """strategy="fsdp" (FSDP2) on CPU with gloo: exactness, sharded checkpoints, export, safety.
 
 One `spawn.run` of `fsdp_checks` on 2 ranks runs every check that needs a live job
-(tests/fsdp_workers.py). Resuming across world sizes runs tests/scripts/fsdp_resumable.py under
+(tests/multiprocess/fsdp_workers.py). Resuming across world sizes runs tests/support/scripts/fsdp_resumable.py under
 `python -m trainloop.spawn`: killed inside a 2-rank sharded save, resumed on 1 rank, and a 1-rank
 checkpoint of that run resumed on 2 ranks. Reference results come from plain PyTorch loops on
 one process, run here.

@@ -1,6 +1,6 @@
 """Many processes on CPU with gloo: DDP exactness, sharded data, collectives.
 
-One `spawn.run` starts the 2 workers once and runs every check (tests/workers.py); the tests
+One `spawn.run` starts the 2 workers once and runs every check (tests/multiprocess/workers.py); the tests
 below assert on what it returned.
 """
 

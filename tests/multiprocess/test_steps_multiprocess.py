@@ -1,5 +1,5 @@
 """`tl.log` across 2 real processes (gloo): names checked at every report, never a hang, never a
-value mixed up across names; every logged value reported. The checks run in tests/steps_workers.py."""
+value mixed up across names; every logged value reported. The checks run in tests/multiprocess/steps_workers.py."""
 
 from __future__ import annotations
 

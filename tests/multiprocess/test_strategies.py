@@ -1,7 +1,7 @@
 """The strategies on real processes (gloo, CPU): DDP's own options, and the scale features.
 
 One `spawn.run(two_rank_checks, n=2)` runs every 2-process check and one
-`spawn.run(four_rank_checks, n=4)` every 4-process one (tests/scale_workers.py); the references
+`spawn.run(four_rank_checks, n=4)` every 4-process one (tests/multiprocess/scale_workers.py); the references
 are plain PyTorch loops on one process, run here.
 """
 

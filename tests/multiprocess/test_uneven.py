@@ -1,6 +1,6 @@
 """Data across ranks on 2 real processes (gloo): gather(loader=), even_batches, batch samplers.
 
-One `spawn.run` performs every check (tests/data_workers.py); the tests assert on what it
+One `spawn.run` performs every check (tests/multiprocess/data_workers.py); the tests assert on what it
 returned and compare the weights with plain one-process PyTorch loops (atol 1e-6).
 """
 

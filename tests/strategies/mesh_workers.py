@@ -1,4 +1,4 @@
-"""What runs inside the worker processes of the mesh tests (tests/test_mesh.py).
+"""What runs inside the worker processes of the mesh tests (tests/strategies/test_mesh.py).
 
 `mesh_checks` is started once on 4 ranks; it builds every mesh shape 4 ranks allow and reports,
 for each rank, the ranks of each sub-mesh and group, and the result of a real all-reduce over

@@ -1,4 +1,4 @@
-"""What runs inside the worker processes of the tensor-parallel tests (tests/test_tensor_parallel.py).
+"""What runs inside the worker processes of the tensor-parallel tests (tests/strategies/test_tensor_parallel.py).
 
 `tp_checks` is started once on 4 ranks, a mesh of dp_shard=2 x tp=2: each TP group shards
 small models with `apply_tp_plan` over its "tp" sub-mesh and compares forward outputs and

@@ -1,7 +1,7 @@
 """The run's device mesh (trainloop.strategies.mesh): settings, validation, and the ranks of each group.
 
 The validation runs in this process; one `spawn.run` of `mesh_checks` on 4 ranks builds every
-mesh 4 ranks allow and reports each rank's groups (tests/mesh_workers.py).
+mesh 4 ranks allow and reports each rank's groups (tests/strategies/mesh_workers.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The plan's checks (patterns, styles, Hugging Face plans) run in this process; one `spawn.run`
 of `tp_checks` on 4 ranks (dp_shard=2 x tp=2) compares sharded models with the same models
-whole: forward outputs and gradients (tests/tensor_parallel_workers.py).
+whole: forward outputs and gradients (tests/strategies/tensor_parallel_workers.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Write tests/data/v1-checkpoint: a format-1 (SHA-256) checkpoint, made by trainloop's own code
+"""Write tests/support/data/v1-checkpoint: a format-1 (SHA-256) checkpoint, made by trainloop's own code
 of that format (commit 2974358), for the test that today's trainloop still loads it.
 
     git worktree add /tmp/v1 2974358    # or any checkout of that commit
-    PYTHONPATH=/tmp/v1 python tests/data/make_v1_checkpoint.py tests/data/v1-checkpoint
+    PYTHONPATH=/tmp/v1 python tests/support/data/make_v1_checkpoint.py tests/support/data/v1-checkpoint
 
-The run is `v1_run()` in tests/test_checkpoint_background.py, trained two optimizer steps.
+The run is `v1_run()` in tests/checkpoint/test_checkpoint_background.py, trained two optimizer steps.
 """
 
 import importlib.util

@@ -1,4 +1,4 @@
-"""The FSDP run of tests/fsdp_workers.py `resumable_training`, checkpointing every 2 steps.
+"""The FSDP run of tests/multiprocess/fsdp_workers.py `resumable_training`, checkpointing every 2 steps.
 
 Run under `python -m trainloop.spawn -n N` at any N in (1, 2, 4): the global batch is the same.
 Resumes from the newest good checkpoint in `checkpoints`; writes rank 0's final full weights and
