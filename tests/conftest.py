@@ -23,7 +23,8 @@ BENCH_FOLDERS = ("benchmarks",)
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        folder = Path(item.path).relative_to(TESTS).parts[0]
+        path = Path(item.path)
+        folder = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else ""
         if folder in BENCH_FOLDERS:
             item.add_marker(pytest.mark.bench)
         if folder in SLOW_FOLDERS or item.get_closest_marker("multiprocess"):
