@@ -25,9 +25,10 @@ What is measured, and why it is fair:
   need it): a barrier, outside the timed span, starts every segment together; rank 0 times it.
   The us/step column is each variant's median over rounds; the ratio is the median over rounds
   of (variant / raw DDP) *within* the round, which cancels the machine's slow drift; the spread
-  is the ratio's interquartile range.
+  is the lowest and highest of those ratios.
 
-Target: trainloop's per-step time <= 1.05x the raw DDP loop, at accumulate 1 and 4.
+Target: trainloop's per-step time <= 1.03x the raw DDP loop, at accumulate 1 and 4, in every round.
+Fabric and Accelerate (the `bench` extra) run the same loop beside it where installed.
 Timings are printed, never asserted: the exit code is 0.
 """
 
@@ -65,6 +66,7 @@ from common import (
     build_mlp,
     classification_batches,
     interleaved_rounds,
+    peer_variants,
     profile_by_own_time,
     quick_note,
     ratio_cells,
@@ -75,11 +77,11 @@ from common import (
 )
 
 WORLD_SIZE = 2
-STEP_TARGET = 1.05
+STEP_TARGET = 1.03
 ACCUMULATIONS = (1, 4)
 BASELINE = "raw DDP"
-TABLE_HEADER = (f"{'accumulate':>10}  {'variant':<22}{'us/step':>9}{'vs raw':>9}{'spread':>9}"
-                f"{'cpu us/step':>13}{'vs raw':>9}{'spread':>9}")
+TABLE_HEADER = (f"{'accumulate':>10}  {'variant':<22}{'us/step':>9}{'vs raw':>9}{'spread':>13}"
+                f"{'cpu us/step':>13}{'vs raw':>9}{'spread':>13}")
 
 
 # -- the variants ------------------------------------------------------------------------------
@@ -120,6 +122,12 @@ VARIANTS: dict[str, Callable[[int], Loop]] = {
     "raw DDP + synced log": raw_ddp_synced_log,
     "trainloop": trainloop_loop,
 }
+
+
+def all_variants(accumulate: int) -> tuple[dict[str, Loop], list[str]]:
+    """The raw loops, trainloop's, and the peers' where installed (notes for those skipped)."""
+    peers, notes = peer_variants(accumulate)
+    return {**{name: factory(accumulate) for name, factory in VARIANTS.items()}, **peers}, notes
 
 
 # -- measuring (inside each worker) ------------------------------------------------------------
@@ -168,9 +176,10 @@ def worker(steps: int, rounds: int, warmup: int, profile: bool) -> dict | None:
     try:
         rank = dist.get_rank()
         batches = classification_batches(steps, rank=rank)
-        results: dict = {"world_size": dist.get_world_size(), "times": {}}
+        results: dict = {"world_size": dist.get_world_size(), "times": {}, "notes": set()}
         for accumulate in ACCUMULATIONS:
-            loops = {name: factory(accumulate) for name, factory in VARIANTS.items()}
+            loops, notes = all_variants(accumulate)
+            results["notes"].update(notes)
             results["times"][accumulate] = measure(loops, batches, rounds, warmup)
         if profile:
             results["profile"] = {accumulate: profile_trainloop(batches, accumulate, top=25)
@@ -215,15 +224,18 @@ def main() -> int:
             print(f"{accumulate:>10}  {name:<22}{ratio_cells(wall, wall_ratio, wall_spread)}"
                   f"{ratio_cells(cpu, cpu_ratio, cpu_spread, width=13)}")
             if name == "trainloop":
-                trainloop_ratios[accumulate] = wall_ratio, cpu_ratio
+                trainloop_ratios[accumulate] = wall_ratio, wall_spread, cpu_ratio
     print(f"  us/step: rank 0's median wall-clock time per micro-step (batch); vs raw: median of the "
-          f"per-round ratios to {BASELINE!r}; spread: their interquartile range.\n"
+          f"per-round ratios to {BASELINE!r}; spread: the lowest and highest of them.\n"
           f"  cpu us/step: the same for rank 0's main-thread CPU time: the loop's own work, mostly without the "
           f"waits for gloo\n  and for other processes, so it stays readable on a busy machine.")
+    for note in sorted(results["notes"]):
+        print(f"  note: {note}")
 
     print("\ntargets:")
-    for accumulate, (wall_ratio, cpu_ratio) in trainloop_ratios.items():
-        print(target_line(f"per-step, accumulate {accumulate}", wall_ratio, STEP_TARGET, baseline=BASELINE)
+    for accumulate, (wall_ratio, wall_spread, cpu_ratio) in trainloop_ratios.items():
+        print(target_line(f"per-step, accumulate {accumulate}", wall_ratio, STEP_TARGET, baseline=BASELINE,
+                          spread=wall_spread)
               + f"; main-thread CPU {cpu_ratio:.3f}x")
     if args.quick:
         print(quick_note())
