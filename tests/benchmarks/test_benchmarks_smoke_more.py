@@ -15,6 +15,10 @@ import pytest
 from tests.support.paths import REPO
 
 NUMBER = r"[0-9.]+"
+SPREAD = rf"{NUMBER}-{NUMBER}"  # the lowest and highest per-round ratio
+# The peers run beside trainloop where the bench extra is installed (CI has the dev extra only).
+PEERS = tuple(name for name, package in (("Accelerate", "accelerate"), ("Lightning Fabric", "lightning"))
+              if importlib.util.find_spec(package))
 
 
 def run_quick(script: str) -> str:
@@ -33,8 +37,8 @@ def test_ddp_benchmark_quick_run_prints_its_table():
     header = r"^\s*accumulate\s+variant\s+us/step\s+vs raw\s+spread\s+cpu us/step\s+vs raw\s+spread$"
     assert re.search(header, out, re.MULTILINE), out
     for accumulate in ("1", "4"):
-        for variant in ("raw DDP", "raw DDP \\+ synced log", "trainloop"):
-            row = rf"^\s*{accumulate}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x"
+        for variant in ("raw DDP", "raw DDP \\+ synced log", "trainloop", *PEERS):
+            row = rf"^\s*{accumulate}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{SPREAD}\s+{NUMBER}\s+{NUMBER}x\s+{SPREAD}$"
             assert re.search(row, out, re.MULTILINE), f"no {variant} row for accumulate {accumulate}:\n{out}"
         assert re.search(rf"^\s*per-step, accumulate {accumulate}: {NUMBER}x raw DDP", out, re.MULTILINE), out
 
@@ -42,13 +46,17 @@ def test_ddp_benchmark_quick_run_prints_its_table():
 def test_checkpoint_benchmark_quick_run_prints_its_tables():
     out = run_quick("checkpoint.py")
     assert re.search(r"^op\s+variant\s+ms\s+vs raw\s+spread$", out, re.MULTILINE), out
-    # Accelerate's rows need the bench extra; CI installs the dev extra only.
-    accelerate = ("accelerate",) if importlib.util.find_spec("accelerate") else ()
-    rows = [("save", v) for v in ("raw", "raw durable", *accelerate, "dcp", "trainloop",
+    # The peers' rows need the bench extra; CI installs the dev extra only, and says so.
+    peers = tuple(name for name, package in (("accelerate", "accelerate"), ("fabric", "lightning"))
+                  if importlib.util.find_spec(package))
+    for name, package in (("accelerate", "accelerate"), ("fabric", "lightning")):
+        if name not in peers:
+            assert f"the {name} rows are left out" in out, out
+    rows = [("save", v) for v in ("raw", "raw durable", *peers, "dcp", "trainloop",
                                   "trainloop background: blocked", "trainloop background: committed")]
-    rows += [("load", v) for v in ("raw", *accelerate, "dcp", "trainloop")]
+    rows += [("load", v) for v in ("raw", *peers, "dcp", "trainloop")]
     for op, variant in rows:
-        row = rf"^{op}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}$"
+        row = rf"^{op}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{SPREAD}$"
         assert re.search(row, out, re.MULTILINE), f"no {op} {variant} row:\n{out}"
     for target in ("background save, loop blocked", "background save, committed", "tl.load, verified"):
         assert re.search(rf"^\s*{target}: {NUMBER}x raw", out, re.MULTILINE), out
