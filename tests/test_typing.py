@@ -23,7 +23,9 @@ def test_the_package_ships_py_typed_and_installs_every_subpackage():
     (a package left out of setup.cfg is missing from the wheel, py.typed or not)."""
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
-    listed = {name.strip() for name in config["options"]["packages"].replace("\n", ",").split(",") if name.strip()}
+    # setuptools reads a value with line breaks one name a line, else as a comma list
+    value = config["options"]["packages"].strip()
+    listed = {name.strip() for name in (value.splitlines() if "\n" in value else value.split(",")) if name.strip()}
     assert (REPO / "trainloop" / "py.typed").is_file()
     assert "py.typed" in config["options.package_data"]["trainloop"]
     found = {".".join(("trainloop", *path.parent.relative_to(REPO / "trainloop").parts))
