@@ -27,9 +27,10 @@ REPO = Path(__file__).parent.parent
 PACKAGES = ((REPO / "trainloop", "trainloop"), (REPO / "callbacks", "trainloop.callbacks"))
 
 LAYERS: list[set[str]] = [
-    # 0: foundations: settings, errors, the callback protocol, topology, the wrapper walk, data,
-    #    what trainloop does to models themselves (meta-init, Hugging Face conventions, weights)
-    {"trainloop._version", "trainloop.errors", "trainloop.config", "trainloop.hooks", "trainloop.forwarding",
+    # 0: foundations: how a setting is declared, errors, the callback protocol, topology, the
+    #    wrapper walk, data, what trainloop does to models themselves (meta-init, Hugging Face
+    #    conventions, weights)
+    {"trainloop._version", "trainloop.errors", "trainloop.settings", "trainloop.hooks", "trainloop.forwarding",
      "trainloop.topology", "trainloop.worker", "trainloop.data", "trainloop.models"},
     # 1: the precision policy's wrapper (a forwarding one)
     {"trainloop.precision"},
@@ -40,15 +41,17 @@ LAYERS: list[set[str]] = [
      "trainloop.strategies.blocks", "trainloop.data.batch_size", "trainloop.bigmodel"},
     # 4: the strategies, each behind trainloop.strategies.base.Strategy
     {"trainloop.strategies"},
-    # 5: the core functions
+    # 5: the run's settings: its own, and the records the strategies own (config.ddp, ...)
+    {"trainloop.config"},
+    # 6: the core functions
     {"trainloop.steps", "trainloop.preparation", "trainloop.checkpoint"},
-    # 6: the whole surface for callback authors beside the public API
+    # 7: the whole surface for callback authors beside the public API
     {"trainloop.extension"},
-    # 7: the callbacks, on the public API, the protocol and the extension surface
+    # 8: the callbacks, on the public API, the protocol and the extension surface
     {"trainloop.callbacks"},
-    # 8: starting and ending a run (init attaches LossScale)
+    # 9: starting and ending a run (init attaches LossScale)
     {"trainloop.lifecycle"},
-    # 9: the front door, the launcher and the tools
+    # 10: the front door, the launcher and the tools
     {"trainloop", "trainloop.spawn", "trainloop.__main__", "trainloop.env"},
 ]
 
@@ -174,7 +177,7 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(sources):
                "trainloop.state": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                   "    from trainloop.lifecycle import init\n"}
     assert upward_imports(tangled) == [
-        "trainloop.strategies.fsdp (layer 4) imports trainloop.checkpoint (layer 5)"]
+        "trainloop.strategies.fsdp (layer 4) imports trainloop.checkpoint (layer 6)"]
     assert ["trainloop.checkpoint", "trainloop.strategies", "trainloop.strategies.fsdp",
             "trainloop.checkpoint"] in import_cycles(tangled)  # through the package's __init__
 
@@ -183,7 +186,7 @@ def test_importing_a_module_counts_as_importing_its_package(sources):
     """The cycle the old state.py hid: a lazy import of one checkpoint module runs the package's
     __init__, which imports the state back."""
     hidden = {**sources, "trainloop.state": "def f():\n    from trainloop.checkpoint.staging import Writer\n"}
-    assert "trainloop.state (layer 2) imports trainloop.checkpoint (layer 5)" in upward_imports(hidden)
+    assert "trainloop.state (layer 2) imports trainloop.checkpoint (layer 6)" in upward_imports(hidden)
     assert any("trainloop.state" in cycle and "trainloop.checkpoint" in cycle for cycle in import_cycles(hidden))
 
 

@@ -20,7 +20,14 @@ from trainloop.collectives import barrier, broadcast, gather, gather_object, mai
 from trainloop.config import Config
 from trainloop.data import PreparedLoader
 from trainloop.data.batch_size import find_batch_size
-from trainloop.errors import CheckpointError, CheckpointWarning, PreviousSaveFailed, StaleStateError, TrainloopError
+from trainloop.errors import (
+    CheckpointError,
+    CheckpointWarning,
+    PreviousSaveFailed,
+    SettingError,
+    StaleStateError,
+    TrainloopError,
+)
 from trainloop.forwarding import unwrap
 from trainloop.lifecycle import attach, finish, init
 from trainloop.preparation import prepare
@@ -30,7 +37,7 @@ from trainloop.topology import Topology
 
 __all__ = [
     "CheckpointError", "CheckpointWarning", "Config", "PreparedLoader", "PreviousSaveFailed", "RunState",
-    "StaleStateError", "Topology", "TrainloopError", "__version__",
+    "SettingError", "StaleStateError", "Topology", "TrainloopError", "__version__",
     "accumulate", "attach", "backward", "barrier", "broadcast", "empty_weights", "export",
     "find_batch_size", "finish", "gather", "gather_object", "init", "load", "load_weights", "log",
     "main_first", "pad", "prepare", "reduce", "save", "split", "step", "unwrap",

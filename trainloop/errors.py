@@ -26,3 +26,18 @@ class StaleStateError(TrainloopError, ValueError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (damaged) or not written (and `on_error="warn"`)."""
+
+
+class SettingError(TrainloopError, ValueError):
+    """A setting of the run has a bad value. `setting` names it as `init` takes it (`ddp_bucket_cap_mb`).
+
+    The message names the problem and the way out; where the value came from a `TRAINLOOP_*`
+    variable (a spawn flag) it starts with the variable's name.
+    """
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+    def __reduce__(self):  # picklable with its two arguments (a worker's error crosses processes)
+        return type(self), (self.setting, str(self))

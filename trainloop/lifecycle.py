@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trainloop import strategies
+from trainloop import precision, strategies
 from trainloop.checkpoint import finish_saves
 from trainloop.config import resolve_config
 from trainloop.hooks import Callback, Hooks, overridden_hooks
@@ -20,12 +20,15 @@ from trainloop.topology import join, leave_process_group
 def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
     """Start a run: read the process topology, join the process group, seed every RNG.
 
-    Settings (all optional; see `trainloop.config.Config` for each one's meaning):
-    `precision` ("fp32", "bf16", "fp16", "bf16-true", "fp8"), `accumulate` (micro-batches per
-    optimizer step), `strategy` ("auto", "ddp", "fsdp"), `seed`, `log_every`, `compile`,
-    `timeout` (seconds), `device`, and for FSDP `fsdp_blocks`, `fsdp_reshard_after_forward`,
-    `fsdp_cpu_offload`. `TRAINLOOP_*` environment variables (set by
-    `python -m trainloop.spawn --precision bf16 ...`) override them.
+    Settings, all optional keywords (what each does, and its default: README's table
+    "Settings and precedence", or `python -m trainloop.spawn --help`): `precision`,
+    `accumulate`, `strategy`, `seed`, `log_every`, `compile`, `timeout`, `device`, `blocks`,
+    `even_batches`, `activation_checkpointing`; DDP's `ddp_find_unused_parameters`, `ddp_static_graph`,
+    `ddp_gradient_as_bucket_view`, `ddp_bucket_cap_mb`, `ddp_comm_hook`; FSDP's
+    `fsdp_reshard_after_forward`, `fsdp_cpu_offload`; the mesh's `dp_replicate`, `dp_shard`,
+    `tp`, `tp_plan`. `TRAINLOOP_*` environment variables (set by
+    `python -m trainloop.spawn --precision bf16 ...`) override them. The precision policy
+    (`state.precision`) and the strategy (`state.strategy`) are built here, once.
 
     The process topology comes from the launcher's variables (RANK, WORLD_SIZE, LOCAL_RANK, ...,
     or SLURM's). With more than one process the default process group is joined with the
@@ -33,20 +36,22 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
     device is the accelerator torch finds (one per local rank), else the CPU. Python's, NumPy's
     and torch's RNGs are seeded with `seed + rank`.
 
-    Raises ValueError naming the setting for a bad value, TypeError for an unknown setting.
+    Raises `SettingError` (a ValueError; `.setting` names the setting) for a bad value, TypeError
+    for an unknown setting.
     """
     config = resolve_config(settings)
     callbacks = tuple(callbacks)
     _check_callbacks(callbacks)
     topology = join(config.device, config.timeout)
     _seed_everything(config.seed + topology.rank)
-    if config.precision == "fp16":
+    policy = precision.policy(config.precision)
+    if policy.loss_scaling:
         from trainloop.callbacks import LossScale
 
         if not any(isinstance(c, LossScale) for c in callbacks):
             callbacks = (LossScale(), *callbacks)  # fp16 gradients underflow without scaling
     return RunState(topology=topology, config=config, callbacks=callbacks, hooks=Hooks.of(callbacks),
-                    strategy=strategies.create(config, topology))
+                    strategy=strategies.create(config, topology), precision=policy)
 
 
 def attach(state: RunState, *callbacks: Any) -> RunState:

@@ -19,7 +19,11 @@ autocast region and autocast upcasts it. A loss in fp16 would lose precision, or
 Accelerate and Lightning Fabric cast outputs the same way. The cost is one fp32 copy of the
 outputs (for a language model's logits: what the loss would have upcast anyway).
 
-All of this is done by `Autocast`, a small module wrapped around the prepared model; the user's
+Each row is a `Precision` (below), one object with fields, built once by `init` and kept as
+`state.precision`: `prepare` calls its `cast` and `wrap`, FSDP shards under its
+`fsdp_policy()`, and `init` attaches `LossScale` where it says `loss_scaling`.
+
+The forward's part is done by `Autocast`, a small module wrapped around the prepared model; the user's
 class and instance are never patched. The model's public attributes and methods are reachable
 on the wrapper, and its methods (`generate`) run under the same policy as the forward
 (`trainloop.forwarding`). `tl.unwrap(model)` returns the user's module.
@@ -38,16 +42,98 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from trainloop.forwarding import ForwardsAttributes
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with float8 tensor cores
 FLOAT8_DIVISOR = 16  # torch._scaled_mm needs both dims of the weight divisible by 16
+
+
+@attrs.frozen
+class Precision:
+    """A precision policy: what `init(precision=name)` does to a run, built once in `init`.
+
+    The run keeps it as `state.precision`; `prepare` casts each model with `cast` and wraps it
+    with `wrap`, FSDP shards under `fsdp_policy`, and `init` attaches `LossScale` when
+    `loss_scaling` is set. A policy is its fields, no subclass: a new precision is one more
+    `Precision(...)` in `POLICIES` (`16-true` would be `param_dtype=torch.float16`).
+    """
+
+    #: The `precision` setting's value ("bf16", "bf16-true", ...).
+    name: str
+    #: The dtype the parameters (and so the optimizer state) are cast to; None: kept as built.
+    #: Floating inputs are cast to it at the forward (fp32 data meets the cast weights).
+    param_dtype: torch.dtype | None = None
+    #: The dtype the forward runs under `torch.autocast` in (fp32 parameters); None: no autocast.
+    autocast_dtype: torch.dtype | None = None
+    #: Gradients need dynamic loss scaling (fp16's range): `init` attaches `LossScale` first.
+    loss_scaling: bool = False
+    #: The eligible `nn.Linear` layers train in float8 (torchao's `Float8Linear`).
+    float8: bool = False
+
+    def cast(self, model: nn.Module) -> nn.Module:
+        """Prepare the parameters for the policy: `param_dtype`, float8 layers; return the model.
+
+        `model` is already on its device. The autocast policies need fp32 parameters (autocast
+        computes in low precision while the optimizer updates fp32 master weights), so a model
+        in fp16 or bf16 raises ValueError. `float8` swaps the eligible layers in place (see
+        `_convert_to_float8`).
+        """
+        if self.autocast_dtype is not None:
+            half = next((p.dtype for p in model.parameters() if p.dtype in LOW_PRECISION), None)
+            if half is not None:
+                raise ValueError(
+                    f"precision={self.name!r} expects fp32 parameters (autocast computes in low "
+                    f"precision and the optimizer updates fp32 master weights), but the model has "
+                    f"{half} parameters: build the model in fp32, or use precision='bf16-true' for "
+                    "parameters in bf16"
+                )
+        if self.param_dtype is not None:
+            return model.to(self.param_dtype)
+        if self.float8:
+            return _convert_to_float8(model)
+        return model
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """`model` in `Autocast` for the policy's forward; returned as it is when there is nothing to do."""
+        if self.param_dtype is not None:
+            return Autocast(model, device.type, self.param_dtype, autocast=False)
+        if self.autocast_dtype is not None:
+            return Autocast(model, device.type, self.autocast_dtype)
+        return model
+
+    def fsdp_policy(self) -> Any:
+        """FSDP2's `MixedPrecisionPolicy`: gather parameters and compute in the autocast dtype,
+        reduce gradients in fp32. Policies without autocast get FSDP's default (none): their
+        parameters already have the compute dtype."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy  # only FSDP runs pay for it
+
+        if self.autocast_dtype is None:
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
+
+
+POLICIES = (
+    Precision("fp32"),
+    Precision("bf16", autocast_dtype=torch.bfloat16),
+    Precision("fp16", autocast_dtype=torch.float16, loss_scaling=True),
+    Precision("bf16-true", param_dtype=torch.bfloat16),
+    Precision("fp8", autocast_dtype=torch.bfloat16, float8=True),
+)
+
+
+def policy(name: str) -> Precision:
+    """The policy of the `precision` setting `name` (one of `POLICIES`' names)."""
+    for candidate in POLICIES:
+        if candidate.name == name:
+            return candidate
+    raise ValueError(f"precision must be one of {', '.join(repr(p.name) for p in POLICIES)} (got {name!r})")
+
 
 
 class Autocast(ForwardsAttributes, nn.Module):
@@ -105,30 +191,6 @@ class Autocast(ForwardsAttributes, nn.Module):
 
 def _to_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in LOW_PRECISION else tensor
-
-
-def cast_module(model: nn.Module, precision: str) -> nn.Module:
-    """Prepare the parameters for the policy: bf16 for `bf16-true`, float8 layers for `fp8`.
-
-    `model` is already on its device. The autocast policies need fp32 parameters (autocast
-    computes in low precision while the optimizer updates fp32 master weights), so a model in
-    fp16 or bf16 raises ValueError. `fp8` swaps the eligible layers in place (see
-    `_convert_to_float8`).
-    """
-    if precision in AUTOCAST_DTYPES:
-        half = next((p.dtype for p in model.parameters() if p.dtype in LOW_PRECISION), None)
-        if half is not None:
-            raise ValueError(
-                f"precision={precision!r} expects fp32 parameters (autocast computes in low "
-                f"precision and the optimizer updates fp32 master weights), but the model has "
-                f"{half} parameters: build the model in fp32, or use precision='bf16-true' for "
-                "parameters in bf16"
-            )
-    if precision == "bf16-true":
-        return model.to(torch.bfloat16)
-    if precision == "fp8":
-        return _convert_to_float8(model)
-    return model
 
 
 def _convert_to_float8(model: nn.Module) -> nn.Module:
@@ -189,13 +251,3 @@ def _float8_emulated(device: torch.device) -> bool:
 def _float8_eligible(module: nn.Module, fqn: str) -> bool:
     return (isinstance(module, nn.Linear) and module.in_features % FLOAT8_DIVISOR == 0
             and module.out_features % FLOAT8_DIVISOR == 0)
-
-
-def wrap_forward(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
-    """Wrap the model in `Autocast` for the policy's forward; fp32 models are returned as they are."""
-    if precision == "bf16-true":
-        return Autocast(model, device.type, torch.bfloat16, autocast=False)
-    dtype = AUTOCAST_DTYPES.get(precision)
-    if dtype is None:
-        return model
-    return Autocast(model, device.type, dtype)

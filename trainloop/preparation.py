@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainloop import precision
 from trainloop.data import PreparedLoader
 from trainloop.models.meta import move_real_tensors
 from trainloop.state import RunState
@@ -113,15 +112,15 @@ def _prepare_model(state: RunState, model: nn.Module) -> tuple[nn.Module, dict[i
     Returns the prepared model and the parameters the strategy replaced (id -> replacement).
     """
     # A model built under tl.empty_weights() keeps its meta tensors: the strategy allocates them.
-    model = precision.cast_module(move_real_tensors(model, state.device), state.config.precision)
+    model = state.precision.cast(move_real_tensors(model, state.device))
     # Activation checkpointing and compile="blocks" act on the blocks: the strategy applies them
     # (after tensor parallelism, before sharding or DDP, as torchtitan orders them).
     if state.config.compile is True:
         # Compile the module, then wrap it, as torch's "Where to apply torch.compile?" advises
         # (dynamo does not trace DDP/FSDP wrappers well). Inside DDP's forward, dynamo still splits
         # the graph at DDP's bucket boundaries (DDPOptimizer), so the all-reduce overlaps the
-        # backward. After cast_module: float8 layers are compiled too. Autocast stays outside:
+        # backward. After the cast: float8 layers are compiled too. Autocast stays outside:
         # dynamo guards on the autocast state and traces the casts into the graph.
         model = torch.compile(model)  # pyright: ignore[reportAssignmentType]  (an OptimizedModule)
-    model, replaced = state.strategy.wrap(state, model)
-    return precision.wrap_forward(model, state.device, state.config.precision), replaced
+    model, replaced = state.strategy.wrap(model)
+    return state.precision.wrap(model, state.device), replaced

@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from trainloop.config import SETTINGS, config_from, env_name, parse_setting, settings_from_env
+from trainloop.config import ALIASES, SETTINGS, canonical, config_from, env_name, parse_setting, settings_from_env
 from trainloop.topology import first_slurm_host
 from trainloop.worker import InWorker
 
@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     for field in SETTINGS:
         settings.add_argument(
             "--" + field.name.replace("_", "-"), dest=field.name, default=None, metavar="VALUE",
-            help=_with_default(field.metadata["help"], field.default),
+            help=_with_default(field.help, field.default),
         )
+    for old, name in ALIASES.items():  # accepted with the same meaning, not listed
+        settings.add_argument("--" + old.replace("_", "-"), dest=name, default=None, help=argparse.SUPPRESS)
     parser.add_argument("-m", dest="module", action="store_true",
                         help="run the target as a module (python -m target), not a script")
     parser.add_argument("target", help="the training script (or module with -m)")
@@ -137,7 +139,7 @@ def _read_toml(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"--config {path} is not valid TOML: {error}") from None
     known = set(_LAUNCH_FLAGS) | {field.name for field in SETTINGS}
-    normalised = {key.replace("-", "_"): value for key, value in values.items()}
+    normalised = {canonical(key.replace("-", "_")): value for key, value in values.items()}
     unknown = sorted(set(normalised) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown key(s) {unknown}; known keys are {sorted(known)}")
@@ -284,7 +286,7 @@ def _validated_settings(settings: Mapping[str, Any],
     setting given here replaces them: they are checked with the rest, and an error names the
     variable. (A bad one found in the workers would fail every restart attempt the same way.)
     """
-    given = {name: parse_setting(name, value) if isinstance(value, str) else value
+    given = {canonical(name): parse_setting(name, value) if isinstance(value, str) else value
              for name, value in settings.items() if value is not None}
     inherited = {name: value for name, value in settings_from_env(environ).items() if name not in given}
     config_from(given, inherited)  # raises ValueError naming the setting or the variable

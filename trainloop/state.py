@@ -18,15 +18,16 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from trainloop.config import Config
 from trainloop.errors import StaleStateError  # defined with the other errors; re-exported here
 from trainloop.hooks import Hooks
 from trainloop.topology import Topology
 
 if TYPE_CHECKING:
     from trainloop.checkpoint.staging import Writer
+    from trainloop.config import Config
     from trainloop.data import PreparedLoader
     from trainloop.hooks import Callback
+    from trainloop.precision import Precision
     from trainloop.strategies.base import Strategy
 
 
@@ -118,6 +119,7 @@ class RunState:
         pending_logs, logged_step: `log`'s buffer and the step it last flushed at.
         generation, lineage: which state of the run is current (see `Lineage`).
         strategy: how models are spread over the processes (`trainloop.strategies`).
+        precision: the precision policy of `config.precision` (`trainloop.precision.Precision`).
 
     `hooks` is derived from `callbacks`: `evolve(callbacks=...)` recomputes it.
     """
@@ -141,6 +143,7 @@ class RunState:
     generation: int = attrs.field(default=0, eq=False)
     lineage: Lineage = attrs.field(factory=Lineage, eq=False)
     strategy: Strategy = attrs.field(kw_only=True, eq=False)  # set by `init`: strategies.create
+    precision: Precision = attrs.field(kw_only=True, eq=False)  # set by `init`: precision.policy
 
     # -- where this process sits ---------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import os
 import re
 import types
 
-import attrs
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -23,7 +22,7 @@ import trainloop.callbacks
 from tests.docs.docs_snippets import EVAL_SAMPLES, REPO, docs_on_two_ranks, python_blocks, right_column, run_readme_loop
 from trainloop import spawn
 from trainloop.callbacks import Checkpoint
-from trainloop.config import Config
+from trainloop.config import SETTINGS
 
 
 def _readme() -> str:
@@ -300,11 +299,18 @@ def test_readme_lists_every_setting_with_its_default_and_flag():
     text = _readme()
     settings = _table_rows(text, "## Settings and precedence").splitlines()
     flags_row = next(line for line in text.splitlines() if line.startswith("| `--precision`"))
-    for field in attrs.fields(Config):
+    for field in SETTINGS:
         row = next((line for line in settings if line.startswith(f"| `{field.name}` |")), None)
         assert row is not None, f"README's settings table lacks {field.name}"
         assert row.split("|")[2].strip().strip("`").strip('"') == str(field.default), f"default of {row}"
         assert f"`--{field.name.replace('_', '-')}`" in flags_row, f"README's flags lack --{field.name}"
+
+
+def test_init_docstring_names_every_setting_and_points_at_the_settings_table():
+    doc = tl.init.__doc__
+    assert "Settings and precedence" in doc and "Settings and precedence" in _readme()
+    missing = [field.name for field in SETTINGS if f"`{field.name}`" not in doc]
+    assert missing == [], f"tl.init's docstring lacks the settings {missing}"
 
 
 def test_readme_layout_names_every_module():

@@ -127,7 +127,7 @@ def _block_selection_checks(results: dict) -> None:
         return [name or "<root>" for name, m in tl.unwrap(model).named_modules() if isinstance(m, FSDPModule)]
 
     results["default_blocks"] = sharded(tl.init(strategy="fsdp"), BlockModel())
-    results["named_blocks"] = sharded(tl.init(strategy="fsdp", fsdp_blocks="Block,Linear"), BlockModel(depth=2))
+    results["named_blocks"] = sharded(tl.init(strategy="fsdp", blocks="Block,Linear"), BlockModel(depth=2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results["root_only"] = sharded(tl.init(strategy="fsdp"), tiny_model())

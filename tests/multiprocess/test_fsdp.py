@@ -157,13 +157,13 @@ def test_a_model_without_blocks_is_sharded_at_the_root_with_a_warning(job):
     assert results["root_only"] == ["<root>"]
     assert len(results["root_only_warnings"]) == 1
     assert "only the root is sharded" in results["root_only_warnings"][0]
-    assert "fsdp_blocks='MyBlock'" in results["root_only_warnings"][0]
+    assert "init(blocks='MyBlock')" in results["root_only_warnings"][0]
 
 
 def test_unknown_block_class_names_the_classes_the_model_has(job):
     results, _ = job
     assert results["unknown_block_error"] == (
-        "fsdp_blocks names ['Layer'], but BlockModel has no submodule of that class; its module "
+        "blocks names ['Layer'], but BlockModel has no submodule of that class; its module "
         "classes are ['Block', 'BlockModel', 'Linear', 'ModuleList']")
 
 
@@ -183,8 +183,9 @@ def test_optimizers_that_cannot_be_bound_are_refused_clearly(job):
 
 
 def test_block_classes_must_be_class_names():
-    with pytest.raises(ValueError, match="fsdp_blocks must be comma-separated class names"):
-        tl.init(strategy="fsdp", fsdp_blocks="Block; Head")
+    for name in ("blocks", "fsdp_blocks"):  # the old name means the same
+        with pytest.raises(ValueError, match="^blocks must be comma-separated class names"):
+            tl.init(strategy="fsdp", **{name: "Block; Head"})
 
 
 # -- checkpoints -------------------------------------------------------------------------------

@@ -24,7 +24,11 @@ __all__ = ["Strategy", "create"]
 
 
 def create(config: Config, topology: Topology) -> Strategy:
-    """The strategy for `config.strategy` on this topology."""
+    """The strategy for `config.strategy` on this topology; raises ValueError for settings it refuses.
+
+    Nothing else is needed to build or use one: `create(tl.Config(), tl.Topology()).wrap(model)`
+    works without a run (tests build strategies that way).
+    """
     if config.strategy == "fsdp":
         from trainloop.strategies.fsdp import FullyShard
 
@@ -33,8 +37,6 @@ def create(config: Config, topology: Topology) -> Strategy:
         from trainloop.strategies.ddp import DataParallel
 
         return DataParallel(config, topology)
-    from trainloop.strategies.base import refuse_mesh
     from trainloop.strategies.local import Local
 
-    refuse_mesh(config, config.strategy)
-    return Local()
+    return Local(config, topology)

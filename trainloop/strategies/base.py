@@ -16,12 +16,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from trainloop.errors import SettingError
+
 if TYPE_CHECKING:
-    from trainloop.state import RunState
+    from trainloop.config import Config
+    from trainloop.topology import Topology
 
 
 class Strategy(Protocol):
-    """What the core needs from a strategy. Methods that say "collective" run on every rank."""
+    """What the core needs from a strategy. Methods that say "collective" run on every rank.
+
+    A strategy is built once from the run's settings and this process's place in the job
+    (`trainloop.strategies.create(config, topology)`) and needs nothing else: no `RunState`.
+    """
 
     #: The `strategy` setting this object implements ("local", "ddp", "fsdp").
     name: str
@@ -29,7 +36,7 @@ class Strategy(Protocol):
     #: whole weights written by rank 0; a sharded run refuses to resume from whole weights.
     sharded: bool
 
-    def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+    def wrap(self, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
         """Make `model` (on its device, precision-cast) ready for the strategy. Collective.
 
         Returns the model to hand on (a wrapper, or the model sharded in place) and
@@ -92,11 +99,13 @@ def rebind(optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) 
         group["params"][:] = [replaced.get(id(p), p) for p in group["params"]]
 
 
-def refuse_mesh(config: Any, strategy: str) -> None:
-    """Raise ValueError for mesh settings that only `strategy="fsdp"` implements."""
-    if config.tp != 1 or config.dp_replicate != 1:
-        raise ValueError(
-            f"dp_replicate={config.dp_replicate} and tp={config.tp} need strategy='fsdp' (HSDP and "
+def refuse_mesh(config: Config, strategy: str) -> None:
+    """Raise SettingError for mesh settings that only `strategy="fsdp"` implements."""
+    mesh = config.mesh
+    if mesh.tp != 1 or mesh.dp_replicate != 1:
+        raise SettingError(
+            "tp" if mesh.tp != 1 else "dp_replicate",
+            f"dp_replicate={mesh.dp_replicate} and tp={mesh.tp} need strategy='fsdp' (HSDP and "
             f"tensor parallelism compose with FSDP2); strategy={strategy!r} replicates the whole model: "
             "use strategy='fsdp', or leave dp_replicate and tp at 1"
         )
@@ -114,8 +123,9 @@ class WholeModel:
     name = "local"
     sharded = False
 
-    def __init__(self, rank: int = 0, world_size: int = 1):
-        self._rank, self._world_size = rank, world_size
+    def __init__(self, config: Config, topology: Topology):
+        self._config = config
+        self._rank, self._world_size, self._device = topology.rank, topology.world_size, topology.device
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:
         """Swap in the parameters a meta model's materialisation replaced; others stay."""

@@ -38,7 +38,7 @@ def find_blocks(model: nn.Module, class_names: str = "") -> list[nn.Module]:
         if missing:
             present = sorted({type(m).__name__ for m in model.modules()})
             raise ValueError(
-                f"fsdp_blocks names {sorted(missing)}, but {type(model).__name__} has no submodule "
+                f"blocks names {sorted(missing)}, but {type(model).__name__} has no submodule "
                 f"of that class; its module classes are {present}"
             )
         return found[::-1]  # modules() is pre-order: reversed, inner blocks come before outer ones
@@ -52,7 +52,7 @@ def find_blocks(model: nn.Module, class_names: str = "") -> list[nn.Module]:
         warnings.warn(
             f"strategy='fsdp' found no blocks in {type(model).__name__} (no nn.ModuleList holding "
             "parameters): only the root is sharded, so forward and backward gather the whole model "
-            "at once. Name the block classes with init(fsdp_blocks='MyBlock') to shard per block.",
+            "at once. Name the block classes with init(blocks='MyBlock') to shard per block.",
             UserWarning, stacklevel=2)
         return []
     return [child for child in largest if _parameter_count(child) > 0]
@@ -68,9 +68,9 @@ def apply(model: nn.Module, config: Config) -> None:
     Strategies call it on the user's module before they shard or wrap it.
     """
     if config.activation_checkpointing == "blocks":
-        checkpoint_blocks(model, config.fsdp_blocks)
+        checkpoint_blocks(model, config.blocks)
     if config.compile == "blocks":
-        compile_blocks(model, config.fsdp_blocks)
+        compile_blocks(model, config.blocks)
 
 
 def checkpoint_blocks(model: nn.Module, class_names: str = "") -> nn.Module:
@@ -112,6 +112,6 @@ def _blocks_or_refuse(model: nn.Module, class_names: str, setting: str) -> list[
     if not blocks:
         raise ValueError(
             f"{setting} found no blocks in {type(model).__name__} (no nn.ModuleList holding "
-            "parameters): name the block classes with init(fsdp_blocks='MyBlock')"
+            "parameters): name the block classes with init(blocks='MyBlock')"
         )
     return blocks

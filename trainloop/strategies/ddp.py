@@ -1,10 +1,10 @@
 """DistributedDataParallel: a whole replica of the model per rank, gradients all-reduced.
 
 DDP's constructor broadcasts rank 0's parameters and buffers, so every rank starts from the same
-model however it was built. Its own options are settings (`ddp_*`, see `trainloop.config`):
-`find_unused_parameters`, `static_graph`, `gradient_as_bucket_view`, `bucket_cap_mb`, and a
-gradient-compression communication hook (`ddp_comm_hook="bf16"|"fp16"`, torch's
-`default_hooks`). The traps each one carries are in the settings' help and in docs/fsdp.md.
+model however it was built. Its own options are the record `DDPOptions` (`config.ddp`; the
+settings `ddp_*`): `find_unused_parameters`, `static_graph`, `gradient_as_bucket_view`,
+`bucket_cap_mb`, and a gradient-compression communication hook (`ddp_comm_hook="bf16"|"fp16"`,
+torch's `default_hooks`). The traps each one carries are in their help and in docs/fsdp.md.
 """
 
 from __future__ import annotations
@@ -13,21 +13,57 @@ import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from torch import nn
 
 from trainloop import forwarding
+from trainloop.errors import SettingError
 from trainloop.forwarding import unwrap, wrapper_layers
 from trainloop.models.meta import materialize
+from trainloop.settings import Settings, at_least, boolean, is_boolean, number, one_of, setting, text, to_float
 from trainloop.strategies import blocks
 from trainloop.strategies.base import WholeModel, refuse_mesh
 
 if TYPE_CHECKING:
     from trainloop.config import Config
-    from trainloop.state import RunState
     from trainloop.topology import Topology
 
 DDP = nn.parallel.DistributedDataParallel
 _NOTHING_TO_DO = contextlib.nullcontext()
+
+
+@attrs.frozen
+class DDPOptions(Settings):
+    """DistributedDataParallel's own options: the settings `ddp_<field>`."""
+
+    prefix = "ddp_"
+
+    find_unused_parameters: bool = setting(
+        False, parse=boolean, check=[is_boolean],
+        help="DDP: let backward finish when some parameters got no gradient this step. Trap: a "
+             "parameter used on only some ranks is averaged with zeros from the others (a gradient "
+             "of 1.0 becomes 0.5 on 2 ranks); costs a graph walk per backward")
+    static_graph: bool = setting(
+        False, parse=boolean, check=[is_boolean],
+        help="DDP: the set of used parameters and the graph never change between steps (allows "
+             "reentrant activation checkpointing). Traps: a model whose control flow does change "
+             "gets wrong or missing gradient syncs; torch's DDP breaks with it under no_sync, so it "
+             "is refused with accumulate > 1")
+    gradient_as_bucket_view: bool = setting(
+        False, parse=boolean, check=[is_boolean],
+        help="DDP: gradients are views into the all-reduce buckets (saves one copy of the "
+             "gradients). Trap: code that calls grad.detach_() or replaces a view in place fails or "
+             "writes into the bucket")
+    bucket_cap_mb: float = setting(
+        25.0, parse=number, convert=to_float, check=[at_least(0.001)],
+        help="DDP: megabytes of gradients per all-reduce bucket (25: torch's default, with a small "
+             "first bucket). Trap: tiny buckets mean many small collectives, huge ones no overlap "
+             "of the all-reduce with backward")
+    comm_hook: str = setting(
+        "none", parse=text, check=[one_of(("none", "bf16", "fp16"))],
+        help="DDP: all-reduce gradients compressed to bf16 or fp16 (torch's default_hooks; bf16 "
+             "needs nccl). Traps: the sum is rounded, so training is no longer exact; fp16 "
+             "overflows for gradients above 65504 x world_size")
 
 
 class DataParallel(WholeModel):
@@ -36,34 +72,37 @@ class DataParallel(WholeModel):
     name = "ddp"
 
     def __init__(self, config: Config, topology: Topology):
-        if config.ddp_comm_hook == "bf16" and topology.backend not in ("nccl", "xccl"):
-            raise ValueError(
+        options = config.ddp
+        if options.comm_hook == "bf16" and topology.backend not in ("nccl", "xccl"):
+            raise SettingError(
+                "ddp_comm_hook",
                 f"ddp_comm_hook='bf16' needs the nccl or xccl backend (torch's bf16_compress_hook), "
                 f"and this run uses {topology.backend}: use ddp_comm_hook='fp16' or 'none'"
             )
-        if config.ddp_static_graph and config.accumulate > 1:
+        if options.static_graph and config.accumulate > 1:
             # torch's DDP asserts inside no_sync with static_graph, and once past that stops
             # all-reducing from the second window on (pytorch#143580, accelerate#3679).
-            raise ValueError(
+            raise SettingError(
+                "ddp_static_graph",
                 f"ddp_static_graph=True does not work with accumulate={config.accumulate}: torch's "
                 "DDP breaks inside no_sync with a static graph (pytorch/pytorch#143580). Use "
                 "accumulate=1, or leave ddp_static_graph off"
             )
         refuse_mesh(config, "ddp")
-        super().__init__(topology.rank, topology.world_size)
+        super().__init__(config, topology)
         self.options: dict[str, Any] = {
-            "find_unused_parameters": config.ddp_find_unused_parameters,
-            "static_graph": config.ddp_static_graph,
-            "gradient_as_bucket_view": config.ddp_gradient_as_bucket_view,
+            "find_unused_parameters": options.find_unused_parameters,
+            "static_graph": options.static_graph,
+            "gradient_as_bucket_view": options.gradient_as_bucket_view,
             # 25 is torch's default: passed as None, DDP keeps its small (1 MiB) first bucket.
-            "bucket_cap_mb": None if config.ddp_bucket_cap_mb == 25.0 else config.ddp_bucket_cap_mb,
+            "bucket_cap_mb": None if options.bucket_cap_mb == 25.0 else options.bucket_cap_mb,
         }
-        self.comm_hook = config.ddp_comm_hook
+        self.comm_hook = options.comm_hook
 
-    def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
-        blocks.apply(unwrap(model), state.config)
-        replaced = materialize(model, state.device, state.config.seed)  # built under tl.empty_weights()
-        device_ids = [state.device.index] if state.device.type != "cpu" else None
+    def wrap(self, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+        blocks.apply(unwrap(model), self._config)
+        replaced = materialize(model, self._device, self._config.seed)  # built under tl.empty_weights()
+        device_ids = [self._device.index] if self._device.type != "cpu" else None
         # The constructor broadcasts rank 0's parameters and buffers to every rank; the subclass
         # only adds reading the user's attributes through it (trainloop.forwarding).
         wrapped = forwarding.DistributedDataParallel(model, device_ids=device_ids, **self.options)

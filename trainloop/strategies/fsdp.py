@@ -2,9 +2,9 @@
 
 `FullyShard.wrap` calls `shard` for each model: rank 0's parameters and buffers are broadcast,
 then `torch.distributed.fsdp.fully_shard` wraps each block (innermost first) and finally the root.
-Blocks are the modules whose class names `init(fsdp_blocks="Block,Head")` gives, or by default
-the children of the model's largest `nn.ModuleList` (a transformer's layers); a model with
-neither is sharded at the root only, with a warning. Each block's parameters are gathered for
+Blocks are the modules whose class names `init(blocks="Block,Head")` gives, or by default
+those a model declares in `_no_split_modules`, else the children of its largest `nn.ModuleList`
+(a transformer's layers); a model with neither is sharded at the root only, with a warning. Each block's parameters are gathered for
 its forward and backward and freed after, so a rank holds one block unsharded at a time.
 
 Sharding replaces every parameter by a new `DTensor` parameter. An optimizer built before
@@ -15,8 +15,10 @@ Checkpoints are sharded (`sharded = True`): every rank writes its shards through
 torch.distributed.checkpoint (`trainloop.checkpoint.distcp`), and a later run at any world size reads the
 pieces it needs.
 
-This module imports torch.distributed.fsdp (about 0.5 s): `trainloop.strategies.create` imports
-it only for FSDP runs.
+FSDP's own options are the record `FSDPOptions` (`config.fsdp`; the settings `fsdp_*`), the
+mesh's `MeshOptions` (`trainloop.strategies.mesh`). `Config` nests `FSDPOptions`, so every run imports this
+module: torch.distributed.fsdp, .tensor and .checkpoint (about a second together) are imported
+inside the functions that use them, which only FSDP runs call.
 """
 
 from __future__ import annotations
@@ -27,16 +29,15 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
+from trainloop import precision
 from trainloop.forwarding import unwrap
 from trainloop.models.meta import materialize
-from trainloop.precision import AUTOCAST_DTYPES
+from trainloop.settings import Settings, boolean, is_boolean, setting
 from trainloop.strategies import blocks
 from trainloop.strategies.base import clip, rebind
 from trainloop.strategies.blocks import find_blocks
@@ -45,8 +46,23 @@ from trainloop.topology import leave_process_group
 
 if TYPE_CHECKING:
     from trainloop.config import Config
-    from trainloop.state import RunState
     from trainloop.topology import Topology
+
+
+@attrs.frozen
+class FSDPOptions(Settings):
+    """FSDP2's own options: the settings `fsdp_<field>`."""
+
+    prefix = "fsdp_"
+
+    reshard_after_forward: bool = setting(
+        True, parse=boolean, check=[is_boolean],
+        help="strategy fsdp: free each block's gathered parameters after its forward and gather "
+             "them again for backward (less memory, more communication)")
+    cpu_offload: bool = setting(
+        False, parse=boolean, check=[is_boolean],
+        help="strategy fsdp: keep the sharded parameters, gradients and optimizer state in CPU "
+             "memory; the optimizer steps on the CPU")
 
 
 class FullyShard:
@@ -56,8 +72,8 @@ class FullyShard:
     sharded = True
 
     def __init__(self, config: Config, topology: Topology):
-        self.config = config
-        self.shape = mesh_shape(config, topology.world_size)  # checked in init, built on first use
+        self.config, self.topology = config, topology
+        self.shape = mesh_shape(config.mesh, topology.world_size)  # checked in init, built on first use
         self._rank, self._device = topology.rank, topology.device
         self._mesh: Mesh | None = None
 
@@ -68,9 +84,9 @@ class FullyShard:
             self._mesh = build_mesh(self.shape, device.type)
         return self._mesh
 
-    def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+    def wrap(self, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
         # In place, also on one process; under compile, the user's module inside the wrapper.
-        return model, shard(state, unwrap(model), self.mesh(state.device))
+        return model, shard(unwrap(model), self.mesh(self._device), self.config, self.topology)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:
         bind_optimizer(optimizer, replaced)
@@ -92,6 +108,8 @@ class FullyShard:
         # Gradients live on up to two meshes (with TP: the 2-D one of the TP-sharded layers, the
         # dp one of the others): the norm of each group, reduced over its ranks (full_tensor),
         # then the norm of those norms, which is the total norm for any p (max for inf).
+        from torch.distributed.tensor import DTensor
+
         norms = []
         for group in _by_mesh(grads).values():
             norm = torch.nn.utils.get_total_norm(group, norm_type)
@@ -116,6 +134,8 @@ class FullyShard:
 
 
 def _by_mesh(grads: list[torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
+    from torch.distributed.tensor import DTensor
+
     groups: dict[Any, list[torch.Tensor]] = {}
     for grad in grads:
         groups.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
@@ -124,6 +144,8 @@ def _by_mesh(grads: list[torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
 
 @contextlib.contextmanager
 def _no_gradient_sync(modules: list[nn.Module]):
+    from torch.distributed.fsdp import FSDPModule
+
     sharded = [module for module in modules if isinstance(module, FSDPModule)]
     for module in sharded:
         module.set_requires_gradient_sync(False)
@@ -140,6 +162,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     A collective: call on every rank. Gathers one tensor at a time, so rank 0 needs CPU memory
     for the model, and each device only for one parameter.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)  # pyright: ignore[reportReturnType]  (tensors)
 
@@ -147,8 +171,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # -- sharding ----------------------------------------------------------------------------------
 
 
-def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Parameter]:
-    """Parallelise `model` (on `state.device`) over `mesh`, in place: TP, blocks, FSDP2, storage.
+def shard(model: nn.Module, mesh: Mesh, config: Config, topology: Topology) -> dict[int, nn.Parameter]:
+    """Parallelise `model` (on `topology.device`) over `mesh`, in place: TP, blocks, FSDP2, storage.
 
     In this order (torchtitan's): tensor parallelism over the "tp" dimension when tp > 1
     (`trainloop.strategies.tensor_parallel`, the plan `tp_plan` or the Hugging Face model's own); the
@@ -161,34 +185,36 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
     Afterwards its parameters are `DTensor` shards. Parameters and buffers are rank 0's on every
     rank; a model built on the meta device gets storage for its shards only, initialised by each
     module's `reset_parameters()` (`trainloop.models.meta.materialize`). Mixed precision follows
-    `state.config.precision`: under bf16 (and fp8) and fp16 the gathered parameters and the
+    `config.precision` (its policy's `fsdp_policy()`): under bf16 (and fp8) and fp16 the gathered parameters and the
     compute are in that dtype while the sharded parameters, the optimizer and the gradient
     reduction stay fp32. On one process a single-rank process group is joined, so the run is the
-    same FSDP program at any world size. Raises ValueError if `fsdp_blocks` names a class the
+    same FSDP program at any world size. Raises ValueError if `blocks` names a class the
     model does not contain.
     """
-    config = state.config
-    if state.world_size > 1:
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    device = topology.device
+    if topology.world_size > 1:
         _broadcast_from_rank0(model)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     if mesh.shape.tp > 1:
         from trainloop.strategies.tensor_parallel import apply_tp_plan
 
-        apply_tp_plan(model, mesh.tp_mesh, config.tp_plan)
+        apply_tp_plan(model, mesh.tp_mesh, config.mesh.tp_plan)
     blocks.apply(model, config)
-    found = find_blocks(model, config.fsdp_blocks)
+    found = find_blocks(model, config.blocks)
     options: dict[str, Any] = {
         "mesh": mesh.fsdp_mesh,
-        "mp_policy": mixed_precision(config.precision),
-        "offload_policy": (CPUOffloadPolicy(pin_memory=state.device.type != "cpu")
-                           if config.fsdp_cpu_offload else OffloadPolicy()),
+        "mp_policy": precision.policy(config.precision).fsdp_policy(),
+        "offload_policy": (CPUOffloadPolicy(pin_memory=device.type != "cpu")
+                           if config.fsdp.cpu_offload else OffloadPolicy()),
     }
     for block in found:
-        fully_shard(block, reshard_after_forward=config.fsdp_reshard_after_forward, **options)
+        fully_shard(block, reshard_after_forward=config.fsdp.reshard_after_forward, **options)
     # The root's parameters are needed again as soon as backward starts: keep them gathered.
     fully_shard(model, reshard_after_forward=False, **options)
     # Built under tl.empty_weights(): allocate and initialise this rank's shards only.
-    materialize(model, state.device, config.seed)
+    materialize(model, device, config.seed)
     # Tensor parallelism and FSDP replaced the parameters; checkpoint_wrapper renamed their paths.
     now = {_without_wrappers(name): parameter for name, parameter in model.named_parameters()}
     return {key: now[name] for key, name in names.items()}
@@ -197,17 +223,6 @@ def shard(state: RunState, model: nn.Module, mesh: Mesh) -> dict[int, nn.Paramet
 def _without_wrappers(name: str) -> str:
     """A parameter's name without the `_checkpoint_wrapped_module.` that checkpoint_wrapper inserts."""
     return name.replace("_checkpoint_wrapped_module.", "")
-
-
-def mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    """FSDP's policy for a trainloop precision: compute in the autocast dtype, reduce in fp32.
-
-    fp32 and bf16-true get no policy: their parameters already have the compute dtype.
-    """
-    dtype = AUTOCAST_DTYPES.get(precision)
-    if dtype is None:
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 def _join_single_process_group(device: torch.device) -> None:
@@ -243,6 +258,8 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Para
     changing nothing, if the optimizer has already stepped (its state is not sharded) or holds a
     tensor that is not a parameter of a model prepared with strategy='fsdp'.
     """
+    from torch.distributed.tensor import DTensor
+
     name = type(optimizer).__name__
     if optimizer.state:
         raise ValueError(

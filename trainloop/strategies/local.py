@@ -11,10 +11,11 @@ from torch import nn
 from trainloop.forwarding import unwrap
 from trainloop.models.meta import materialize
 from trainloop.strategies import blocks
-from trainloop.strategies.base import WholeModel
+from trainloop.strategies.base import WholeModel, refuse_mesh
 
 if TYPE_CHECKING:
-    from trainloop.state import RunState
+    from trainloop.config import Config
+    from trainloop.topology import Topology
 
 _NOTHING_TO_DO = contextlib.nullcontext()
 
@@ -24,9 +25,13 @@ class Local(WholeModel):
 
     name = "local"
 
-    def wrap(self, state: RunState, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
-        blocks.apply(unwrap(model), state.config)
-        return model, materialize(model, state.device, state.config.seed)  # built under tl.empty_weights()
+    def __init__(self, config: Config, topology: Topology):
+        refuse_mesh(config, config.strategy)
+        super().__init__(config, topology)
+
+    def wrap(self, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
+        blocks.apply(unwrap(model), self._config)
+        return model, materialize(model, self._device, self._config.seed)  # built under tl.empty_weights()
 
     def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
         return _NOTHING_TO_DO

@@ -1,13 +1,13 @@
 """The device mesh of a run: data-parallel replication x data-parallel sharding x tensor parallelism.
 
-Settings `dp_replicate`, `dp_shard` and `tp` (trainloop.config) give the sizes of the three mesh
-dimensions; their product is the world size, and `dp_shard=-1` (the default) takes what the
-other two leave. Ranks are laid out row-major over `("dp_replicate", "dp_shard", "tp")`, so `tp`
+Settings `dp_replicate`, `dp_shard` and `tp` (the record `MeshOptions` below, `config.mesh`)
+give the sizes of the three mesh dimensions; their product is the world size, and `dp_shard=-1`
+(the default) takes what the other two leave. Ranks are laid out row-major over `("dp_replicate", "dp_shard", "tp")`, so `tp`
 is the innermost dimension: the ranks of one tensor-parallel group are neighbours (one machine,
 the fastest links), and `dp_replicate` the outermost (across machines, where HSDP's all-reduce
 of already-reduced shards is the only traffic).
 
-    shape = mesh_shape(state.config, state.world_size)  # validates; resolves dp_shard=-1
+    shape = mesh_shape(config.mesh, world_size)         # validates; resolves dp_shard=-1
     mesh = build_mesh(shape, state.device.type)          # a `Mesh`: torch DeviceMeshes
     fully_shard(block, mesh=mesh.fsdp_mesh)              # 1-D dp_shard, or 2-D for HSDP
     apply_tp_plan(model, mesh.tp_mesh, plan)             # trainloop.strategies.tensor_parallel
@@ -30,12 +30,76 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from trainloop.errors import SettingError
+from trainloop.settings import Settings, at_least, integer, is_integer, name_of, setting
+
 if TYPE_CHECKING:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
 DIMENSIONS = ("dp_replicate", "dp_shard", "tp")  # outermost first
 DATA_PARALLEL = "dp"  # the flattened dp_replicate x dp_shard dimension
+
+# Tensor-parallel styles, in Hugging Face's vocabulary (`base_model_tp_plan`); trainloop.tensor_parallel
+# maps each to torch's ParallelStyle.
+TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "colwise_gather_output",
+             "rowwise_rep", "embedding_rowwise", "replicate")
+
+
+def _minus_one_or_at_least_one(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value != -1 and value < 1:
+        name = name_of(instance, attribute)
+        raise SettingError(name, f"{name} must be -1 (what is left) or an integer >= 1 (got {value!r})")
+
+
+def _json_object(value: Any) -> Any:
+    """A setting given as text (a `TRAINLOOP_*` variable, a spawn flag) is JSON: parse it."""
+    if not isinstance(value, str):
+        return value
+    import json
+
+    try:
+        return json.loads(value) if value.strip() else None
+    except json.JSONDecodeError as error:
+        raise SettingError("tp_plan", f"tp_plan must be a JSON object such as "
+                           f'\'{{"blocks.*.up": "colwise"}}\' (got {value!r}: {error})') from None
+
+
+def _parse_json(name: str, value: str) -> Any:
+    return _json_object(value)
+
+
+def _optional_tp_plan(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise SettingError("tp_plan", f"tp_plan must be a dict of module-name pattern -> style (got {value!r})")
+    unknown = {pattern: style for pattern, style in value.items() if style not in TP_STYLES}
+    if unknown:
+        raise SettingError("tp_plan", f"tp_plan has unknown style(s) {unknown}; the styles are {', '.join(TP_STYLES)}")
+
+
+@attrs.frozen
+class MeshOptions(Settings):
+    """The mesh settings (`strategy="fsdp"` only; the other strategies refuse sizes other than 1)."""
+
+    dp_replicate: int = setting(
+        1, parse=integer, check=[is_integer, at_least(1)],
+        help="mesh: data-parallel replicas (strategy fsdp: > 1 is HSDP, the model sharded within "
+             "each replica and replicated across them)")
+    dp_shard: int = setting(
+        -1, parse=integer, check=[is_integer, _minus_one_or_at_least_one],
+        help="mesh: ranks each replica's model is sharded over (-1: the world size divided by "
+             "dp_replicate and tp); dp_replicate x dp_shard x tp = world size")
+    tp: int = setting(
+        1, parse=integer, check=[is_integer, at_least(1)],
+        help="mesh: tensor-parallel ranks (the innermost mesh dimension: neighbouring ranks, one "
+             "machine); they see the same batches")
+    tp_plan: dict[str, str] | None = setting(
+        None, parse=_parse_json, convert=_json_object, check=[_optional_tp_plan],
+        help="tp > 1: module-name patterns -> 'colwise' | 'rowwise' | 'sequence_parallel' (JSON, "
+             "e.g. '{\"blocks.*.up\": \"colwise\"}') (default: none: a Hugging Face model's own "
+             "base_model_tp_plan)")
 
 
 @attrs.frozen
@@ -61,14 +125,14 @@ class MeshShape:
         return (self.dp_replicate, self.dp_shard, self.tp)
 
 
-def mesh_shape(config: Any, world_size: int) -> MeshShape:
-    """The mesh for `config.dp_replicate`, `.dp_shard` and `.tp` on `world_size` ranks.
+def mesh_shape(options: MeshOptions, world_size: int) -> MeshShape:
+    """The mesh for `options.dp_replicate`, `.dp_shard` and `.tp` on `world_size` ranks.
 
     `dp_shard=-1` becomes `world_size // (dp_replicate * tp)`. Raises ValueError naming all
     three sizes and the world size when their product is not the world size (or, for -1, when
     `dp_replicate * tp` does not divide it).
     """
-    dp_replicate, dp_shard, tp = config.dp_replicate, config.dp_shard, config.tp
+    dp_replicate, dp_shard, tp = options.dp_replicate, options.dp_shard, options.tp
     others = dp_replicate * tp
     if dp_shard == -1:
         if world_size % others:

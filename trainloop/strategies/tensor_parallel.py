@@ -52,13 +52,13 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from trainloop.config import TP_STYLES
+from trainloop.strategies.mesh import TP_STYLES
 
 
 def parallel_style(style: str) -> ParallelStyle | None:
     """torch's ParallelStyle for a Hugging Face style name; None for "replicate" (left whole).
 
-    Raises ValueError for a name that is not one of `trainloop.config.TP_STYLES`.
+    Raises ValueError for a name that is not one of `trainloop.strategies.mesh.TP_STYLES`.
     """
     if style == "colwise":
         return ColwiseParallel()
