@@ -245,7 +245,7 @@ def trainloop_transformer(device: torch.device, sizes: Sizes, fp8: bool) -> Loop
 def fp8_unavailable(device: torch.device) -> str | None:
     """Why fp8 cannot run on `device`, or None."""
     if importlib.util.find_spec("torchao") is None:
-        return "torchao is not installed (pip install trainloop[fp8])"
+        return 'torchao is not installed (pip install "trainloop-torch[fp8]")'
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} (< 8.9)"

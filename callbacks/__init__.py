@@ -9,9 +9,9 @@ from trainloop.callbacks.precision import ClipGradNorm, LossScale
 from trainloop.callbacks.profile import Profile
 from trainloop.callbacks.progress import Progress
 from trainloop.callbacks.throughput import Throughput
-from trainloop.callbacks.trackers import JSONLines, MLflow, TensorBoard, Tracker, WandB
+from trainloop.callbacks.trackers import CSV, JSONLines, MLflow, TensorBoard, Tracker, WandB
 
 __all__ = [
-    "Callback", "Checkpoint", "CheckpointWarning", "ClipGradNorm", "JSONLines", "LossScale", "MLflow", "Profile", "Progress", "TensorBoard",
+    "CSV", "Callback", "Checkpoint", "CheckpointWarning", "ClipGradNorm", "JSONLines", "LossScale", "MLflow", "Profile", "Progress", "TensorBoard",
     "Throughput", "Tracker", "WandB",
 ]

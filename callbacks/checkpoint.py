@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from trainloop import CheckpointError, CheckpointWarning, PreviousSaveFailed, RunState, broadcast, load, save
-from trainloop.extension import checkpoints_in, finish_saves, fsync
+from trainloop.extension import checkpoints_in, expand_path, finish_saves, fsync
 from trainloop.hooks import Callback
 
 __all__ = ["Checkpoint", "CheckpointWarning"]
@@ -53,7 +53,7 @@ class Checkpoint(Callback):
             raise ValueError(f"Checkpoint keep must be an integer >= 1 or None (got {keep!r})")
         if on_error not in ("raise", "warn"):
             raise ValueError(f"Checkpoint on_error must be 'raise' or 'warn' (got {on_error!r})")
-        self.dir = Path(dir)
+        self.dir = expand_path(dir, "Checkpoint dir")  # `~` and $VARIABLES, as a shell would
         if self.dir.exists() and not self.dir.is_dir():
             raise ValueError(f"Checkpoint dir {self.dir} exists and is not a directory")
         if not isinstance(background, bool):

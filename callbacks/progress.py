@@ -124,7 +124,7 @@ class _PlainLines:
         self.step = first_step
         self._started = time.monotonic()
         self._next_line = self._started
-        self._printed_step: int | None = None
+        self._printed: tuple[int, str] | None = None  # the step and metrics of the last line
 
     def set_postfix(self, text: str) -> None:
         self._postfix = text
@@ -137,7 +137,9 @@ class _PlainLines:
             self._next_line = now + self.interval
 
     def close(self) -> None:
-        if self._printed_step != self.step:
+        # The last line is written again when the step or the metrics changed since: a step's
+        # line comes from `on_step`, before that step's report (`tl.log`, `tl.finish`) arrives.
+        if self._printed != (self.step, self._postfix):
             self._write(time.monotonic())
 
     def _write(self, now: float) -> None:
@@ -149,4 +151,4 @@ class _PlainLines:
         line = tqdm.format_meter(self.step, self.total, now - self._started, initial=self.first_step,
                                  unit="step", bar_format=bar_format, postfix=self._postfix or None)
         print(line, file=self.file, flush=True)
-        self._printed_step = self.step
+        self._printed = (self.step, self._postfix)

@@ -19,188 +19,32 @@ A tracker is a callback on `on_log` (main process only, cross-rank means as plai
   JSON has no NaN, so `JSONLines` writes them as the strings "NaN", "Infinity", "-Infinity".
 
 A new tracker implements three methods: `start(config, resume_step)`, `log(metrics, step)` and
-`close()` (see docs/trackers.md for one in about 30 lines).
+`close()` (see docs/trackers.md for one in about 30 lines), and `record_hparams(hparams)` to
+record `tl.log_hparams`. The base class and its helpers live in `tracker_base`, the file trackers
+(`JSONLines`, `CSV`) in `metric_files`; this module has the library-backed ones and names all.
 """
+
 
 from __future__ import annotations
 
-import abc
-import importlib
 import json
-import math
 import os
 import time
 import uuid
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from trainloop.hooks import Callback
+from trainloop.callbacks.metric_files import CSV, JSONLines
+from trainloop.callbacks.tracker_base import Tracker, check_writable, flat_hparams, require, run_config
+from trainloop.callbacks.tracker_checks import check_mlflow_server, check_wandb_credentials
 
 if TYPE_CHECKING:
     from trainloop import RunState
 
+__all__ = ["CSV", "JSONLines", "MLflow", "TensorBoard", "Tracker", "WandB", "check_writable", "flat_hparams",
+           "require", "run_config"]
+
 _RUN_KEY = "trainloop.run_key"  # the MLflow tag that finds a run before its id is saved
-
-
-def run_config(state: RunState) -> dict[str, Any]:
-    """The run's settings and topology as plain values: what trackers record as the config."""
-    config = state.to_dict()
-    del config["step"], config["micro_step"]
-    return config
-
-
-def require(module: str, extra: str, tracker: str) -> ModuleType:
-    """Import an optional library, or fail naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(
-            f"{tracker} needs the {module} package: pip install trainloop[{extra}]"
-        ) from error
-
-
-def check_writable(path: str | os.PathLike, what: str, *, directory: bool) -> Path:
-    """The absolute `path`, after checking that it could be created and written; creates nothing.
-
-    Raises NotADirectoryError (or IsADirectoryError) when `path` or a parent is a file where a
-    directory is needed (or the other way round), PermissionError when the directory that would
-    hold it cannot be written. Nothing is created here: trackers are built on every rank, and
-    only the main process writes, later.
-    """
-    path = Path(path).expanduser().absolute()
-    if path.exists():
-        if directory and not path.is_dir():
-            raise NotADirectoryError(f"{what} {path} is a file, not a directory")
-        if not directory and path.is_dir():
-            raise IsADirectoryError(f"{what} {path} is a directory, not a file")
-    existing = path if directory and path.exists() else path.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{what} {path} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what} {path} is not writable: no write permission on {existing}")
-    if path.is_file() and not os.access(path, os.W_OK):
-        raise PermissionError(f"{what} {path} is not writable: the file is read-only")
-    return path
-
-
-class Tracker(Callback, abc.ABC):
-    """Base of the experiment trackers: subclasses implement `start`, `log` and `close`.
-
-    The hooks call them on the main process only: `start` once, at the first report; `log` at
-    every report, with steps that never decrease (`tl.finish` reports the values logged after the
-    last report at the current step, which may be that report's); `close` at `tl.finish`, if the
-    run started.
-    `last_step` is the last step logged (None before any); it is saved in checkpoints with
-    whatever a subclass adds to `state_dict`. A subclass keeps the identity of its run in
-    `state_dict` from the start, before the first report: a checkpoint may come first.
-    """
-
-    last_step: int | None = None
-    _started: bool = False
-    _restored: bool = False
-
-    @abc.abstractmethod
-    def start(self, config: dict[str, Any], resume_step: int | None) -> None:
-        """Create the run and record `config` (the run's settings, plain values).
-
-        `resume_step` is None for a new run. For a tracker restored by `load_state_dict` it is the
-        step of this process's first report: reopen the saved run (or create it, if the saved
-        job never reported), and drop what the store holds from `resume_step` on: a crashed
-        run's reports after the checkpoint, which this run reports again. A store that cannot
-        drop them skips logging the steps it already holds instead.
-        """
-
-    @abc.abstractmethod
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """Record `metrics` (name -> float, NaN and inf included) at `step`."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Flush and close the run."""
-
-    def on_log(self, state: RunState, metrics: dict[str, float]) -> None:
-        if not self._started:
-            self.start(run_config(state), state.step if self._restored else None)
-            self._started = True
-        self.log(metrics, state.step)
-        self.last_step = state.step
-
-    def on_finish(self, state: RunState) -> None:
-        if self._started:
-            self._started = False
-            self.close()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_step = state_dict["last_step"]
-        self._restored = True
-
-
-class JSONLines(Tracker):
-    """A dependency-free metrics file: one JSON object per report, `{"step": 10, "loss": 0.52}`.
-
-    The file holds metrics only (no config line), so every line has the same shape and tools
-    like `pandas.read_json(path, lines=True)` read it as a table. A new run starts the file
-    afresh; a resumed run keeps the lines before its first report and drops later ones (a
-    crashed run's reports after the checkpoint, which the resumed run makes again).
-    Non-finite values are written as the strings "NaN", "Infinity", "-Infinity" (JSON has no
-    NaN), which `float()` reads back. Each line is flushed as it is written.
-    """
-
-    def __init__(self, path: str | os.PathLike = "metrics.jsonl"):
-        self.path = check_writable(path, "JSONLines path", directory=False)
-        self._file = None
-
-    def start(self, config: dict[str, Any], resume_step: int | None) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The file stays open from the first report to `close`, so no `with` block.
-        if resume_step is None:
-            self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
-            return
-        if self.path.exists():
-            self._keep_lines_before(resume_step)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-
-    def _keep_lines_before(self, step: int) -> None:
-        with open(self.path, encoding="utf-8") as lines:
-            steps = [(line.rstrip("\n"), _step_of(line)) for line in lines]
-        kept = [line + "\n" for line, at in steps if at is not None and at < step]
-        partial = self.path.with_name(self.path.name + ".tmp")
-        partial.write_text("".join(kept), encoding="utf-8")
-        os.replace(partial, self.path)  # a crash mid-rewrite leaves the old file whole
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if "step" in metrics:
-            raise ValueError("JSONLines: a metric named 'step' clashes with the step column; rename it")
-        record = {"step": step, **{name: _json_number(value) for name, value in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-        self._file = None
-
-    def __repr__(self) -> str:
-        return f"JSONLines({str(self.path)!r})"
-
-
-def _step_of(line: str) -> int | None:
-    """The step of a metrics line; None for a blank line or one a crash cut short."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError):
-        return None
-
-
-def _json_number(value: float) -> float | str:
-    if math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 class TensorBoard(Tracker):
@@ -212,7 +56,10 @@ class TensorBoard(Tracker):
 
     Resume: the restored run writes a new event file in the same `logdir` with `purge_step` at
     its first report, so TensorBoard discards what a crashed run logged after the checkpoint and
-    shows the resumed run's values there instead. Needs `trainloop[tensorboard]`.
+    shows the resumed run's values there instead. `tl.log_hparams` before the first report adds
+    to the HPARAMS tab (nested names dotted: `model.width`); TensorBoard shows only a run's first
+    hparams record, so hparams given later are written as JSON text under `hparams` (TEXT tab).
+    Needs `trainloop-torch[tensorboard]`.
     """
 
     def __init__(self, logdir: str | os.PathLike = "runs"):
@@ -229,18 +76,28 @@ class TensorBoard(Tracker):
         if resume_step is not None:
             _after_every_event_file(existing)
         self._writer = SummaryWriter(str(self.logdir), purge_step=resume_step)
+        self._in_record = flat_hparams(self.hparams)
         if not recorded:
-            self._record_config(config)
+            self._record_config({**config, **self._in_record})
+            self._writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", global_step=0)
 
-    def _record_config(self, config: dict[str, Any]) -> None:
+    def _record_config(self, values: dict[str, Any]) -> None:
         from torch.utils.tensorboard.summary import hparams
 
         # Written into this writer's own file: `SummaryWriter.add_hparams` would open a second
         # run in a sub-directory, and TensorBoard would list two runs for one.
-        plain = {name: v if isinstance(v, (bool, int, float, str)) else str(v) for name, v in config.items()}
+        plain = {name: v if isinstance(v, (bool, int, float, str)) else str(v) for name, v in values.items()}
         for summary in hparams(plain, {}):
             self._writer.file_writer.add_summary(summary)
-        self._writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", global_step=0)
+
+    def record_hparams(self, hparams: dict[str, Any]) -> None:
+        # TensorBoard shows a run's first hparams record only, the one `start` wrote (with the
+        # hparams given by then). Any given later go to the TEXT tab, all of them, as JSON.
+        if flat_hparams(hparams) == self._in_record:
+            return
+        text = "```\n" + json.dumps(hparams, indent=2) + "\n```"
+        self._writer.add_text("hparams", text, global_step=self.last_step or 0)
+        self._writer.flush()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for name, value in metrics.items():
@@ -283,14 +140,21 @@ class WandB(Tracker):
     from the checkpoint's step on (settings that changed, e.g. the world size, are updated).
     Online, W&B ignores steps below the run's current step, so what a crashed run logged after
     the checkpoint keeps its first values. Offline, each process writes its own run directory
-    under the same id; `wandb sync` merges them. Needs `trainloop[wandb]`.
+    under the same id; `wandb sync` merges them. `tl.log_hparams` updates the config.
+
+    Online, `tl.prepare` checks that this machine has W&B credentials (WANDB_API_KEY, or the
+    netrc entry `wandb login` writes) and raises PermissionError naming the fix if not, rather
+    than letting the first report fail mid-run. Needs `trainloop-torch[wandb]`.
     """
 
     def __init__(self, project: str | None = None, **init_kwargs: Any):
         self._wandb = require("wandb", "wandb", "WandB")
         self.project = project
         # W&B writes under dir=, else $WANDB_DIR, else the working directory.
-        check_writable(init_kwargs.get("dir") or os.environ.get("WANDB_DIR") or ".", "W&B dir", directory=True)
+        where = check_writable(init_kwargs.get("dir") or os.environ.get("WANDB_DIR") or ".", "W&B dir",
+                               directory=True)
+        if init_kwargs.get("dir"):
+            init_kwargs["dir"] = str(where)  # `~` and $VARIABLES expanded
         # Chosen here rather than by W&B at the first report, so that a checkpoint taken before
         # it already names the run (W&B accepts any id of letters and digits).
         self.run_id: str = init_kwargs.pop("id", None) or uuid.uuid4().hex[:12]
@@ -305,8 +169,16 @@ class WandB(Tracker):
             "config": {**config, **user_config},
         })
 
+    def on_prepare(self, state: RunState) -> None:
+        # Online without credentials, wandb.init would raise at the first report, mid-run.
+        if state.is_main and not self._started:
+            check_wandb_credentials(self.init_kwargs)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
+
+    def record_hparams(self, hparams: dict[str, Any]) -> None:
+        self._run.config.update(hparams, allow_val_change=True)
 
     def close(self) -> None:
         self._run.finish()
@@ -338,7 +210,9 @@ class MLflow(Tracker):
     checkpoint taken before the first report has no run id yet; the run is then found by the
     `trainloop.run_key` tag the tracker gives it. MLflow cannot delete metric points, so steps a
     crashed run already logged after the checkpoint are not logged again (they keep their first
-    values): no step appears twice. Needs `trainloop[mlflow]`.
+    values): no step appears twice. `tl.log_hparams` adds params (nested names dotted); a param
+    cannot change its value. An http(s) `tracking_uri` that nothing answers on fails at
+    `tl.prepare` (ConnectionError naming it), not at the first report. Needs `trainloop-torch[mlflow]`.
     """
 
     def __init__(self, experiment: str = "trainloop", tracking_uri: str | None = None,
@@ -374,6 +248,25 @@ class MLflow(Tracker):
         recorded_params = self._client.get_run(self.run_id).data.params
         self._client.log_batch(self.run_id, params=[
             Param(name, str(value)) for name, value in config.items() if name not in recorded_params])
+
+    def on_prepare(self, state: RunState) -> None:
+        # An unreachable server would fail the first report, mid-run, after MLflow's retries.
+        if state.is_main and not self._started:
+            check_mlflow_server(self.tracking_uri)
+
+    def record_hparams(self, hparams: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        recorded = self._client.get_run(self.run_id).data.params
+        new = []
+        for name, value in flat_hparams(hparams).items():
+            if name not in recorded:
+                new.append(Param(name, str(value)))
+            elif recorded[name] != str(value):
+                raise ValueError(f"MLflow: param {name!r} is recorded as {recorded[name]!r} and cannot change "
+                                 f"to {str(value)!r} (MLflow params are fixed): use another name")
+        if new:
+            self._client.log_batch(self.run_id, params=new)
 
     def _experiment_id(self) -> str:
         found = self._client.get_experiment_by_name(self.experiment)

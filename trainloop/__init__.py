@@ -29,7 +29,7 @@ from trainloop.errors import (
     TrainloopError,
 )
 from trainloop.forwarding import unwrap
-from trainloop.lifecycle import attach, finish, init
+from trainloop.lifecycle import attach, finish, init, log_hparams
 from trainloop.preparation import prepare
 from trainloop.state import RunState
 from trainloop.steps import accumulate, backward, log, step
@@ -39,7 +39,7 @@ __all__ = [
     "CheckpointError", "CheckpointWarning", "Config", "PreparedLoader", "PreviousSaveFailed", "RunState",
     "SettingError", "StaleStateError", "Topology", "TrainloopError", "__version__",
     "accumulate", "attach", "backward", "barrier", "broadcast", "empty_weights", "export",
-    "find_batch_size", "finish", "gather", "gather_object", "init", "load", "load_weights", "log",
+    "find_batch_size", "finish", "gather", "gather_object", "init", "load", "load_weights", "log", "log_hparams",
     "main_first", "pad", "prepare", "reduce", "save", "split", "step", "unwrap",
 ]  # tl.any and tl.all are left out: `from trainloop import *` would shadow the builtins
 

@@ -16,10 +16,11 @@ import platform
 import sys
 from typing import Any
 
-# Libraries trainloop uses when they are installed (the extras), and the alternatives a report
-# may need to mention.
-OPTIONAL_LIBRARIES = ("safetensors", "attrs", "tqdm", "numpy", "tensorboard", "wandb", "mlflow",
-                      "torchao", "transformers", "accelerate")
+# Every core dependency (setup.cfg's install_requires besides torch, which is reported above
+# them), then the libraries trainloop uses when they are installed (the extras) and the
+# alternatives a report may need to mention.
+CORE_LIBRARIES = ("attrs", "tqdm", "safetensors", "xxhash", "blake3") + (("tomli",) if sys.version_info < (3, 11) else ())
+OPTIONAL_LIBRARIES = ("numpy", "tensorboard", "wandb", "mlflow", "torchao", "transformers", "accelerate")
 
 # Variables shown by exact name, then by prefix.
 VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
@@ -48,7 +49,7 @@ def collect() -> dict[str, Any]:
         "torch hip": torch.version.hip,
         "trainloop": __version__,
     }
-    for name in OPTIONAL_LIBRARIES:
+    for name in CORE_LIBRARIES + OPTIONAL_LIBRARIES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

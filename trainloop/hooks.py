@@ -16,6 +16,7 @@ nothing on its hot path.
 | `on_before_step` | `tl.step`       | at a window's end, after gradients are normalised        | a new state, or None        |
 | `on_step`        | `tl.step`       | after the optimizer and scheduler stepped                | a new state, or None        |
 | `on_log`         | `tl.log`        | every `log_every` steps, main process only, plain floats | None                        |
+| `on_log_hparams` | `tl.log_hparams`| main process only, the hyper-parameters given            | None                        |
 | `on_finish`      | `tl.finish`     | once, at the end of the run                              | None                        |
 
 Hooks fire in the order the callbacks were given. A hook that changes the run returns a new
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
     from trainloop.state import RunState
 
-HOOKS = ("on_prepare", "on_backward", "on_before_step", "on_step", "on_log", "on_finish")
+HOOKS = ("on_prepare", "on_backward", "on_before_step", "on_step", "on_log", "on_log_hparams", "on_finish")
 
 
 class Callback:
@@ -83,6 +84,10 @@ class Callback:
     def on_log(self, state: RunState, metrics: dict[str, float]) -> None:
         """Every `log_every` steps on the main process, with the cross-rank means as floats."""
 
+    def on_log_hparams(self, state: RunState, hparams: dict[str, Any]) -> None:
+        """On the main process, at each `tl.log_hparams`: a checked mapping of names to plain values
+        (numbers, strings, bools, None, lists of them, or nested mappings of them)."""
+
     def on_finish(self, state: RunState) -> None:
         """Once at the end of the run (close files, final checkpoint)."""
 
@@ -116,6 +121,7 @@ class Hooks:
     on_before_step: tuple[Callable, ...] = ()
     on_step: tuple[Callable, ...] = ()
     on_log: tuple[Callable, ...] = ()
+    on_log_hparams: tuple[Callable, ...] = ()
     on_finish: tuple[Callable, ...] = ()
 
     @classmethod

@@ -1,9 +1,9 @@
-"""The start and end of a run: init, attach, finish."""
+"""The start and end of a run: init, attach, finish; and log_hparams, what a run records once."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from trainloop import precision, strategies
 from trainloop.checkpoint import finish_saves
 from trainloop.config import resolve_config
 from trainloop.hooks import Callback, Hooks, overridden_hooks
-from trainloop.state import RunState
+from trainloop.state import RunState, raise_stale
 from trainloop.steps import flush_logs
 from trainloop.topology import join, leave_process_group
 
@@ -112,3 +112,48 @@ def _seed_everything(seed: int) -> None:
     except ImportError:
         return
     numpy.random.seed(seed % 2**32)
+
+
+def log_hparams(state: RunState, hparams: Mapping[str, Any]) -> RunState:
+    """Record hyper-parameters with every tracker; returns `state` (unchanged, still current).
+
+    `hparams` maps names to numbers, strings, bools, None, lists of them, or nested mappings of
+    them (`{"model": {"width": 8}}`, recorded as `model.width` where a store is flat). The
+    trackers record them beside the run's settings: TensorBoard's hparams, the W&B config,
+    MLflow params, a `<name>.hparams.json` beside a JSONLines or CSV file. Called before the
+    first report, they are recorded when the tracker's run starts; later, at once. Main process
+    only (any rank may call it; the others only check the values).
+    """
+    if state.lineage.finished:
+        raise_stale(state, "log_hparams")
+    checked = _plain_hparams(hparams, "")
+    if state.is_main:
+        for hook in state.hooks.on_log_hparams:
+            hook(state, checked)
+    return state
+
+
+def _plain_hparams(mapping: Any, prefix: str) -> dict[str, Any]:
+    """A copy of `mapping` with every value checked to be one a tracker can store."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"log_hparams takes a mapping of names to values (got {type(mapping).__name__})")
+    plain: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise TypeError(f"log_hparams: keys must be strings (got {key!r})")
+        name = prefix + key
+        if isinstance(value, Mapping):
+            plain[key] = _plain_hparams(value, name + ".")
+        elif isinstance(value, (list, tuple)) and all(_is_plain(v) for v in value):
+            plain[key] = list(value)
+        elif _is_plain(value):
+            plain[key] = value
+        else:
+            raise TypeError(f"log_hparams: {name!r} must be a number, string, bool or None, a list of "
+                            f"them or a mapping (got {type(value).__name__}): convert it first, e.g. "
+                            "tensor.item() or str(value)")
+    return plain
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))

@@ -28,7 +28,7 @@ class and instance are never patched. The model's public attributes and methods 
 on the wrapper, and its methods (`generate`) run under the same policy as the forward
 (`trainloop.forwarding`). `tl.unwrap(model)` returns the user's module.
 
-fp8 needs torchao (`pip install trainloop[fp8]`). Eligible layers are `nn.Linear` with both
+fp8 needs torchao (`pip install "trainloop-torch[fp8]"`). Eligible layers are `nn.Linear` with both
 dimensions divisible by 16 (the float8 matmul's requirement). On CUDA with compute capability
 >= 8.9 torchao's float8 kernels run; on the CPU it runs in emulation (the same scaling and casts,
 matmuls in high precision), so tests cover the path; anywhere else `prepare` raises instead of
@@ -210,7 +210,7 @@ def _convert_to_float8(model: nn.Module) -> nn.Module:
         from torchao.float8.float8_linear import Float8Linear
     except ImportError as error:
         raise ImportError(
-            "precision='fp8' needs torchao (float8 training): pip install trainloop[fp8]"
+            "precision='fp8' needs torchao (float8 training): pip install 'trainloop-torch[fp8]'"
         ) from error
     converted = convert_to_float8_training(model, module_filter_fn=_float8_eligible,
                                            config=Float8LinearConfig(emulate=emulate))

@@ -65,7 +65,8 @@ class Lineage:
     `writer` (made by its first background save, `trainloop.checkpoint.staging.writer_of`).
     """
 
-    __slots__ = ("finished", "generation", "log_names", "made_by", "writer")
+    __slots__ = ("data_checked", "finished", "generation", "log_names", "made_by", "prepared_from",
+                 "reported_step", "writer")
 
     def __init__(self) -> None:
         self.generation = 0
@@ -73,6 +74,11 @@ class Lineage:
         self.finished = False
         self.log_names: tuple[str, ...] | None = None
         self.writer: Writer | None = None
+        # `prepare` branched a run off a state of this lineage: stepping this one means the
+        # state it returned was dropped (`tl.step` says so).
+        self.prepared_from = False
+        self.data_checked = False  # `step` looked once for a prepared loader (see steps.py)
+        self.reported_step: int | None = None  # the step of the run's last report to on_log
 
     def __repr__(self) -> str:
         return f"Lineage(generation={self.generation}, made_by={self.made_by!r}, finished={self.finished})"
@@ -216,6 +222,7 @@ class RunState:
         For `prepare`: a state that objects were prepared from can be prepared from again, into
         a second, independent run (a test's or a notebook's common base state).
         """
+        self.lineage.prepared_from = True
         lineage = Lineage()
         lineage.made_by = made_by
         return self.evolve(lineage=lineage, generation=0, **changes)

@@ -102,10 +102,12 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunSt
     if state.generation != state.lineage.generation:
         raise_stale(state, "step")
     if not state.optimizers:
-        raise ValueError("step() needs a prepared optimizer: call tl.prepare(state, model, optimizer) first")
+        _raise_no_optimizer(state)
     in_window = state.window_micro_steps
     if in_window < state.config.accumulate and not (in_window and state.at_epoch_end):
         return state
+    if not state.lineage.data_checked:
+        _warn_without_prepared_loader(state)
     optimizers = _registered(optimizer, state.optimizers, "optimizer")
     schedulers = state.schedulers if scheduler is None else _chosen_schedulers(scheduler, state, optimizers)
     if in_window > 1 or state.window_items is not None:  # else the gradients are already the mean
@@ -120,6 +122,32 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None) -> RunSt
     if schedulers:
         _step_schedulers(schedulers, optimizers)
     return state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None)
+
+
+def _raise_no_optimizer(state: RunState) -> None:
+    if state.lineage.prepared_from:  # the state tl.prepare was given, not the one it returned
+        raise ValueError(
+            "step() was given the state that tl.prepare was called with, which holds no prepared "
+            "optimizer: the state tl.prepare returned was dropped. Keep it, e.g. "
+            "`state, model, optimizer = tl.prepare(state, model, optimizer)` (the state first, then "
+            "the objects in the order given), and pass that state on"
+        )
+    raise ValueError("step() needs a prepared optimizer: call tl.prepare(state, model, optimizer) first")
+
+
+def _warn_without_prepared_loader(state: RunState) -> None:
+    """Once per run, at its first optimizer step: several processes and no prepared loader
+    most likely means every rank reads all the data, each training on the same batches."""
+    state.lineage.data_checked = True
+    if state.world_size > 1 and not state.loaders and state.is_main:
+        import warnings
+
+        warnings.warn(
+            f"this run has {state.world_size} processes but no prepared DataLoader: a DataLoader that "
+            "was not passed to tl.prepare gives every rank all the data, so each trains on the same "
+            "batches. Pass it to tl.prepare (`state, model, optimizer, loader = tl.prepare(state, model, "
+            "optimizer, loader)`) and iterate over the loader it returns; if each rank already reads "
+            "a shard of its own, ignore this warning", UserWarning, stacklevel=3)
 
 
 def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers: tuple) -> RunState:
@@ -206,8 +234,14 @@ def _normalise_gradients(state: RunState, optimizers: tuple) -> None:
     state.strategy.scale_grads_(grads, factor)
 
 
-def log(state: RunState, metrics: dict[str, Any] | None = None, **values: Any) -> RunState:
+def log(state: RunState, metrics: dict[str, Any] | None = None, *, step: int | None = None,
+        **values: Any) -> RunState:
     """Buffer scalar metrics; every `log_every` optimizer steps, report their means.
+
+    With `step=`, the values are reported at once at that step, not buffered (an evaluation's
+    metrics): every rank calls it, with the same step; the means across ranks go to `on_log`.
+    Reports reach the trackers in step order, so `step` lies between the run's last report and
+    `state.step`.
 
     Values are scalar tensors (kept on the device: no host sync here) or numbers. When
     `log_every` steps have passed since the last report, the buffered values are averaged over
@@ -230,12 +264,30 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, **values: Any) -
             values[name] = value.detach()
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"log: {name} must be a number or a scalar tensor (got {type(value).__name__})")
+    if step is not None:
+        return _report_at(state, values, step)
     pending = (values, state.pending_logs)
     if report_due(state):
         # Advanced only once reported: a report that raises (names that differ across ranks)
         # leaves `state` the current one.
         return flush_logs(state.evolve(pending_logs=pending)).advance("log")
     return state.advance("log", pending_logs=pending)
+
+
+def _report_at(state: RunState, values: dict[str, Any], step: Any) -> RunState:
+    """`log(..., step=)`: report `values` now, at `step`; the buffer and the schedule stay as they are."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"log: step must be an integer (got {type(step).__name__})")
+    if step > state.step:
+        raise ValueError(f"log: step={step} is after the run's step ({state.step}): the run's own reports "
+                         "up to it would come after it; log at a step the run has reached")
+    last = state.lineage.reported_step
+    if last is not None and step < last:
+        raise ValueError(f"log: step={step} is before the last report (step {last}): trackers record steps "
+                         f"in order (W&B drops earlier ones); log at step {last} or later, or log the "
+                         "x value as a metric of its own (epoch=...)")
+    flush_logs(state.evolve(pending_logs=(values, None), step=step))
+    return state.advance("log")
 
 
 def report_due(state: RunState) -> bool:
@@ -299,6 +351,8 @@ def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
         totals, counts = _reduce_across_ranks(state, tuple(names), sums, counts, device)
     else:
         totals = torch.stack(sums).tolist()
+    if names:
+        state.lineage.reported_step = state.step  # the same on every rank: `log(step=)` checks it
     if names and state.is_main and state.hooks.on_log:
         metrics = {name: total / count for name, total, count in zip(names, totals, counts)}
         for hook in state.hooks.on_log:

@@ -290,7 +290,7 @@ def test_a_new_tracker_is_three_methods_on_the_base(tmp_path):
 ])
 def test_a_missing_library_names_the_extra_to_install(tmp_path, monkeypatch, tracker, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # how Python marks a module as not importable
-    with pytest.raises(ImportError, match=rf"pip install trainloop\[{extra}\]"):
+    with pytest.raises(ImportError, match=rf"pip install 'trainloop-torch\[{extra}\]'"):
         tracker(tmp_path)
 
 

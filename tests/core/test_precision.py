@@ -334,7 +334,7 @@ def test_fp8_without_torchao_names_the_extra_to_install(monkeypatch):
     for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without it imports
-    with pytest.raises(ImportError, match=re.escape("pip install trainloop[fp8]")):
+    with pytest.raises(ImportError, match=re.escape("pip install 'trainloop-torch[fp8]'")):
         tl.prepare(tl.init(precision="fp8"), digits_mlp())
 
 
