@@ -223,7 +223,7 @@ def test_env_as_json_holds_the_same_facts_and_imports_no_optional_library():
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    from tools_workers import tool_checks
+    from tests.core.tools_workers import tool_checks
 
     directory = tmp_path_factory.mktemp("tools")
     results = spawn.run(tool_checks, str(directory), n=2)

@@ -51,7 +51,7 @@ def _pipelined_logits(state, name: str, checkpoint: str) -> dict:
 
 
 def _full_state_dict(name: str) -> dict[str, torch.Tensor]:
-    from hf_models import BUILDERS
+    from tests.support.hf_models import BUILDERS
 
     return BUILDERS[name]().state_dict()  # seeded: the model the checkpoints were written from
 
