@@ -2,6 +2,7 @@
 
     python3 bootstrap.py train      # set up, then train the digits example (a real job)
     python3 bootstrap.py test       # set up, then run the whole test suite
+    python3 bootstrap.py test --fast    # only the fast tier: no process start-ups, under a minute
     python3 bootstrap.py test -- -k checkpoint -x     # arguments after -- go to pytest
 
 Set-up: a virtual environment in .venv (or --venv), torch (kept if the environment already has
@@ -65,6 +66,8 @@ def main() -> int:
                         help="the torch requirement to install when none is present (env TORCH_SPEC)")
     parser.add_argument("--torch-index", default=os.environ.get("TORCH_INDEX_URL"),
                         help="a package index for torch, e.g. PyTorch's CPU-only wheels (env TORCH_INDEX_URL)")
+    parser.add_argument("--fast", action="store_true",
+                        help='test: only the fast tier, -m "not slow and not bench" (no process start-ups)')
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="after --: arguments for pytest or the example")
     options = parser.parse_args()
     rest = options.rest[1:] if options.rest[:1] == ["--"] else options.rest
@@ -73,7 +76,8 @@ def main() -> int:
     if options.action == "train":
         run(str(python), "examples/digits.py", *rest)
     elif options.action == "test":
-        run(str(python), "-m", "pytest", "-q", *rest)
+        fast = ["-m", "not slow and not bench"] if options.fast else []
+        run(str(python), "-m", "pytest", "-q", *fast, *rest)
     return 0
 
 

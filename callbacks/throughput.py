@@ -270,6 +270,7 @@ class Throughput(Callback):
 
     def _measure(self, state: RunState) -> dict[str, float]:
         _synchronize(state.device)
+        assert self._since is not None, "measured before the clock started"
         elapsed = time.perf_counter() - self._since
         # Reported values are means over the ranks. A rank's rate x the number of data-parallel
         # replicas is the job's: the ranks of one tensor-parallel group count the same samples.

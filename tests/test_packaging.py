@@ -76,6 +76,7 @@ def _setup_cfg() -> configparser.ConfigParser:
     return parser
 
 
+@pytest.mark.slow  # git ls-files
 def test_the_distribution_name_is_the_free_one_and_every_install_command_uses_it():
     assert _setup_cfg()["metadata"]["name"] == DISTRIBUTION
     # Installing the distribution called plain "trainloop" (with or without extras) installs the
@@ -126,6 +127,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONNOUSERSITE": "1", **extra}
 
 
+@pytest.mark.slow  # builds and installs a wheel
 @pytest.mark.skipif(sys.platform == "win32", reason="the fresh venv's layout is POSIX's")
 def test_the_wheel_built_from_the_sdist_installs_and_trains_outside_the_checkout(tmp_path):
     pytest.importorskip("build", reason="the dev extra installs `build` (pip install -e '.[dev]')")

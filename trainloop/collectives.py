@@ -218,7 +218,7 @@ def broadcast(state: RunState, obj: T, src: int = 0) -> T:
             f"shape or dtype ({listed}). Pass a placeholder of the same shapes and dtypes as rank "
             f"{src}'s tensors on every rank, or None (any non-tensor) to receive whatever it sends"
         )
-    box = [obj if state.rank == src else None]
+    box: list[Any] = [obj if state.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     received = box[0]
     if state.rank == src:
@@ -269,7 +269,7 @@ def split(state: RunState, items: T) -> T:
         raise TypeError(f"split needs a list, tuple, tensor or dict (got {type(items).__name__})")
     base, extra = divmod(len(items), state.world_size)
     start = state.rank * base + min(state.rank, extra)
-    return items[start:start + base + (state.rank < extra)]
+    return items[start:start + base + (state.rank < extra)]  # pyright: ignore[reportReturnType]  (a slice of T is a T)
 
 
 def _all_gather_equal(tensor: torch.Tensor, world_size: int, group: Any = None) -> list[torch.Tensor]:

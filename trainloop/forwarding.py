@@ -238,7 +238,7 @@ def wrapper_layers(model: nn.Module) -> Iterator[nn.Module]:
         if isinstance(model, (ForwardsAttributes, nn.parallel.DistributedDataParallel)):
             model = model.module
         elif isinstance(model.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module):  # OptimizedModule
-            model = model._orig_mod
+            model = model._orig_mod  # pyright: ignore[reportAssignmentType]  (a Module: checked above)
         else:
             return
 

@@ -143,6 +143,6 @@ def _prepare_model(state: RunState, model: nn.Module,
         # the graph at DDP's bucket boundaries (DDPOptimizer), so the all-reduce overlaps the
         # backward. After the cast: float8 layers are compiled too. Autocast stays outside:
         # dynamo guards on the autocast state and traces the casts into the graph.
-        model = torch.compile(model, **(state.config.compile_options or {}))
+        model = torch.compile(model, **(state.config.compile_options or {}))  # pyright: ignore[reportAssignmentType]  (an OptimizedModule)
     model, replaced = state.strategy.wrap(model)
     return state.precision.wrap(model, state.device), replaced

@@ -6,6 +6,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,13 +36,16 @@ def _budget_bytes(value: int | str, device: str) -> int:
 
 def _budgets(max_memory: Mapping[str | int, int | str] | str) -> list[tuple[str, int]]:
     """The budgets in the order they are filled: accelerators (as given), then "cpu", then "disk"."""
+    limits: Mapping[Any, int | str]
     if isinstance(max_memory, str) and max_memory == "auto":
-        max_memory = _free_memory()
+        limits = _free_memory()
     elif not isinstance(max_memory, Mapping):
         raise TypeError(f"max_memory must be 'auto' or a dict such as {{'cpu': '8GiB', 'disk': '100GiB'}} "
                         f"(got {max_memory!r})")
+    else:
+        limits = max_memory
     budgets = {}
-    for device, value in max_memory.items():
+    for device, value in limits.items():
         name = _device_name(device, "max_memory")
         budgets[name] = _budget_bytes(value, name)
     order = {"cpu": 1, "disk": 2}

@@ -154,7 +154,7 @@ class HashingFile:
             os.fsync(self.fd)
         finally:
             os.close(self.fd)
-        if self.digest is None:
+        if self.digest is None or self.algorithm is None:
             return {"size": self.size}
         return {"size": self.size, self.algorithm: self.digest.hexdigest()}
 

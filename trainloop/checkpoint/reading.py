@@ -90,7 +90,7 @@ def _read_checkpoint(path: Path) -> _Contents:
             check.result()  # a hash that does not match is the reason, whatever deserializing said
     if failure is not None:
         raise failure
-    return contents
+    return contents  # pyright: ignore[reportReturnType]  (None only with a failure, raised above)
 
 
 def _deserialize(path: Path, manifest: dict[str, Any], data: dict[str, Any]) -> _Contents:

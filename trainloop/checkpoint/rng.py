@@ -54,7 +54,7 @@ def _gather_rng_states(state: RunState) -> list[dict]:
     if state.world_size == 1:
         everyone = [mine]
     else:
-        everyone = [None] * state.world_size
+        everyone: list[Any] = [None] * state.world_size
         dist.all_gather_object(everyone, mine)  # between this job's own ranks only
     failures = [error if state.world_size == 1 else f"rank {rank}: {error}"
                 for rank, (_, error) in enumerate(everyone) if error is not None]

@@ -66,8 +66,8 @@ def find_batch_size(fn: Callable[[int], R], start: int, *,
             from trainloop.collectives import all_ranks
 
             fits = all_ranks(state, fits)
-        if fits:
-            return batch_size, result
+        if fits:  # this rank's fn returned: result is its value
+            return batch_size, result  # pyright: ignore[reportReturnType]
         result = None  # what this rank computed while another rank failed: dropped before the next try
         _release_memory()
         if batch_size == 1:

@@ -68,7 +68,7 @@ def empty_like(batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch[:0]
     if isinstance(batch, Mapping):
-        return type(batch)({key: empty_like(value) for key, value in batch.items()})
+        return type(batch)({key: empty_like(value) for key, value in batch.items()})  # pyright: ignore[reportCallIssue]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(empty_like(value) for value in batch))
     if isinstance(batch, (list, tuple)):

@@ -131,7 +131,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> dict[int, 
                     tensors = _only(own, was_meta[id(module)])
                     _nan_fill([tensors], [module], unsure)
                     if callable(getattr(module, "reset_parameters", None)):
-                        module.reset_parameters()
+                        module.reset_parameters()  # pyright: ignore[reportCallIssue]  (Module.__getattr__ says Tensor)
                     owner = owners.get(id(module))
                     if owner is not None:
                         owner._init_weights(module)

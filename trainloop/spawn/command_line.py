@@ -106,7 +106,7 @@ def _read_toml(path: str) -> dict[str, Any]:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         try:
-            import tomli as tomllib
+            import tomli as tomllib  # pyright: ignore[reportMissingImports]  (only on Python 3.10)
         except ModuleNotFoundError:
             raise ValueError("--config needs Python 3.11+ or `pip install tomli`") from None
     try:

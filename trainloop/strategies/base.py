@@ -42,15 +42,18 @@ class Strategy(Protocol):
         Returns the model to hand on (a wrapper, or the model sharded in place) and
         id(parameter before) -> the parameter that replaced it, for `bind_optimizer`.
         """
+        ...
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:
         """Point an optimizer built before `prepare` at the parameters `wrap` put in place."""
 
     def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
         """A context in which backward accumulates gradients locally, unsynchronised."""
+        ...
 
     def data_parallel(self) -> tuple[int, int]:
         """(rank, size) of this process among the data-parallel replicas: loaders shard by it."""
+        ...
 
     def data_parallel_group(self) -> Any:
         """The process group of the ranks that see different batches, with this one; None: all ranks.
@@ -61,6 +64,7 @@ class Strategy(Protocol):
 
     def grad_norm(self, grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         """The total `norm_type` norm of the gradients of every rank's parameters (a plain tensor)."""
+        ...
 
     def scale_grads_(self, grads: list[torch.Tensor], factor: float | torch.Tensor) -> None:
         """Multiply the gradients by `factor` (a number or a scalar tensor), in place."""
@@ -74,6 +78,7 @@ class Strategy(Protocol):
         Whole strategies return the user's module's own state dict (shared storage, no copy);
         sharded ones gather it to rank 0's CPU (empty elsewhere).
         """
+        ...
 
 
 def rebind(optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:

@@ -176,7 +176,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    return get_model_state_dict(model, options=options)  # pyright: ignore[reportReturnType]  (tensors)
 
 
 # -- sharding ----------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""The DDP and checkpoint benchmarks run to the end and print their tables. Timings are never
+asserted: they depend on the machine, and a benchmark that fails on a busy one is noise, not a
+signal. (The overhead benchmark's smoke test is in test_benchmarks_smoke.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.paths import REPO
+
+NUMBER = r"[0-9.]+"
+SPREAD = rf"{NUMBER}-{NUMBER}"  # the lowest and highest per-round ratio
+# The peers run beside trainloop where the bench extra is installed (CI has the dev extra only).
+PEERS = tuple(name for name, package in (("Accelerate", "accelerate"), ("Lightning Fabric", "lightning"))
+              if importlib.util.find_spec(package))
+
+
+def run_quick(script: str) -> str:
+    """stdout of `python benchmarks/<script> --quick`, which must exit 0."""
+    done = subprocess.run(
+        [sys.executable, os.path.join("benchmarks", script), "--quick"],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.multiprocess
+def test_ddp_benchmark_quick_run_prints_its_table():
+    out = run_quick("ddp.py")
+    header = r"^\s*accumulate\s+variant\s+us/step\s+vs raw\s+spread\s+cpu us/step\s+vs raw\s+spread$"
+    assert re.search(header, out, re.MULTILINE), out
+    for accumulate in ("1", "4"):
+        for variant in ("raw DDP", "raw DDP \\+ synced log", "trainloop", *PEERS):
+            row = rf"^\s*{accumulate}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{SPREAD}\s+{NUMBER}\s+{NUMBER}x\s+{SPREAD}$"
+            assert re.search(row, out, re.MULTILINE), f"no {variant} row for accumulate {accumulate}:\n{out}"
+        assert re.search(rf"^\s*per-step, accumulate {accumulate}: {NUMBER}x raw DDP", out, re.MULTILINE), out
+
+
+def test_checkpoint_benchmark_quick_run_prints_its_tables():
+    out = run_quick("checkpoint.py")
+    assert re.search(r"^op\s+variant\s+ms\s+vs raw\s+spread$", out, re.MULTILINE), out
+    # The peers' rows need the bench extra; CI installs the dev extra only, and says so.
+    peers = tuple(name for name, package in (("accelerate", "accelerate"), ("fabric", "lightning"))
+                  if importlib.util.find_spec(package))
+    for name, package in (("accelerate", "accelerate"), ("fabric", "lightning")):
+        if name not in peers:
+            assert f"the {name} rows are left out" in out, out
+    rows = [("save", v) for v in ("raw", "raw durable", *peers, "dcp", "trainloop",
+                                  "trainloop background: blocked", "trainloop background: committed")]
+    rows += [("load", v) for v in ("raw", *peers, "dcp", "trainloop")]
+    for op, variant in rows:
+        row = rf"^{op}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{SPREAD}$"
+        assert re.search(row, out, re.MULTILINE), f"no {op} {variant} row:\n{out}"
+    for target in ("background save, loop blocked", "background save, committed", "tl.load, verified"):
+        assert re.search(rf"^\s*{target}: {NUMBER}x raw", out, re.MULTILINE), out
