@@ -68,9 +68,12 @@ def main() -> int:
                         help="a package index for torch, e.g. PyTorch's CPU-only wheels (env TORCH_INDEX_URL)")
     parser.add_argument("--fast", action="store_true",
                         help='test: only the fast tier, -m "not slow and not bench" (no process start-ups)')
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="after --: arguments for pytest or the example")
-    options = parser.parse_args()
-    rest = options.rest[1:] if options.rest[:1] == ["--"] else options.rest
+    # Everything after `--` goes to pytest or the example untouched; before it, this script's own
+    # flags may stand anywhere (`test --fast`, `--fast test`).
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    options = parser.parse_args(argv[:split])
+    rest = argv[split + 1:]
 
     python = set_up(Path(options.venv), options.torch, options.torch_index)
     if options.action == "train":

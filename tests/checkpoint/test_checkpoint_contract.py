@@ -117,6 +117,7 @@ def small_filesystem(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
+@pytest.mark.slow  # starts a process
 def test_a_full_disk_is_named_with_the_space_needed(small_filesystem):
     # ~130 KB of weights fit; the optimizer's moments (twice that) do not.
     model = torch.nn.Linear(128, 256)
@@ -206,6 +207,7 @@ def test_resuming_with_another_accumulate_or_batch_size_says_what_changed_once(t
 # -- one writer per checkpoint directory ---------------------------------------------------
 
 
+@pytest.mark.slow  # starts a process
 def test_two_jobs_saving_one_path_at_once_never_commit_a_mix(tmp_path):
     for trial in range(3):
         path = tmp_path / f"trial-{trial}" / "ckpt"
@@ -234,6 +236,7 @@ def hold(directory: Path) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow  # starts a process
 def test_a_checkpoint_directory_is_locked_for_one_job_and_a_dead_jobs_lock_is_taken_over(tmp_path):
     directory = tmp_path / "ckpt"
     holder = hold(directory)

@@ -37,6 +37,7 @@ def latest(directory: Path) -> str:
     return (directory / "latest").read_text().strip()
 
 
+@pytest.mark.slow  # starts a process
 def test_a_background_save_in_flight_when_the_script_ends_is_written(tmp_path):
     done = run_unfinished(tmp_path, "--direct")
     assert done.returncode == 0, done.stderr
@@ -44,6 +45,7 @@ def test_a_background_save_in_flight_when_the_script_ends_is_written(tmp_path):
     assert done.stderr.count("tl.finish") == 1, done.stderr  # one warning: the run was not finished
 
 
+@pytest.mark.slow  # starts a process
 def test_a_run_that_ends_without_finish_is_finished_at_exit_with_one_warning(tmp_path):
     done = run_unfinished(tmp_path, "--slow-write", "0.02")
     assert done.returncode == 0, done.stderr
@@ -55,6 +57,7 @@ def test_a_run_that_ends_without_finish_is_finished_at_exit_with_one_warning(tmp
     assert "finished at exit" in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # starts a process
 def test_a_save_that_fails_at_exit_says_so_and_exits_non_zero(tmp_path):
     done = run_unfinished(tmp_path, "--fail-last-save")
     assert done.returncode != 0, done.stderr

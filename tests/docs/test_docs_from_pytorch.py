@@ -24,8 +24,9 @@ except ModuleNotFoundError:  # Python 3.10
 import pytest
 
 from tests.docs.docs_snippets import REPO, python_blocks
-from trainloop import spawn
 from trainloop.config import SETTINGS
+from trainloop.spawn import checks
+from trainloop.spawn import command_line as spawn
 
 PAGE = os.path.join(REPO, "docs", "from-pytorch.md")
 RUN_TOML = os.path.join(REPO, "docs", "run.toml")
@@ -124,7 +125,7 @@ def test_run_toml_documents_every_key_spawn_reads_and_each_is_accepted(tmp_path)
     assert launch["nproc"] == 2 and launch["master"] == "10.0.0.1:29500"
     settings = {k: v for k, v in values.items() if k not in spawn._LAUNCH_FLAGS}
     settings["device"] = "cpu"  # the example's "cuda" is valid, but this machine may have none
-    assert spawn._validated_settings(settings, {})["tp_plan"] == {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
+    assert checks.validated_settings(settings, {})["tp_plan"] == {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
 
 
 LAST_STEP_UNDER_SPAWN = """

@@ -12,6 +12,7 @@ import torch
 from trainloop.models import quiet
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torchao's CUDA kernels load on a CUDA machine")
 def test_fp8_on_a_machine_without_cuda_imports_torchao_without_its_noise():
     code = ("import torch, trainloop as tl\n"

@@ -360,6 +360,7 @@ def _one_version(model: nn.Module) -> float | None:
     return values.pop() if len(values) == 1 else None
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.parametrize("mode", ["replace", "rewrite"])
 def test_a_file_changed_during_load_weights_is_refused_never_mixed(writer, mode):
     # "replace": a new file renamed over the old one all the time (the inode moves). "rewrite": the
@@ -397,6 +398,7 @@ TRUNCATION_LOAD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # starts a process
 def test_a_file_truncated_during_load_weights_is_an_error_never_a_crash(writer):
     target = writer("truncate")
     done = subprocess.run([sys.executable, "-c", TRUNCATION_LOAD, str(target), str(REPO)],
