@@ -126,7 +126,7 @@ class ForwardsAttributes:
 def _submodule_home(wrapper: nn.Module, name: str, value: Any) -> nn.Module:
     """Where a submodule or parameter assigned on the prepared model goes: the user's module,
     unless DDP wraps it (it would never synchronise the new parameters' gradients)."""
-    users = _users_module(wrapper)
+    users = unwrap(wrapper)  # built: only then are writes forwarded here
     fsdp = sys.modules.get("torch.distributed.fsdp")
     owner = next((type(layer).__name__ for layer in wrapper_layers(wrapper)
                   if isinstance(layer, nn.parallel.DistributedDataParallel)
@@ -141,7 +141,7 @@ def _submodule_home(wrapper: nn.Module, name: str, value: Any) -> nn.Module:
     return users
 
 
-def _through_forward(wrapper: nn.Module, method: Callable[..., Any]) -> Callable[..., Any]:
+def _through_forward(wrapper: Any, method: Callable[..., Any]) -> Callable[..., Any]:
     """`method` run as the prepared model's forward: under the policy and inside DDP's forward."""
 
     @functools.wraps(method)
@@ -149,11 +149,11 @@ def _through_forward(wrapper: nn.Module, method: Callable[..., Any]) -> Callable
         ddp = next((layer for layer in wrapper_layers(wrapper) if isinstance(layer, DistributedDataParallel)), None)
         if ddp is None:
             return wrapper._wrap_method(method)(*args, **kwargs)
-        ddp.__dict__["_routed_method"] = method
+        vars(ddp)["_routed_method"] = method
         try:
             return wrapper(*args, **kwargs)
         finally:
-            ddp.__dict__.pop("_routed_method", None)
+            vars(ddp).pop("_routed_method", None)
 
     return through_forward
 

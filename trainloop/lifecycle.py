@@ -113,7 +113,7 @@ def finish(state: RunState) -> None:
     if state.generation != lineage.generation and lineage.newest is not None:
         state = lineage.newest
     in_flight = sys.exc_info()[1]
-    failures: list[Exception] = []
+    failures: list[BaseException] = []
     try:
         if in_flight is not None and state.world_size > 1:
             failures += settle(state, f"an exception is in flight ({type(in_flight).__name__}): "
@@ -140,9 +140,9 @@ def finish(state: RunState) -> None:
     raise failures[0]
 
 
-def _end(state: RunState) -> list[Exception]:
+def _end(state: RunState) -> list[BaseException]:
     """Every part of ending the run, each attempted whatever the ones before did; their failures."""
-    failures = []
+    failures: list[BaseException] = []
     try:
         state = flush_logs(state, every_rank=True)
     except Exception as failure:  # the names error of `log`, on every rank alike
@@ -159,7 +159,7 @@ def _end(state: RunState) -> list[Exception]:
     return failures
 
 
-def settle(state: RunState, why: str) -> list[Exception]:
+def settle(state: RunState, why: str) -> list[BaseException]:
     """End the run without a collective: complete this process's background save in flight,
     and (main process) warn naming what is lost. The save's failure, if any, is returned."""
     writer = state.lineage.writer

@@ -193,7 +193,7 @@ def _plan_extra(path: Path, contents: _Contents, extra: MutableMapping[str, Any]
                 not_restored.append(f"extra {name!r} ({type(target).__name__}): {problem}")
             saved = fitting
         result.extra.append((name, saved))
-    if not strict:
+    if not_restored is not None:  # not strict
         not_restored += [f"extra {name!r}: in the checkpoint, not asked for" for name in contents.extra
                          if name not in requested]
 

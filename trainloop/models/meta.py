@@ -134,7 +134,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> dict[int, 
                         module.reset_parameters()  # pyright: ignore[reportCallIssue]  (Module.__getattr__ says Tensor)
                     owner = owners.get(id(module))
                     if owner is not None:
-                        owner._init_weights(module)
+                        owner._init_weights(module)  # pyright: ignore[reportCallIssue]  (Module.__getattr__ says Tensor)
                     unfilled.extend(_unfilled([module], [tensors]))
     _await_load(model, unfilled)
     return {key: model.get_parameter(name) for key, name in names.items()}
