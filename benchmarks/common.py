@@ -103,7 +103,16 @@ def trainloop_loop(accumulate: int, callbacks: Sequence[Any] = ()) -> Loop:
             state = tl.step(state, optimizer)
             state = tl.log(state, loss=loss)
 
+    run.finish = lambda: tl.finish(state)  # type: ignore[attr-defined]  (see `finish_all`)
     return run
+
+
+def finish_all(loops: dict[str, Loop]) -> None:
+    """End the trainloop runs among `loops` (a run left unfinished is finished at exit, warning)."""
+    for loop in loops.values():
+        finish = getattr(loop, "finish", None)
+        if finish is not None:
+            finish()
 
 
 # The peers, each as its own documentation writes the loop.

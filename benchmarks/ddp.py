@@ -65,6 +65,7 @@ from common import (
     adamw,
     build_mlp,
     classification_batches,
+    finish_all,
     interleaved_rounds,
     peer_variants,
     profile_by_own_time,
@@ -181,6 +182,7 @@ def worker(steps: int, rounds: int, warmup: int, profile: bool) -> dict | None:
             loops, notes = all_variants(accumulate)
             results["notes"].update(notes)
             results["times"][accumulate] = measure(loops, batches, rounds, warmup)
+            finish_all(loops)
         if profile:
             results["profile"] = {accumulate: profile_trainloop(batches, accumulate, top=25)
                                   for accumulate in ACCUMULATIONS}

@@ -56,6 +56,7 @@ from common import (
     MS,
     Loop,
     adamw,
+    finish_all,
     interleaved_rounds,
     quick_note,
     ratio_cells,
@@ -138,6 +139,7 @@ def trainloop_fsdp(accumulate: int, width: int, hsdp: bool = False) -> Loop:
                 state = tl.backward(state, F.mse_loss(model(x), y))
             state = tl.step(state, optimizer)
 
+    run.finish = lambda: tl.finish(state)  # type: ignore[attr-defined]  (see common.finish_all)
     return run
 
 
@@ -229,6 +231,8 @@ def benchmark(steps: int, rounds: int, warmup: int, width: int) -> dict:
                     TRAINLOOP_HSDP: trainloop_fsdp(accumulate, width, hsdp=True)}
         results["times"][accumulate] = measure(loops, batches, rounds, warmup)
         results["hsdp_times"][accumulate] = measure(hsdp, batches, rounds, warmup)
+        finish_all(loops)
+        finish_all(hsdp)
     for label, strategy in (("DDP", "ddp"), ("FSDP", "fsdp")):
         results["memory"][label] = memory_after_backward(strategy, width)
     tl.finish(job)

@@ -65,6 +65,7 @@ from common import (
     adamw,
     build_mlp,
     classification_batches,
+    finish_all,
     interleaved_rounds,
     peer_variants,
     profile_by_own_time,
@@ -207,7 +208,9 @@ def profile_trainloop(batches: list, accumulate: int, top: int) -> str:
     time. The profiler inflates small Python calls; read it for where, not for how much."""
     loop = trainloop_loop(accumulate)
     loop(batches)  # warm up outside the profile
-    return profile_by_own_time(loop, batches * 20, pattern=r"trainloop|attr", top=top)
+    profile = profile_by_own_time(loop, batches * 20, pattern=r"trainloop|attr", top=top)
+    finish_all({"trainloop": loop})
+    return profile
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -243,6 +246,7 @@ def main() -> int:
             loops, skipped = available_variants(accumulate, metrics_files)
             notes.update(skipped)
             times = measure(loops, batches, args.rounds, warmup=1 if args.quick else 3)
+            finish_all(loops)
             for name, per_step, ratio, spread in step_rows(times):
                 print(f"{accumulate:>10}  {name:<22}{ratio_cells(per_step, ratio, spread)}")
                 if name == "trainloop":
