@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
 
 import trainloop as tl
-from tests.support.reference import mse, regression_data, tiny_model
+from tests.support.reference import mse, plain_lbfgs, regression_data, tiny_model
 from trainloop.callbacks import ClipGradNorm
 
 
@@ -355,18 +355,7 @@ def test_move_to_device_false_keeps_batches_where_the_loader_put_them():
 
 def test_lbfgs_through_step_with_a_closure_equals_plain_torch_lbfgs():
     x, y = regression_data(16).tensors
-    reference = tiny_model()
-    plain = torch.optim.LBFGS(reference.parameters(), lr=0.5, max_iter=5)
-
-    def plain_closure():
-        plain.zero_grad()
-        loss = mse(reference, x, y)
-        loss.backward()
-        return loss
-
-    for _ in range(3):
-        plain.step(plain_closure)
-
+    reference = plain_lbfgs(x, y, steps=3)
     model = tiny_model()
     state = tl.init()
     state, model, optimizer = tl.prepare(state, model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5))

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import trainloop as tl
-from tests.support.reference import mse, regression_data, tiny_model
+from tests.support.reference import mse, plain_lbfgs, regression_data, tiny_model
 
 
 def _everyone(value):
@@ -212,17 +212,7 @@ def _shard_false(state):
 def _lbfgs(state):
     """A closure optimizer on 2 ranks: one process's LBFGS over the global batch."""
     x, y = regression_data(16).tensors
-    reference = tiny_model()
-    plain = torch.optim.LBFGS(reference.parameters(), lr=0.5, max_iter=5)
-
-    def closure():
-        plain.zero_grad()
-        loss = mse(reference, x, y)
-        loss.backward()
-        return loss
-
-    for _ in range(2):
-        plain.step(closure)
+    reference = plain_lbfgs(x, y, steps=2)
     model = tiny_model()
     state, prepared, optimizer = tl.prepare(state, model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5))
     mine = slice(8 * state.rank, 8 * state.rank + 8)

@@ -59,6 +59,23 @@ def mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((model(x) - y) ** 2).mean()
 
 
+def plain_lbfgs(x: torch.Tensor, y: torch.Tensor, steps: int, *, lr: float = 0.5, max_iter: int = 5) -> nn.Module:
+    """`tiny_model()` after `steps` plain `torch.optim.LBFGS` steps on (x, y): the closure
+    optimizer's reference, as torch's docs write its loop."""
+    reference = tiny_model()
+    plain = torch.optim.LBFGS(reference.parameters(), lr=lr, max_iter=max_iter)
+
+    def closure() -> torch.Tensor:
+        plain.zero_grad()
+        loss = mse(reference, x, y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        plain.step(closure)
+    return reference
+
+
 def token_loss_sum(model: nn.Module, x, y, mask) -> torch.Tensor:
     """Sum of per-token squared errors over the real (unmasked) tokens."""
     return (((model(x) - y) ** 2).sum(-1) * mask).sum()
