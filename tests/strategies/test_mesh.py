@@ -1,6 +1,6 @@
 """The run's device mesh (trainloop.strategies.mesh): settings, validation, and the ranks of each group.
 
-The validation runs in this process; one `spawn.run` of `mesh_checks` on 4 ranks builds every
+The validation runs in this process; one call of `mesh_checks` on 4 ranks (shared job) builds every
 mesh 4 ranks allow and reports each rank's groups (tests/strategies/mesh_workers.py).
 """
 
@@ -12,7 +12,7 @@ import pytest
 
 import trainloop as tl
 from tests.strategies.mesh_workers import SHAPES, mesh_checks
-from trainloop import spawn
+from tests.support import shared_job
 from trainloop.config import resolve_config
 from trainloop.strategies.mesh import MeshShape, mesh_shape
 
@@ -81,9 +81,12 @@ def test_a_bad_plan_in_the_environment_names_the_variable():
         resolve_config({}, {"TRAINLOOP_TP_PLAN": '{"up": "sideways"}'})
 
 
+MESH = shared_job.Call(mesh_checks, n=4)
+
+
 @pytest.fixture(scope="module")
-def four_ranks() -> dict:
-    return spawn.run(mesh_checks, n=4)
+def four_ranks(request) -> dict:
+    return MESH.result(request)
 
 
 def _expected(sizes: tuple[int, int, int], rank: int) -> dict:

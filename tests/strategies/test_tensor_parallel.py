@@ -1,7 +1,7 @@
 """Tensor parallelism from a plan (trainloop.strategies.tensor_parallel).
 
-The plan's checks (patterns, styles, Hugging Face plans) run in this process; one `spawn.run`
-of `tp_checks` on 4 ranks (dp_shard=2 x tp=2) compares sharded models with the same models
+The plan's checks (patterns, styles, Hugging Face plans) run in this process; one call
+of `tp_checks` on 4 ranks (the session's shared 4-rank job) (dp_shard=2 x tp=2) compares sharded models with the same models
 whole: forward outputs and gradients (tests/strategies/tensor_parallel_workers.py).
 """
 
@@ -11,7 +11,7 @@ import pytest
 from torch import nn
 
 from tests.strategies.tensor_parallel_workers import Stack, tp_checks
-from trainloop import spawn
+from tests.support import shared_job
 from trainloop.config import TP_STYLES
 from trainloop.strategies.tensor_parallel import apply_tp_plan, hugging_face_plan, matching_modules, parallel_style
 
@@ -72,9 +72,12 @@ def test_hugging_face_plans_are_keyed_from_the_model_given():
     assert causal_lm["model.layers.*.mlp.down_proj"] == "rowwise"
 
 
+TP = shared_job.Call(tp_checks, n=4)
+
+
 @pytest.fixture(scope="module")
-def four_ranks() -> list[dict]:
-    return spawn.run(tp_checks, n=4)["ranks"]
+def four_ranks(request) -> list[dict]:
+    return TP.result(request)["ranks"]
 
 
 @pytest.mark.multiprocess

@@ -1,6 +1,7 @@
 """The torchtitan recipe's combinations (issue 20): each exact against one process, or refused.
 
-One `spawn.run(titan_checks, n=4)` trains every 4-rank case in the same processes
+One call of `titan_checks` on 4 ranks trains every 4-rank case in the same processes (in the session's
+shared 4-rank job, tests/support/shared_job.py)
 (tests/titan_workers.py); each case's whole weights after two AdamW steps are compared with
 plain PyTorch on one process over the same global batch (tests/titan_models.py). Compiled cases
 use the `aot_eager` backend (`compile_options`): AOTAutograd's backward is where the broken
@@ -14,7 +15,7 @@ import torch
 
 from tests.strategies.titan_models import LENGTH, SP_PLAN, TP_PLAN, Transformer, reference_loop, token_data
 from tests.strategies.titan_workers import BATCH, STEPS, build, titan_checks
-from trainloop import spawn
+from tests.support import shared_job
 
 AOT = {"backend": "aot_eager"}
 # fp8: each micro-batch's activations are scaled by their own amax, and the 4 ranks' micro-batches
@@ -63,9 +64,12 @@ THROUGHPUT = {
 }
 
 
+TITAN = shared_job.Call(titan_checks, n=4, args=lambda _: (CASES | FP8 | THROUGHPUT,))
+
+
 @pytest.fixture(scope="module")
-def four() -> dict:
-    return spawn.run(titan_checks, CASES | FP8 | THROUGHPUT, n=4)
+def four(request) -> dict:
+    return TITAN.result(request)
 
 
 def one_process(kind: str, data_parallel: int) -> dict[str, torch.Tensor]:
