@@ -115,7 +115,12 @@ class DataParallel(WholeModel):
 
     def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
         if len(models) == 1:  # the common case: DDP's own context manager, nothing around it
-            owner = _ddp_layer(models[0])
+            model = models[0]
+            if type(model) is forwarding.DistributedDataParallel:
+                # The prepared model is the DDP (fp32, not compiled): no walk through the layers,
+                # and `type() is` where isinstance would be a Python call (DDP's class is an ABC).
+                return model.no_sync()
+            owner = _ddp_layer(model)
             return _NOTHING_TO_DO if owner is None else owner.no_sync()
         return _all_no_sync(models)
 
