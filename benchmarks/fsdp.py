@@ -6,8 +6,9 @@
 What is measured, and why it is fair:
 
 - Step time. The same model (4 blocks of Linear 256-256 + Tanh in a ModuleList, a Linear head;
-  batch 32 per rank, AdamW), sharded the same way by both variants: `fully_shard` on each block,
-  then on the root (kept gathered after forward). The raw loop is torchtitan's: it turns the
+  batch 32 per rank, AdamW), sharded the same way by every variant, as torchtitan and trainloop's
+  `fsdp_shard_ends` do: `fully_shard` on each block, on the head (a unit of its own, kept gathered
+  after forward: backward needs it first), then on the root. The raw loop is torchtitan's: it turns the
   gradient sync off with `set_requires_gradient_sync(False)` off the window's last micro-step
   and scales each micro-batch loss by 1/k; trainloop's is the loop its docs show (`accumulate`,
   `backward`, `step`, which normalises the summed gradients once per window). Batches are
@@ -107,13 +108,24 @@ def mesh_shapes(model: nn.Module) -> set[tuple[int, ...]]:
     return {tuple(p.device_mesh.shape) for p in tl.unwrap(model).parameters() if hasattr(p, "device_mesh")}
 
 
+UNITS = ["", *(f"blocks.{i}" for i in range(DEPTH)), "head"]  # the modules every variant fully_shards
+
+
+def units(model: nn.Module) -> list[str]:
+    """The names of `model`'s modules that are FSDP units ("" for the root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [name for name, module in tl.unwrap(model).named_modules() if isinstance(module, FSDPModule)]
+
+
 def check_sharded(name: str, model: nn.Module, shape: tuple[int, ...]) -> None:
-    """Raise unless every parameter of `model` is sharded over a mesh of `shape`: a variant that
-    shards otherwise (or not at all) would not be doing the same job as the others."""
-    found = mesh_shapes(model)
-    if found != {shape}:
-        raise RuntimeError(f"{name}: parameters sharded over meshes {sorted(found)}, not the {shape} of the "
-                           "other variants: its times would not compare")
+    """Raise unless `model` is sharded in the units of UNITS and every parameter over a mesh of
+    `shape`: a variant that shards otherwise (or not at all) would not do the same job as the others
+    (one more unit is one more all-gather and reduce-scatter per step)."""
+    found, sharded = mesh_shapes(model), units(model)
+    if found != {shape} or sharded != UNITS:
+        raise RuntimeError(f"{name}: units {sharded}, parameters sharded over meshes {sorted(found)}, not the "
+                           f"units {UNITS} over {shape} of the other variants: its times would not compare")
 
 
 # -- the variants ------------------------------------------------------------------------------
@@ -129,6 +141,7 @@ def raw_fully_shard(accumulate: int, width: int, hsdp: bool = False) -> Loop:
                             mesh_dim_names=("dp_replicate", "dp_shard") if hsdp else ("dp_shard",))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
+    fully_shard(model.head, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     check_sharded(RAW_HSDP if hsdp else RAW, model, (NPROC, 1) if hsdp else (NPROC,))
     optimizer = adamw(model)
@@ -176,6 +189,7 @@ def fabric_fsdp(accumulate: int, width: int) -> Loop:
     def parallelize(model: nn.Module, mesh) -> nn.Module:
         for block in model.blocks:
             fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(model.head, mesh=mesh["data_parallel"], reshard_after_forward=False)
         fully_shard(model, mesh=mesh["data_parallel"], reshard_after_forward=False)
         return model
 
