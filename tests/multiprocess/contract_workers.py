@@ -252,7 +252,7 @@ def _ddp_hot_path(state):
     plain = nn.parallel.DistributedDataParallel(WithTrainingStep())  # the same model, by torch alone
     model = WithTrainingStep()
     model.label = "mine"
-    state, prepared = tl.prepare(state, model)
+    state, prepared, optimizer = tl.prepare(state, model, torch.optim.SGD(model.parameters(), lr=0.1))
 
     def micro_steps(ddp):
         def run():
@@ -269,11 +269,16 @@ def _ddp_hot_path(state):
     results["forwarding_calls"] = sorted({name for file, name in prepared_calls if file == forwarding.__file__})
     results["calls"] = {"plain": len(plain_calls), "prepared": len(prepared_calls)}
 
-    def accumulated():
+    def micro_step():
+        nonlocal state
         with tl.accumulate(state, prepared):  # off the window's end: the strategy's no_sync
-            tl.backward(state, mse(prepared, x, y))
+            state = tl.backward(state, mse(prepared, x, y))
 
-    results["accumulate_calls"] = sorted({name for file, name in _python_calls(accumulated)
+    micro_step()  # the first window: the strategy finds the model's DDP layer, once
+    with tl.accumulate(state, prepared):
+        state = tl.backward(state, mse(prepared, x, y))
+    state = tl.step(state, optimizer)
+    results["accumulate_calls"] = sorted({name for file, name in _python_calls(micro_step)
                                           if file in (forwarding.__file__, ddp_strategy.__file__)})
     # What forwards still does: the user's attribute read and written through DDP, DDP's own
     # flag kept on DDP, a marked method run inside DDP's forward and nothing of it left behind.
