@@ -12,12 +12,17 @@ optimizer state (hyperparameters, counts) travels in the checkpoint's own `optim
 loaded with `weights_only=True`, so DCP never reaches the unpickling load it uses for byte
 entries (weights_only off).
 
+In the background (`tl.save(..., background=True)`), `AsyncShards` stages the shards to CPU and
+starts DCP's `async_save` on a process group of the run's saves alone; the commit around it is
+`trainloop.checkpoint.sharded_async`'s.
+
 This module imports torch.distributed.checkpoint (about 0.5 s): the checkpoint functions import
 it only for sharded checkpoints.
 """
 
 from __future__ import annotations
 
+import datetime
 import pickle
 import warnings
 from collections.abc import Iterable, Sequence
@@ -92,8 +97,10 @@ class AsyncShards:
     also gives DCP the CPU backend `async_save` needs beside an nccl training group.
     """
 
-    def __init__(self) -> None:
-        group = dist.new_group(backend="gloo")
+    def __init__(self, timeout_s: float) -> None:
+        # The run's collective timeout, as for a synchronous save: a rank that stops answering
+        # fails the save on the others instead of holding the writer thread for torch's default.
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         assert isinstance(group, dist.ProcessGroup)  # every rank is a member: never the "not in it" value
         self.group = group
         self._stager: BlockingAsyncStager | None = None

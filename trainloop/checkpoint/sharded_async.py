@@ -56,7 +56,7 @@ def save_in_background(state: RunState, path: Path, rng: list[dict], after_commi
     writer.began_background_save()
     shards = _SHARDS.get(writer)
     if shards is None:
-        shards = _SHARDS[writer] = distcp.AsyncShards()  # a collective: every rank is here
+        shards = _SHARDS[writer] = distcp.AsyncShards(state.config.timeout)  # a collective: every rank is here
     error, partial = None, None
     if state.is_main:
         try:
