@@ -45,9 +45,10 @@ that is damaged (CheckpointError) or does not fit (ValueError) leaves the run as
 
 Under DDP, rank 0 writes everything: the replicas are identical, and the other ranks' RNG
 states reach it through a gather. Under FSDP every rank writes its shards into the partial
-directory first; rank 0 then writes the rest, hashes every file and renames (synchronously:
-DCP's writes are collective). Every rank reads the checkpoint when loading, so on many machines
-the directory must be on a filesystem they share.
+directory first; rank 0 then writes the rest, hashes every file and renames. In the background
+the shards are staged and written by DCP's `async_save` on a process group of its own
+(`trainloop.checkpoint.sharded_async`). Every rank reads the checkpoint when loading, so on many
+machines the directory must be on a filesystem they share.
 """
 
 from __future__ import annotations
@@ -100,8 +101,10 @@ def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
     the next `save` (as `PreviousSaveFailed`, before it saves anything) or by `finish`: those
     already synchronise the ranks, so the check costs no collective of its own. Under DDP only
     rank 0 writes; the other ranks' Futures are done at once, and they learn rank 0's outcome at
-    that next save or `finish`. Under FSDP the save is synchronous (every rank writes its shards
-    through DCP) and the returned Future is already done.
+    that next save or `finish`. Under a sharded strategy (FSDP, HSDP, TP) every rank copies its
+    shards to CPU and DCP writes them in the background (`async_save`, on a gloo process group
+    of the run's saves alone); rank 0's Future is the commit, another rank's is done once its
+    shards are written, and it learns rank 0's outcome at that next save or `finish`.
 
     `extra`: the user's own objects, by name, saved beside the run (`extra.pt`) and restored by
     `tl.load(..., extra=...)`: an object with `state_dict()` (an EMA model, a metric, a data
@@ -129,7 +132,11 @@ def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
     if keep_weight is not None and state.strategy.sharded:
         raise ValueError("save filter={'model': ...} needs whole weights: a sharded (FSDP) checkpoint holds every shard")
     rng = _gather_rng_states(state)  # also waits for, and settles, the save before this one
-    if background and not state.strategy.sharded:
+    if background and state.strategy.sharded:
+        from trainloop.checkpoint import sharded_async  # DCP: sharded runs only
+
+        return sharded_async.save_in_background(state, path, rng, lambda: _after(after_commit, path), extras)
+    if background:
         return _save_in_background(state, path, rng, after_commit, extras, keep_weight)
     error, sharded_optimizers, partial = None, None, None
     if state.strategy.sharded:
@@ -146,7 +153,7 @@ def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
     error = broadcast(state, error)  # every rank learns the outcome: no one waits
     if error is not None:
         raise CheckpointError(error)
-    return writer_of(state).done(path) if background else path
+    return path
 
 
 def _after(after_commit: Callable[[], None] | None, path: Path) -> str | None:
@@ -196,6 +203,10 @@ def finish_saves(state: RunState) -> None:
     error = writer.wait()
     message = _first_error(state, None if error is None else str(error))
     writer.release()
+    if state.strategy.sharded:
+        from trainloop.checkpoint import sharded_async
+
+        sharded_async.close(writer)  # every rank: the save group of the run's background saves
     if message is not None:
         raise CheckpointError(message)
 
