@@ -124,6 +124,19 @@ def export_checks(directory: str) -> dict:
             results["llama_tied_left_out"] = "lm_head.weight" not in index["weight_map"]
             results["bf16_files"] = sorted(str(p) for p in bf16_dir.glob("*.safetensors"))
             results["trained"] = {k: v for k, v in full.items() if k != "lm_head.weight"}
+    with results.check("tp"):
+        tp_state = tl.init(strategy="fsdp", tp=2, dp_shard=1, seed=0)  # the model's own base_model_tp_plan
+        tp_model = tiny_llama(seed=3)
+        tp_optimizer = torch.optim.AdamW(tp_model.parameters(), lr=1e-2)
+        tp_state, tp_model, tp_optimizer = tl.prepare(tp_state, tp_model, tp_optimizer)
+        ids = prompt(seed=4, batch=4)
+        tp_state = tl.step(tl.backward(tp_state, tp_model(ids, labels=ids).loss), tp_optimizer)
+        tp_model.eval()
+        with torch.no_grad():
+            results["tp_logits"] = tp_model(prompt()).logits
+        results["tp_dir"] = str(tl.export(tp_state, out / "tp", hf_index=True, max_shard_size="20KB"))
+        results["tp_sharded"] = type(tl.unwrap(tp_model).model.layers[0].self_attn.q_proj.weight).__name__
+        tl.finish(tp_state)
     with results.check("disk full"):
         before = sorted(p.name for p in (out / "llama").iterdir())
         failed = None
@@ -136,7 +149,7 @@ def export_checks(directory: str) -> dict:
         torch.distributed.all_gather_object(everyone, failed)
         results["disk_full_errors"] = everyone
         results["disk_full_after"] = (before, sorted(p.name for p in (out / "llama").iterdir()))
-        results["disk_full_left"] = sorted(p.name for p in out.iterdir())
+        results["disk_full_left"] = sorted(p.name for p in out.iterdir() if p.name != "tp")
     with results.check("memory"):
         wide_state = tl.init(strategy="fsdp", seed=0)
         wide_state, wide = tl.prepare(wide_state, Wide())

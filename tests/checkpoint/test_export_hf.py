@@ -91,6 +91,29 @@ def test_a_torchtitan_layout_is_renamed_by_a_to_hf_map(tmp_path):
     assert sorted(load_file(callable_out)) == ["x.norm.weight", "x.output.weight", "x.tok_embeddings.weight"]
 
 
+def permute_for_hf_rope(weight: torch.Tensor, heads: int = 2) -> torch.Tensor:
+    """torchtitan's Llama adapter's `_permute` (to_hf): interleaved rotary pairs -> HF's halves."""
+    rows, columns = weight.shape
+    return weight.view(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
+
+
+def test_transform_changes_a_tensors_layout_on_the_way_and_must_keep_its_shape(tmp_path):
+    state, model = prepared(TitanStyle())
+    out = tl.export(state, tmp_path / "hf", hf_index=True, key_map=titan_to_hf(),
+                    transform=lambda name, t: permute_for_hf_rope(t) if "q_proj" in name else t)
+    stored = load_file(out / "model-00001-of-00001.safetensors")
+    own = tl.unwrap(model).state_dict()
+    wq = own["layers.0.attention.wq.weight"]
+    assert torch.equal(stored["model.layers.0.self_attn.q_proj.weight"], permute_for_hf_rope(wq))
+    assert not torch.equal(permute_for_hf_rope(wq), wq)
+    assert torch.equal(stored["model.norm.weight"], own["norm.weight"])
+    with pytest.raises(CheckpointError, match=r"transform\('lm_head.weight'\) returned \(16, 8\) "
+                                              r"torch.float16, not \(16, 8\) torch.float32"):
+        tl.export(state, out, hf_index=True, key_map=titan_to_hf(), transform=lambda name, t: t.half())
+    assert torch.equal(load_file(out / "model-00001-of-00001.safetensors")["model.layers.0.self_attn.q_proj.weight"],
+                       permute_for_hf_rope(wq))  # the failed export left the first
+
+
 def test_a_key_map_that_misses_a_name_or_renames_two_to_one_is_refused(tmp_path):
     state, _ = prepared(TitanStyle())
     partial = {k: v for k, v in titan_to_hf().items() if "wq" not in k}
@@ -176,6 +199,14 @@ def test_an_fsdp2_trained_llama_exports_to_a_directory_from_pretrained_loads(two
     with torch.no_grad():
         assert torch.equal(loaded(prompt()).logits, checks["llama_logits"])  # the trained model's
     assert checks["llama_files"] > 2 and checks["llama_tied_left_out"]
+
+
+@pytest.mark.multiprocess
+def test_a_tensor_parallel_llama_exports_whole_and_from_pretrained_gives_its_logits(two_ranks):
+    assert two_ranks["tp_sharded"] == "DTensor"  # the export really gathered TP shards
+    loaded = AutoModelForCausalLM.from_pretrained(two_ranks["tp_dir"]).eval()
+    with torch.no_grad():  # TP's sharded matmuls sum in another order: equal to fp32 rounding
+        torch.testing.assert_close(loaded(prompt()).logits, two_ranks["tp_logits"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.multiprocess

@@ -286,7 +286,8 @@ def _first_error(state: RunState, error: str | None) -> str | None:
 
 def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | None = None, *,
            dtype: torch.dtype | None = None, hf_index: bool = False, max_shard_size: int | str = "5GB",
-           key_map: ExportKeyMap | None = None) -> Path:
+           key_map: ExportKeyMap | None = None,
+           transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Path:
     """Write the trained model alone as safetensors (atomic), for inference and other tools.
 
     Call it on every rank; rank 0 writes. Under FSDP, HSDP or TP the shards are gathered one
@@ -304,6 +305,9 @@ def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | No
         key_map: the run's names -> the file's: a callable (None leaves a tensor out) or a dict
             like torchtitan's `to_hf_map` (`{"layers.{}.attention.wq.weight":
             "model.layers.{}.self_attn.q_proj.weight"}`); a name the dict lacks raises ValueError.
+        transform: `(file's name, whole tensor) -> tensor` of the same shape and dtype, run on
+            rank 0 before each tensor is written: a layout change that renaming cannot express
+            (torchtitan's Llama adapter permutes wq and wk for Hugging Face's rotary embedding).
 
     A tied weight is written once (Hugging Face's way: `lm_head.weight` is left out when it is
     the embedding). One file loads with `safetensors.torch.load_model(module, path)` or
@@ -315,7 +319,7 @@ def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | No
         model = transformers.AutoModelForCausalLM.from_pretrained("out/hf")
     """
     return _export(state, path, model, dtype=dtype, hf_index=hf_index, max_shard_size=max_shard_size,
-                   key_map=key_map)
+                   key_map=key_map, transform=transform)
 
 
 def checkpoints_in(directory: str | os.PathLike) -> Iterator[Path]:

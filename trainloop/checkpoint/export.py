@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +62,8 @@ _EXPORTED = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors(\.
 
 def export(state: RunState, path: str | os.PathLike, model: nn.Module | None = None, *,
            dtype: torch.dtype | None = None, hf_index: bool = False, max_shard_size: int | str = "5GB",
-           key_map: ExportKeyMap | None = None) -> Path:
+           key_map: ExportKeyMap | None = None,
+           transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Path:
     """Write the model's weights to `path` (see the module docstring); call on every rank."""
     if model is None:
         if len(state.models) != 1:
@@ -97,6 +99,8 @@ def export(state: RunState, path: str | os.PathLike, model: nn.Module | None = N
             whole = gather(tensors[tensor.source], tensor.dtype, wanted=handle is not None)
             if handle is not None and whole is not None:
                 try:
+                    if transform is not None:
+                        whole = _transformed(transform, tensor, whole)
                     if whole.numel():
                         handle.write(whole.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
                 except Exception as raised:  # reported to every rank below
@@ -109,6 +113,17 @@ def export(state: RunState, path: str | os.PathLike, model: nn.Module | None = N
     if failure is not None:
         raise CheckpointError(failure)
     return path
+
+
+def _transformed(transform: Callable[[str, torch.Tensor], torch.Tensor], tensor: Planned,
+                 whole: torch.Tensor) -> torch.Tensor:
+    """`transform(name, whole)`, which must keep the shape and dtype the file's header was written with."""
+    out = transform(tensor.name, whole)
+    if not isinstance(out, torch.Tensor) or out.shape != whole.shape or out.dtype != whole.dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"transform({tensor.name!r}) returned {got}, not {tuple(whole.shape)} {whole.dtype}: "
+                         "it may change a tensor's values (a permutation), not its shape or dtype")
+    return out
 
 
 def _start(path: Path, temporary: Path, hf_index: bool) -> None:
