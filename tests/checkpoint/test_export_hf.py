@@ -17,7 +17,7 @@ from tests.checkpoint.export_workers import TitanStyle, disk_full, export_checks
 from tests.support.hf_models import prompt, tiny_gpt2, tiny_llama
 from trainloop import spawn
 from trainloop.checkpoint import CheckpointError
-from trainloop.models.hf_export import parse_size
+from trainloop.models.hf_export import Planned, parse_size, shard_groups
 
 
 def prepared(model: nn.Module) -> tuple[tl.RunState, nn.Module]:
@@ -174,6 +174,13 @@ def test_a_second_export_replaces_the_first_whole(tmp_path):
                                                     "model-00001-of-00001.safetensors",
                                                     "model.safetensors.index.json"]
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out).eval()), logits(tl.unwrap(model)))
+
+
+def test_files_are_cut_in_order_and_a_tensor_over_the_limit_gets_a_file_of_its_own():
+    sizes = [4, 4, 12, 2, 3, 6]  # float32 elements: 16, 16, 48, 8, 12, 24 bytes
+    planned = [Planned(f"t{i}", f"t{i}", torch.float32, (n,)) for i, n in enumerate(sizes)]
+    groups = shard_groups(planned, 32)
+    assert [[t.name for t in group] for group in groups] == [["t0", "t1"], ["t2"], ["t3", "t4"], ["t5"]]
 
 
 def test_max_shard_size_reads_as_save_pretrained_does():

@@ -124,7 +124,10 @@ def gather(tensor: torch.Tensor, dtype: torch.dtype, wanted: bool = True) -> tor
 
     if isinstance(tensor, DTensor):
         # Cast the local shard first: what travels, and what arrives, is in the export's dtype.
-        whole = cast(DTensor, tensor.to(dtype)).full_tensor()
+        sharded = cast(DTensor, tensor.to(dtype))
+        if sharded.device.type != sharded.device_mesh.device_type:  # CPU-offloaded shards of a CUDA mesh
+            sharded = cast(DTensor, sharded.to(sharded.device_mesh.device_type))
+        whole = sharded.full_tensor()
         return whole if wanted else None
     return tensor.to(dtype) if wanted else None
 
