@@ -63,12 +63,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainloop.checkpoint.export import export as _export
 from trainloop.checkpoint.files import (
     CheckpointError,
     in_parallel,
     read_verified,
-    write_file,
-    write_safetensors,
 )
 from trainloop.checkpoint.fitting import PARTS, plan, restore
 from trainloop.checkpoint.manifest import LATEST, _hash_algorithm, _read_manifest, _record
@@ -76,9 +75,10 @@ from trainloop.checkpoint.reading import _read_checkpoint
 from trainloop.checkpoint.rng import _gather_rng_states
 from trainloop.checkpoint.safe_state import check_callback_states, extra_states
 from trainloop.checkpoint.staging import writer_of
-from trainloop.checkpoint.writing import _Snapshot, _unique, _without_duplicates, _write, _write_shards
+from trainloop.checkpoint.writing import _Snapshot, _write, _write_shards
 from trainloop.collectives import broadcast
 from trainloop.errors import CheckpointWarning
+from trainloop.models.hf_export import ExportKeyMap
 from trainloop.state import RunState
 
 __all__ = ["CheckpointError", "CheckpointWarning", "checkpoints_in", "export", "finish_saves", "load",
@@ -295,29 +295,42 @@ def _first_error(state: RunState, error: str | None) -> str | None:
                  for rank, e in enumerate(everyone) if e is not None), None)
 
 
-def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | None = None) -> Path:
-    """Write the trained model alone as one safetensors file (atomic), for inference and other tools.
+def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | None = None, *,
+           dtype: torch.dtype | None = None, hf_index: bool = False, max_shard_size: int | str = "5GB",
+           key_map: ExportKeyMap | None = None,
+           transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Path:
+    """Write the trained model alone as safetensors (atomic), for inference and other tools.
 
-    `model` defaults to the only prepared model. The file loads into a plain module with
-    `safetensors.torch.load_model(module, path)`. Call it on every rank; rank 0 writes. Under
-    FSDP the shards are gathered to rank 0's CPU one tensor at a time: rank 0 needs CPU memory
-    for the whole model.
+    Call it on every rank; rank 0 writes. Under FSDP, HSDP or TP the shards are gathered one
+    tensor at a time and written as they come: no rank holds more than one whole tensor beyond
+    its shards (`trainloop.checkpoint.export`).
+
+    Args:
+        path: the file (default), or with `hf_index=True` the directory to write.
+        model: the model to export; defaults to the only prepared model.
+        dtype: a floating dtype (`torch.bfloat16`) the floating tensors are cast to; None keeps theirs.
+        hf_index: write a Hugging Face directory: `model-0000k-of-0000n.safetensors` files,
+            `model.safetensors.index.json` and the model's `config.json` (when it has an HF
+            config), which `from_pretrained(path)` loads as it is.
+        max_shard_size: the largest file of an `hf_index` export, in bytes or as "5GB" / "500MiB".
+        key_map: the run's names -> the file's: a callable (None leaves a tensor out) or a dict
+            like torchtitan's `to_hf_map` (`{"layers.{}.attention.wq.weight":
+            "model.layers.{}.self_attn.q_proj.weight"}`); a name the dict lacks raises ValueError.
+        transform: `(file's name, whole tensor) -> tensor` of the same shape and dtype, run on
+            rank 0 before each tensor is written: a layout change that renaming cannot express
+            (torchtitan's Llama adapter permutes wq and wk for Hugging Face's rotary embedding).
+
+    A tied weight is written once (Hugging Face's way: `lm_head.weight` is left out when it is
+    the embedding). One file loads with `safetensors.torch.load_model(module, path)` or
+    `tl.load_weights`. Raises ValueError for a bad argument, CheckpointError (on every rank) when
+    rank 0 cannot write, leaving what was at `path` before.
+
+    Example:
+        tl.export(state, "out/hf", dtype=torch.bfloat16, hf_index=True, max_shard_size="2GB")
+        model = transformers.AutoModelForCausalLM.from_pretrained("out/hf")
     """
-    if model is None:
-        if len(state.models) != 1:
-            raise ValueError(f"export needs model= when the run prepared {len(state.models)} models")
-        model = state.models[0]
-    path = Path(path)
-    state_dict = state.strategy.export_state_dict(model)  # sharded: every rank sends its shards to rank 0
-    if state.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = _unique(path, "partial")
-        tensors, metadata = _without_duplicates(state_dict)
-        write_file(temporary, lambda handle: write_safetensors(handle, tensors, metadata), None)
-        os.replace(temporary, path)
-    if state.world_size > 1:
-        dist.barrier()
-    return path
+    return _export(state, path, model, dtype=dtype, hf_index=hf_index, max_shard_size=max_shard_size,
+                   key_map=key_map, transform=transform)
 
 
 def checkpoints_in(directory: str | os.PathLike) -> Iterator[Path]:
