@@ -133,7 +133,7 @@ def _fp8_recipe(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value != "tensorwise" and instance.precision != "fp8":
         raise SettingError("fp8_recipe", f"fp8_recipe is set, but precision is {instance.precision!r}: set "
                            "precision='fp8', or leave fp8_recipe out")
-    if _is_float8_config(value) and value.enable_fsdp_float8_all_gather and instance.strategy != "fsdp":
+    if _is_float8_config(value) and getattr(value, "enable_fsdp_float8_all_gather", False) and instance.strategy != "fsdp":
         raise SettingError("fp8_recipe", "fp8_recipe's Float8LinearConfig has enable_fsdp_float8_all_gather=True, "
                            f"which only FSDP2 uses, but strategy is {instance.strategy!r}: set strategy='fsdp', "
                            "or enable_fsdp_float8_all_gather=False")
