@@ -1,5 +1,6 @@
 """fp8 under FSDP2 on 2 worker processes (gloo, CPU: torchao's emulation): the weights gathered in
-bf16 (the default) and in float8 (`fp8_all_gather=True`), each for two SGD steps. Started once by
+bf16 (the default) and in float8 (`fp8_all_gather=True`, also of a model built on the meta
+device), each for two SGD steps. Started once by
 `trainloop.spawn.run(fsdp_all_gather_checks, n=2)`; tests/core/test_fp8_recipes.py asserts on it.
 """
 
@@ -25,9 +26,13 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 32, generator=generator), torch.randn(8, 32, generator=generator)) for _ in range(2)]
 
 
-def _run(all_gather: bool) -> dict:
+def _run(all_gather: bool, on_meta: bool = False) -> list[dict]:
     state = tl.init(strategy="fsdp", precision="fp8", fp8_all_gather=all_gather, seed=0)
-    model = net()
+    if on_meta:  # initialised by materialize from the run's seed, 0: net()'s own values
+        with tl.empty_weights():
+            model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    else:
+        model = net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchao's and FSDP's notes on the CPU
@@ -50,4 +55,4 @@ def _run(all_gather: bool) -> dict:
 
 def fsdp_all_gather_checks() -> dict[str, list[dict]]:
     """Each run's results from every rank (rank 0's list of both ranks' dicts)."""
-    return {"bf16_gather": _run(False), "fp8_gather": _run(True)}
+    return {"bf16_gather": _run(False), "fp8_gather": _run(True), "meta_fp8_gather": _run(True, on_meta=True)}

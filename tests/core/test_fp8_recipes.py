@@ -167,6 +167,11 @@ def test_fsdp2_gathers_float8_weights_and_trains_as_the_bf16_gather_does():
         # The same training up to float8 rounding (here within 3e-4): the weights are cast to
         # float8 before the gather, from fp32, instead of after a bf16 gather.
         torch.testing.assert_close(value, plain[0]["weights"][name], atol=1e-3, rtol=0)
+    # fp8 + meta-init + float8 all-gather (how a large model is built): the same run, bit for bit.
+    meta = runs["meta_fp8_gather"]
+    assert meta[0]["weight_types"] == ["WeightWithDynamicFloat8CastTensor"] * 2
+    for name, value in gathered[0]["weights"].items():
+        assert torch.equal(meta[0]["weights"][name], value), name
 
 
 # -- a GPU with float8 matmuls -----------------------------------------------------------------------
