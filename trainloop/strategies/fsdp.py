@@ -137,9 +137,6 @@ class FullyShard:
     def clip_grads_(self, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         clip(self, grads, max_norm, total_norm)
 
-    def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return full_state_dict(unwrap(model))
-
     def __repr__(self) -> str:
         return "FullyShard()"
 
@@ -165,18 +162,6 @@ def _no_gradient_sync(modules: list[nn.Module]):
     finally:
         for module in sharded:
             module.set_requires_gradient_sync(True)
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole, unsharded state dict on rank 0's CPU (empty on the other ranks).
-
-    A collective: call on every rank. Gathers one tensor at a time, so rank 0 needs CPU memory
-    for the model, and each device only for one parameter.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)  # pyright: ignore[reportReturnType]  (tensors)
 
 
 # -- sharding ----------------------------------------------------------------------------------
