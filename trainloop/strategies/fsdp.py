@@ -46,7 +46,7 @@ from trainloop.models.meta import materialize
 from trainloop.settings import Settings, boolean, is_boolean, setting
 from trainloop.strategies import blocks
 from trainloop.strategies.base import clip, rebind
-from trainloop.strategies.mesh import Mesh, build_mesh, mesh_shape
+from trainloop.strategies.mesh import Mesh, build_mesh, mesh_shape, refuse_combinations
 from trainloop.topology import leave_process_group
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class FullyShard:
 
     def __init__(self, config: Config, topology: Topology):
         self.config, self.topology = config, topology
+        refuse_combinations(config)
         self.shape = mesh_shape(config.mesh, topology.world_size)  # checked in init, built on first use
         self._rank, self._device = topology.rank, topology.device
         self._mesh: Mesh | None = None
@@ -197,7 +198,7 @@ def shard(model: nn.Module, mesh: Mesh, config: Config, topology: Topology) -> d
     if mesh.shape.tp > 1:
         from trainloop.strategies.tensor_parallel import apply_tp_plan
 
-        apply_tp_plan(model, mesh.tp_mesh, config.mesh.tp_plan)
+        apply_tp_plan(model, mesh.tp_mesh, config.mesh.tp_plan, loss_parallel=config.mesh.loss_parallel)
     found = blocks.apply(model, config, warn=True)  # as they now sit: checkpoint-wrapped, compiled
     options: dict[str, Any] = {
         "mesh": mesh.fsdp_mesh,
