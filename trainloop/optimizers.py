@@ -3,7 +3,9 @@ closure optimizers' step (`torch.optim.LBFGS`).
 
 A prepared optimizer gets a step pre-hook (`guard_optimizer`) that refuses `optimizer.step()`
 called by hand: it would train while `state.step` stands still, so checkpoints, logs,
-schedulers and progress would never fire. trainloop's own steps run inside `stepping()`.
+schedulers and progress would never fire. `tl.step` sets its run's `lineage.stepping` around
+its steps (a plain attribute: the hook reads it every step); other steps trainloop takes for
+itself (DCP's, a closure optimizer's) run inside `stepping()`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch.distributed as dist
 from trainloop.collectives import collective_device
 from trainloop.state import RunState
 
-# True while a trainloop function steps the optimizers: a prepared optimizer's step pre-hook
+# True while a trainloop function other than `tl.step`'s own loop steps the optimizers (DCP's
+# state creation, a closure optimizer's step): a prepared optimizer's step pre-hook
 # (`guard_optimizer`) refuses every other `optimizer.step()`. A context variable, so that two
-# runs, threads or tasks side by side never see each other's.
+# runs, threads or tasks side by side never see each other's. `tl.step` itself sets the run's
+# `lineage.stepping` instead: a plain attribute is cheaper to set and to read every step.
 STEPPING: contextvars.ContextVar[bool] = contextvars.ContextVar("trainloop_stepping", default=False)
 
 
@@ -75,7 +79,8 @@ def guard_optimizer(optimizer: torch.optim.Optimizer, lineage: Any) -> None:
     """
 
     def refuse_step_by_hand(opt: Any, args: Any, kwargs: Any) -> None:
-        if not STEPPING.get() and not lineage.finished:
+        # `lineage.stepping` first: inside `tl.step` (every step) one attribute read decides.
+        if not lineage.stepping and not lineage.finished and not STEPPING.get():
             raise RuntimeError(
                 f"this {type(opt).__name__} was prepared, and optimizer.step() was called on it "
                 "directly: step it with `state = tl.step(state, optimizer)` (a step taken by hand "

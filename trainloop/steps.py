@@ -42,7 +42,6 @@ from torch import nn
 from trainloop.collectives import collective_device
 from trainloop.forwarding import unwrap
 from trainloop.optimizers import (
-    STEPPING,
     chosen_schedulers,
     refuse_untracked_gradients,
     registered,
@@ -52,7 +51,19 @@ from trainloop.optimizers import (
 )
 from trainloop.state import RunState, raise_stale
 
-_NOTHING_TO_DO = contextlib.nullcontext()
+
+class _NothingToDo:
+    """A context manager that does nothing, made of C functions: `with` looks its methods up
+    on the class and, as neither is a descriptor, calls them unbound, so entering and leaving
+    cost no Python call (`contextlib.nullcontext` costs two, on every micro-step).
+    `__enter__` is `NoneType()`, which returns None; `__exit__(type, value, traceback)` is
+    `"".format(...)`, which returns "": falsy, so an exception inside propagates."""
+
+    __enter__ = type(None)
+    __exit__ = "".format
+
+
+_NOTHING_TO_DO: Any = _NothingToDo()
 
 
 def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.AbstractContextManager:
@@ -72,7 +83,7 @@ def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.Ab
     lineage.grouping, lineage.counted = True, False
     if model is not None and model not in state.models:
         model = prepared_model(state, model, "accumulate")
-    if state.world_size == 1 or state.sync_now:
+    if state.topology.world_size == 1 or state.sync_now:
         return _NOTHING_TO_DO
     return state.strategy.no_sync(state.models if model is None else (model,))
 
@@ -89,7 +100,7 @@ def no_sync(state: RunState, model: nn.Module | None = None, *, enabled: bool = 
     """
     if model is not None and model not in state.models:
         model = prepared_model(state, model, "no_sync")
-    if not enabled or state.world_size == 1:
+    if not enabled or state.topology.world_size == 1:
         return _NOTHING_TO_DO
     return state.strategy.no_sync(state.models if model is None else (model,))
 
@@ -196,23 +207,28 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None, *,
         if not in_window:
             refuse_untracked_gradients(state, optimizer)
         return state
-    if not state.lineage.data_checked:
+    if not lineage.data_checked:
         _warn_without_prepared_loader(state)
-    optimizers = registered(optimizer, state.optimizers, "optimizer")
+    optimizers = state.optimizers
+    if optimizer is not None and not (len(optimizers) == 1 and optimizer is optimizers[0]):
+        optimizers = registered(optimizer, optimizers, "optimizer")  # (the one optimizer: no call)
     schedulers = state.schedulers if scheduler is None else chosen_schedulers(scheduler, state, optimizers)
     if in_window > 1 or state.window_items is not None:  # else the gradients are already the mean
         _normalise_gradients(state, optimizers)
     hooks = state.hooks
     if hooks.on_before_step or hooks.on_step:
         return _step_with_hooks(state, hooks, optimizers, schedulers)
-    token = STEPPING.set(True)  # not `with stepping()`: a generator context costs ~1 us a step
+    lineage.stepping = True  # lets the step pre-hook (`guard_optimizer`) pass; not a context manager: cheaper
     try:
         for opt in optimizers:  # no hooks: every optimizer of the call steps
             opt.step()
     finally:
-        STEPPING.reset(token)
-    for opt in optimizers:
-        zero_grad(opt)
+        lineage.stepping = False
+    try:  # `_zero_grads`, inlined
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    except TypeError:
+        _zero_grads(optimizers)
     if schedulers:
         step_schedulers(schedulers, optimizers)
     return state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None)
@@ -249,14 +265,14 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
     for hook in hooks.on_before_step:
         state = hook(state) or state
     stepped = () if state.skip_step else _narrowed(state.stepping, optimizers)
-    token = STEPPING.set(True)
+    lineage = state.lineage
+    lineage.stepping = True
     try:
         for opt in stepped:
             opt.step()
     finally:
-        STEPPING.reset(token)
-    for opt in optimizers:
-        zero_grad(opt)
+        lineage.stepping = False
+    _zero_grads(optimizers)
     if not stepped:
         return state.advance("step", window_micro_steps=0, window_items=None, skip_step=False, stepping=())
     step_schedulers(schedulers, stepped)
@@ -265,6 +281,17 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
     for hook in hooks.on_step:
         state = hook(state) or state
     return state.evolve(stepping=())
+
+
+def _zero_grads(optimizers: tuple) -> None:
+    """`zero_grad(set_to_none=True)` of each, called directly (no helper call per optimizer);
+    an optimizer whose zero_grad takes no `set_to_none` (apex's) falls back to `zero_grad`."""
+    try:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    except TypeError:
+        for opt in optimizers:  # zero_grad is idempotent: the ones already zeroed stay zero
+            zero_grad(opt)
 
 
 def _narrowed(stepping: tuple, optimizers: tuple) -> tuple:
@@ -336,7 +363,8 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, *, step: int | N
     if step is not None:
         return _report_at(state, values, step)
     pending = (values, state.pending_logs)
-    if report_due(state):
+    every = state.config.log_every  # `report_due`, inlined: it runs every step
+    if state.step // every > state.logged_step // every:
         # Advanced only once reported: a report that raises (names that differ across ranks)
         # leaves `state` the current one.
         return flush_logs(state.evolve(pending_logs=pending)).advance("log")
@@ -389,7 +417,8 @@ def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
     """
     node = state.pending_logs
     state = state.evolve(pending_logs=None, logged_step=state.step)
-    if state.world_size == 1 and not state.hooks.on_log:
+    world_size = state.topology.world_size
+    if world_size == 1 and not state.hooks.on_log:
         # One process and no on_log hook: no rank to agree with and no one to receive the
         # means, so the buffer is dropped unread. Averaging it (five tensor ops and a host
         # copy) was the largest part of trainloop's per-step cost in the overhead benchmark.
@@ -398,11 +427,40 @@ def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
     while node is not None:
         values, node = node
         entries.append(values)
-    if not entries and not (every_rank and state.world_size > 1):
+    if not entries and not (every_rank and world_size > 1):
         return state
     entries.reverse()
     names = sorted({name for entry in entries for name in entry})
     device = collective_device(state)
+    sums, counts = _summed(entries, names, device)
+    if world_size > 1:
+        totals, counts = _reduce_across_ranks(state, tuple(names), sums, counts, device)
+    else:
+        totals = sums.tolist()  # the report's one host sync
+    if names:
+        state.lineage.reported_step = state.step  # the same on every rank: `log(step=)` checks it
+    if names and state.is_main and state.hooks.on_log:
+        metrics = {name: total / count for name, total, count in zip(names, totals, counts)}
+        for hook in state.hooks.on_log:
+            hook(state, metrics)
+    return state
+
+
+def _summed(entries: list[dict[str, Any]], names: list[str],
+            device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Per name (in `names`' order), the float32 sum of its logged values, as one tensor, and
+    how many values it has. When every entry holds every name as a tensor (a loop logging the
+    same metrics each step) that is one stack and one sum, whatever the numbers of names and
+    values; otherwise one stack and one sum per name."""
+    count = len(entries)
+    if names:
+        try:
+            stacked = torch.stack([entry[name] for name in names for entry in entries])  # name-major
+        except (KeyError, TypeError, RuntimeError):  # a name some entries lack, a plain number,
+            pass                                     # or scalar shapes () and (1,) mixed
+        else:
+            summed = stacked.to(device, torch.float32).reshape(len(names), count).sum(1)
+            return summed, [count] * len(names)
     sums, counts = [], []
     for name in names:
         series = [entry[name] for entry in entries if name in entry]
@@ -416,20 +474,12 @@ def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
         else:
             sums.append(torch.tensor(plain, device=device, dtype=torch.float32))
         counts.append(len(series))
-    if state.world_size > 1:
-        totals, counts = _reduce_across_ranks(state, tuple(names), sums, counts, device)
-    else:
-        totals = torch.stack(sums).tolist()
-    if names:
-        state.lineage.reported_step = state.step  # the same on every rank: `log(step=)` checks it
-    if names and state.is_main and state.hooks.on_log:
-        metrics = {name: total / count for name, total, count in zip(names, totals, counts)}
-        for hook in state.hooks.on_log:
-            hook(state, metrics)
-    return state
+    if not sums:
+        return torch.zeros(0, device=device, dtype=torch.float32), counts
+    return torch.stack(sums), counts
 
 
-def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: list, counts: list,
+def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: torch.Tensor, counts: list,
                          device: torch.device) -> tuple[list[float], list[float]]:
     """Every rank's summed values and counts per name, in one all-reduce when the names are the
     agreed ones (see `flush_logs`); raises the same ValueError on every rank when they differ."""
@@ -438,7 +488,7 @@ def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: list, co
     if agreed is not None:
         if names == agreed:
             tail = torch.tensor([*counts, 0.0], device=device)
-            vector = torch.cat([*([torch.stack(sums)] if sums else []), tail])
+            vector = torch.cat([sums, tail])
         else:  # agreed's length, so that the all-reduce matches the other ranks' and completes
             vector = torch.zeros(2 * len(agreed) + 1, device=device)
             vector[-1] = 1.0
@@ -452,9 +502,7 @@ def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: list, co
     lineage.log_names = names
     if not names:  # every rank agreed that there is nothing to report (a finish after a report)
         return [], []
-    vector = torch.tensor(counts, device=device, dtype=torch.float32)
-    if sums:
-        vector = torch.cat([torch.stack(sums), vector])
+    vector = torch.cat([sums, torch.tensor(counts, device=device, dtype=torch.float32)])
     dist.all_reduce(vector)
     values = vector.tolist()
     return values[:len(names)], values[len(names):]
