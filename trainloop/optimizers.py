@@ -1,5 +1,6 @@
 """The optimizers of a run: chosen for a `tl.step` call, stepped by trainloop only, and the
-closure optimizers' step (`torch.optim.LBFGS`).
+closure optimizers' step (`torch.optim.LBFGS`), and the parts of `tl.step` that act on the
+optimizers (zeroing, normalising the window's gradients, the hooks' narrowing).
 
 A prepared optimizer gets a step pre-hook (`guard_optimizer`) that refuses `optimizer.step()`
 called by hand: it would train while `state.step` stands still, so checkpoints, logs,
@@ -171,3 +172,66 @@ def step_with_closure(state: RunState, optimizer: Any, scheduler: Any, closure: 
     for hook in state.hooks.on_step:
         state = hook(state) or state
     return state.evolve(stepping=())
+
+
+# -- the parts of `tl.step` (trainloop.steps) that act on the optimizers -------------------------
+
+
+def raise_no_optimizer(state: RunState) -> None:
+    """The error of a `tl.step` on a state with no prepared optimizer, saying which mistake it is."""
+    if state.lineage.prepared_from:  # the state tl.prepare was given, not the one it returned
+        raise ValueError(
+            "step() was given the state that tl.prepare was called with, which holds no prepared "
+            "optimizer: the state tl.prepare returned was dropped. Keep it, e.g. "
+            "`state, model, optimizer = tl.prepare(state, model, optimizer)` (the state first, then "
+            "the objects in the order given), and pass that state on"
+        )
+    raise ValueError("step() needs a prepared optimizer: call tl.prepare(state, model, optimizer) first")
+
+
+def zero_grads(optimizers: tuple) -> None:
+    """`zero_grad(set_to_none=True)` of each, called directly (no helper call per optimizer);
+    an optimizer whose zero_grad takes no `set_to_none` (apex's) falls back to `zero_grad`."""
+    try:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    except TypeError:
+        for opt in optimizers:  # zero_grad is idempotent: the ones already zeroed stay zero
+            zero_grad(opt)
+
+
+def narrowed(stepping: tuple, optimizers: tuple) -> tuple:
+    """The optimizers an `on_before_step` hook left in `state.stepping`: some of this call's."""
+    if stepping is optimizers:
+        return optimizers
+    for opt in stepping:
+        if not any(opt is o for o in optimizers):
+            raise ValueError(
+                f"an on_before_step hook put a {type(opt).__name__} into state.stepping that this "
+                "tl.step call does not step: hooks may only remove optimizers from it"
+            )
+    return tuple(stepping)
+
+
+def normalise_gradients(state: RunState, optimizers: tuple) -> None:
+    """Scale the gradients of `optimizers` by the window's 1 / size (see `trainloop.steps`' module
+    doc: exact accumulation). `step`
+    skips the call for a window of one micro-batch without `num_items`: its gradients are
+    already the mean."""
+    items = state.window_items
+    if items is None:
+        factor: Any = 1.0 / state.window_micro_steps
+    elif state.world_size > 1:
+        device = collective_device(state)
+        total = torch.as_tensor(items, dtype=torch.float64).to(device)
+        dist.all_reduce(total)
+        factor = (state.world_size / total).to(torch.float32)
+    else:
+        factor = 1.0 / items
+    grads = [p.grad for opt in optimizers for group in opt.param_groups
+             for p in group["params"] if p.grad is not None]
+    if not grads:
+        return
+    if isinstance(factor, torch.Tensor):
+        factor = factor.to(grads[0].device)
+    state.strategy.scale_grads_(grads, factor)

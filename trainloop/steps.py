@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -43,11 +44,14 @@ from trainloop.collectives import collective_device
 from trainloop.forwarding import unwrap
 from trainloop.optimizers import (
     chosen_schedulers,
+    narrowed,
+    normalise_gradients,
+    raise_no_optimizer,
     refuse_untracked_gradients,
     registered,
     step_schedulers,
     step_with_closure,
-    zero_grad,
+    zero_grads,
 )
 from trainloop.state import RunState, raise_stale
 
@@ -198,12 +202,13 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None, *,
     if state.generation != lineage.generation:
         raise_stale(state, "step")
     if not state.optimizers:
-        _raise_no_optimizer(state)
+        raise_no_optimizer(state)
     lineage.grouping = False  # a step call closes the open micro-step
     if closure is not None:
         return step_with_closure(state, optimizer, scheduler, closure)
     in_window = state.window_micro_steps
-    if in_window < state.config.accumulate and not (in_window and state.at_epoch_end):
+    # (`state.loaders and`: no property call off a window's end when no loader was prepared)
+    if in_window < state.config.accumulate and not (in_window and state.loaders and state.at_epoch_end):
         if not in_window:
             refuse_untracked_gradients(state, optimizer)
         return state
@@ -214,7 +219,7 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None, *,
         optimizers = registered(optimizer, optimizers, "optimizer")  # (the one optimizer: no call)
     schedulers = state.schedulers if scheduler is None else chosen_schedulers(scheduler, state, optimizers)
     if in_window > 1 or state.window_items is not None:  # else the gradients are already the mean
-        _normalise_gradients(state, optimizers)
+        normalise_gradients(state, optimizers)
     hooks = state.hooks
     if hooks.on_before_step or hooks.on_step:
         return _step_with_hooks(state, hooks, optimizers, schedulers)
@@ -224,25 +229,14 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None, *,
             opt.step()
     finally:
         lineage.stepping = False
-    try:  # `_zero_grads`, inlined
+    try:  # `zero_grads`, inlined
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
     except TypeError:
-        _zero_grads(optimizers)
+        zero_grads(optimizers)
     if schedulers:
         step_schedulers(schedulers, optimizers)
     return state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None)
-
-
-def _raise_no_optimizer(state: RunState) -> None:
-    if state.lineage.prepared_from:  # the state tl.prepare was given, not the one it returned
-        raise ValueError(
-            "step() was given the state that tl.prepare was called with, which holds no prepared "
-            "optimizer: the state tl.prepare returned was dropped. Keep it, e.g. "
-            "`state, model, optimizer = tl.prepare(state, model, optimizer)` (the state first, then "
-            "the objects in the order given), and pass that state on"
-        )
-    raise ValueError("step() needs a prepared optimizer: call tl.prepare(state, model, optimizer) first")
 
 
 def _warn_without_prepared_loader(state: RunState) -> None:
@@ -264,7 +258,7 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
     state = state.evolve(stepping=optimizers)
     for hook in hooks.on_before_step:
         state = hook(state) or state
-    stepped = () if state.skip_step else _narrowed(state.stepping, optimizers)
+    stepped = () if state.skip_step else narrowed(state.stepping, optimizers)
     lineage = state.lineage
     lineage.stepping = True
     try:
@@ -272,7 +266,7 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
             opt.step()
     finally:
         lineage.stepping = False
-    _zero_grads(optimizers)
+    zero_grads(optimizers)
     if not stepped:
         return state.advance("step", window_micro_steps=0, window_items=None, skip_step=False, stepping=())
     step_schedulers(schedulers, stepped)
@@ -281,53 +275,6 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
     for hook in hooks.on_step:
         state = hook(state) or state
     return state.evolve(stepping=())
-
-
-def _zero_grads(optimizers: tuple) -> None:
-    """`zero_grad(set_to_none=True)` of each, called directly (no helper call per optimizer);
-    an optimizer whose zero_grad takes no `set_to_none` (apex's) falls back to `zero_grad`."""
-    try:
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-    except TypeError:
-        for opt in optimizers:  # zero_grad is idempotent: the ones already zeroed stay zero
-            zero_grad(opt)
-
-
-def _narrowed(stepping: tuple, optimizers: tuple) -> tuple:
-    """The optimizers an `on_before_step` hook left in `state.stepping`: some of this call's."""
-    if stepping is optimizers:
-        return optimizers
-    for opt in stepping:
-        if not any(opt is o for o in optimizers):
-            raise ValueError(
-                f"an on_before_step hook put a {type(opt).__name__} into state.stepping that this "
-                "tl.step call does not step: hooks may only remove optimizers from it"
-            )
-    return tuple(stepping)
-
-
-def _normalise_gradients(state: RunState, optimizers: tuple) -> None:
-    """Scale the gradients of `optimizers` by the window's 1 / size (see the module doc). `step`
-    skips the call for a window of one micro-batch without `num_items`: its gradients are
-    already the mean."""
-    items = state.window_items
-    if items is None:
-        factor: Any = 1.0 / state.window_micro_steps
-    elif state.world_size > 1:
-        device = collective_device(state)
-        total = torch.as_tensor(items, dtype=torch.float64).to(device)
-        dist.all_reduce(total)
-        factor = (state.world_size / total).to(torch.float32)
-    else:
-        factor = 1.0 / items
-    grads = [p.grad for opt in optimizers for group in opt.param_groups
-             for p in group["params"] if p.grad is not None]
-    if not grads:
-        return
-    if isinstance(factor, torch.Tensor):
-        factor = factor.to(grads[0].device)
-    state.strategy.scale_grads_(grads, factor)
 
 
 def log(state: RunState, metrics: dict[str, Any] | None = None, *, step: int | None = None,
@@ -367,7 +314,9 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, *, step: int | N
     if state.step // every > state.logged_step // every:
         # Advanced only once reported: a report that raises (names that differ across ranks)
         # leaves `state` the current one.
-        return flush_logs(state.evolve(pending_logs=pending)).advance("log")
+        reported = state.evolve(pending_logs=None, logged_step=state.step)  # `flush_logs`, one copy less
+        _report(reported, pending)
+        return reported.advance("log")
     return state.advance("log", pending_logs=pending)
 
 
@@ -417,20 +366,28 @@ def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
     """
     node = state.pending_logs
     state = state.evolve(pending_logs=None, logged_step=state.step)
+    _report(state, node, every_rank)
+    return state
+
+
+def _report(state: RunState, node: Any, every_rank: bool = False) -> None:
+    """`flush_logs`' report of the buffer `node` (a `PendingLogs` list), `state` being the
+    flushed state that the `on_log` hooks get. Called by `log` directly: one state copy less."""
     world_size = state.topology.world_size
-    if world_size == 1 and not state.hooks.on_log:
+    hooks = state.hooks.on_log
+    if world_size == 1 and not hooks:
         # One process and no on_log hook: no rank to agree with and no one to receive the
         # means, so the buffer is dropped unread. Averaging it (five tensor ops and a host
         # copy) was the largest part of trainloop's per-step cost in the overhead benchmark.
-        return state
+        return
     entries = []
     while node is not None:
         values, node = node
         entries.append(values)
     if not entries and not (every_rank and world_size > 1):
-        return state
+        return
     entries.reverse()
-    names = sorted({name for entry in entries for name in entry})
+    names = sorted(set().union(*entries))  # not a comprehension: no Python frame per report
     device = collective_device(state)
     sums, counts = _summed(entries, names, device)
     if world_size > 1:
@@ -439,11 +396,12 @@ def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
         totals = sums.tolist()  # the report's one host sync
     if names:
         state.lineage.reported_step = state.step  # the same on every rank: `log(step=)` checks it
-    if names and state.is_main and state.hooks.on_log:
-        metrics = {name: total / count for name, total, count in zip(names, totals, counts)}
-        for hook in state.hooks.on_log:
+    if names and hooks and state.topology.rank == 0:  # the main process only
+        metrics = {}
+        for name, total, count in zip(names, totals, counts):
+            metrics[name] = total / count
+        for hook in hooks:
             hook(state, metrics)
-    return state
 
 
 def _summed(entries: list[dict[str, Any]], names: list[str],
@@ -454,8 +412,11 @@ def _summed(entries: list[dict[str, Any]], names: list[str],
     values; otherwise one stack and one sum per name."""
     count = len(entries)
     if names:
+        values: list[Any] = []
         try:
-            stacked = torch.stack([entry[name] for name in names for entry in entries])  # name-major
+            for name in names:  # name-major; itemgetter: no Python frame per report
+                values += map(itemgetter(name), entries)
+            stacked = torch.stack(values)
         except (KeyError, TypeError, RuntimeError):  # a name some entries lack, a plain number,
             pass                                     # or scalar shapes () and (1,) mixed
         else:
