@@ -39,7 +39,7 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
     `activation_checkpointing_every`; DDP's `ddp_find_unused_parameters`, `ddp_static_graph`,
     `ddp_gradient_as_bucket_view`, `ddp_bucket_cap_mb`, `ddp_comm_hook`; FSDP's
     `fsdp_reshard_after_forward`, `fsdp_shard_ends`, `fsdp_cpu_offload`; the mesh's `dp_replicate`, `dp_shard`,
-    `tp`, `tp_plan`. `TRAINLOOP_*` environment variables (set by
+    `tp`, `tp_plan`, `loss_parallel`. `TRAINLOOP_*` environment variables (set by
     `python -m trainloop.spawn --precision bf16 ...`) override them. The precision policy
     (`state.precision`) and the strategy (`state.strategy`) are built here, once.
 

@@ -151,7 +151,13 @@ def backward(state: RunState, loss: torch.Tensor, *, num_items: Any = None) -> R
         items = num_items if items is None else items + num_items
     for hook in state.hooks.on_backward:
         loss = hook(state, loss)
-    loss.backward()
+    if state.config.mesh.loss_parallel:  # torch's loss_parallel() must cover the backward too
+        from trainloop.strategies.tensor_parallel import loss_parallel
+
+        with loss_parallel(state):
+            loss.backward()
+    else:
+        loss.backward()
     # Does this backward begin a micro-step, or join the open one? (the module doc's rule)
     lineage = state.lineage
     window = state.window_micro_steps
@@ -304,7 +310,10 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, *, step: int | N
             if value.numel() != 1:
                 raise ValueError(f"log: {name} must be a scalar (got a tensor of shape {tuple(value.shape)})")
             # Detached: a buffered value must not keep its autograd graph alive until the report.
-            values[name] = value.detach()
+            value = value.detach()
+            # A DTensor (the loss under loss_parallel): its plain value, which the reduction takes.
+            full = getattr(value, "full_tensor", None)
+            values[name] = full() if full is not None else value
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"log: {name} must be a number or a scalar tensor (got {type(value).__name__})")
     if step is not None:

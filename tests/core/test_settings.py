@@ -29,7 +29,7 @@ FLAT_NAMES = [
     "device", "blocks", "fsdp_reshard_after_forward", "fsdp_shard_ends", "fsdp_cpu_offload", "even_batches",
     "activation_checkpointing", "activation_checkpointing_every", "ddp_find_unused_parameters", "ddp_static_graph",
     "ddp_gradient_as_bucket_view", "ddp_bucket_cap_mb", "ddp_comm_hook", "dp_replicate", "dp_shard",
-    "tp", "tp_plan",
+    "tp", "tp_plan", "loss_parallel",
 ]
 
 

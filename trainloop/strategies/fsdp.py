@@ -46,7 +46,7 @@ from trainloop.models.meta import materialize
 from trainloop.settings import Settings, boolean, is_boolean, setting
 from trainloop.strategies import blocks
 from trainloop.strategies.base import clip, rebind
-from trainloop.strategies.mesh import Mesh, build_mesh, mesh_shape
+from trainloop.strategies.mesh import Mesh, build_mesh, mesh_shape, refuse_combinations
 from trainloop.topology import leave_process_group
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class FullyShard:
 
     def __init__(self, config: Config, topology: Topology):
         self.config, self.topology = config, topology
+        refuse_combinations(config)
         self.shape = mesh_shape(config.mesh, topology.world_size)  # checked in init, built on first use
         self._rank, self._device = topology.rank, topology.device
         self._mesh: Mesh | None = None
@@ -137,9 +138,6 @@ class FullyShard:
     def clip_grads_(self, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         clip(self, grads, max_norm, total_norm)
 
-    def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return full_state_dict(unwrap(model))
-
     def __repr__(self) -> str:
         return "FullyShard()"
 
@@ -165,18 +163,6 @@ def _no_gradient_sync(modules: list[nn.Module]):
     finally:
         for module in sharded:
             module.set_requires_gradient_sync(True)
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole, unsharded state dict on rank 0's CPU (empty on the other ranks).
-
-    A collective: call on every rank. Gathers one tensor at a time, so rank 0 needs CPU memory
-    for the model, and each device only for one parameter.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)  # pyright: ignore[reportReturnType]  (tensors)
 
 
 # -- sharding ----------------------------------------------------------------------------------
@@ -212,7 +198,7 @@ def shard(model: nn.Module, mesh: Mesh, config: Config, topology: Topology) -> d
     if mesh.shape.tp > 1:
         from trainloop.strategies.tensor_parallel import apply_tp_plan
 
-        apply_tp_plan(model, mesh.tp_mesh, config.mesh.tp_plan)
+        apply_tp_plan(model, mesh.tp_mesh, config.mesh.tp_plan, loss_parallel=config.mesh.loss_parallel)
     found = blocks.apply(model, config, warn=True)  # as they now sit: checkpoint-wrapped, compiled
     options: dict[str, Any] = {
         "mesh": mesh.fsdp_mesh,
