@@ -312,7 +312,8 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, *, step: int | N
             # Detached: a buffered value must not keep its autograd graph alive until the report.
             value = value.detach()
             # A DTensor (the loss under loss_parallel): its plain value, which the reduction takes.
-            full = getattr(value, "full_tensor", None)
+            # (`type(...) is` first: a plain tensor, every step, skips a failing attribute lookup.)
+            full = None if type(value) is torch.Tensor else getattr(value, "full_tensor", None)
             values[name] = full() if full is not None else value
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"log: {name} must be a number or a scalar tensor (got {type(value).__name__})")
