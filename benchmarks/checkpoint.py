@@ -48,6 +48,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -260,6 +261,60 @@ def checkpoint_mb(run: Run, scratch: Path) -> float:
     return size
 
 
+# -- where the time goes (--phases) -------------------------------------------------------------
+
+
+def phase_report(run: Run, scratch: Path, rounds: int) -> list[str]:
+    """Median ms per phase of `tl.save(background=True)` and `tl.load`, timed by wrapping the
+    functions that do each phase (in this process only: the wrappers are removed afterwards).
+    Phases on other threads overlap one another: their times do not add up to the total."""
+    from trainloop.checkpoint import api, files, reading, writing
+
+    times: dict[str, list[float]] = {}
+    originals: list[tuple[object, str, object]] = []
+
+    def wrap(owner: object, name: str, phase: Callable[..., str] | str) -> None:
+        function = getattr(owner, name)
+        originals.append((owner, name, function))
+
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                key = phase(*args) if callable(phase) else phase
+                times.setdefault(key, []).append((time.perf_counter() - start) * 1e3)
+        setattr(owner, name, timed_call)
+
+    wrap(writing._Snapshot, "__init__", "save: stage (copies, the loop blocked)")
+    wrap(writing, "write_file", _file_phase)
+    wrap(files.HashingFile, "close", "save: fsync each file")
+    wrap(writing, "_replace_dir", "save: rename into place")
+    wrap(api, "_write", "save: the writer thread, all of it")
+    wrap(reading, "check_hash", lambda file, *rest: f"load: hash {Path(file).name} (hash threads)")
+    wrap(reading, "_deserialize", "load: deserialize (beside the hashing)")
+    wrap(api, "_read_checkpoint", "load: read and verify, all of it")
+    wrap(api, "plan", "load: fit to the run")
+    wrap(api, "restore", "load: restore in place")
+    try:
+        for index in range(rounds):
+            clean_start()
+            tl.save(run.state, scratch / f"phases-{index}", background=True).result()
+            clean_start()
+            run.state = tl.load(run.state, scratch / f"phases-{index}")
+            shutil.rmtree(scratch / f"phases-{index}")
+    finally:
+        for owner, name, function in reversed(originals):
+            setattr(owner, name, function)
+    return [f"  {key:<62}{statistics.median(values):8.1f} ms" for key, values in sorted(times.items())]
+
+
+def _file_phase(file: Path, *rest: object) -> str:
+    name = Path(file).name
+    name = "the latest pointer" if name.startswith(".latest") else name
+    return f"save: serialize+write+hash {name} (writer threads)"
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -268,6 +323,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
     parser.add_argument("--dir", default=None, help="where to write (default: the system's temp directory)")
     parser.add_argument("--quick", action="store_true", help="a small state and 2 rounds, for a smoke run")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time each phase of a background save and of a load (after the table)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
@@ -285,6 +342,8 @@ def main() -> int:
         gc.freeze()  # what is alive now (torch: ~300k objects) stays out of the collector's way
         megabytes = checkpoint_mb(run, scratch)
         times = measure(run, scratch, rounds, warmup=1)
+        phases = phase_report(run, scratch, rounds) if args.phases else []
+        tl.finish(run.state)
     print(f"  {megabytes:.1f} MB on disk (trainloop's checkpoint)")
     for variant, package in PEERS.items():
         if not installed(variant):
@@ -312,6 +371,9 @@ def main() -> int:
     print(target_line("background save, committed", committed_vs_durable, GOALS["committed"], "raw durable save",
                       spread=spread))
     print(target_line("tl.load, verified", load, GOALS["load"], "raw load", spread=load_spread))
+    if phases:
+        print("\nphases (median ms; threads overlap, so they do not add up):")
+        print("\n".join(phases))
     if args.quick:
         print(quick_note("rounds"))
     return 0

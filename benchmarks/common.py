@@ -220,6 +220,19 @@ def time_per_step(loop: Loop, batches: list, *, unit: float,
     return (time.perf_counter_ns() - start) / len(batches) / unit
 
 
+def wall_and_cpu_per_step(loop: Loop, batches: list, *, unit: float) -> tuple[float, float]:
+    """(wall-clock, this thread's CPU) time per batch of one run of `loop` over `batches`, in
+    `unit`, on every rank of a process group: a barrier, not timed, starts the ranks together.
+    The CPU time is the loop's own work, mostly without the waits for collectives (gloo runs them
+    in threads of its own) and for other processes: it stays readable on a busy machine."""
+    gc.collect()  # every timed segment starts with no garbage (cheap after gc.freeze)
+    dist.barrier()
+    start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
+    loop(batches)
+    wall, cpu = time.perf_counter_ns() - start, time.thread_time_ns() - start_cpu
+    return wall / len(batches) / unit, cpu / len(batches) / unit
+
+
 def interleaved_rounds(loops: dict[str, Loop], batches: list, rounds: int, warmup: int,
                        timer: Callable[[Loop, list], T], *, freeze_gc: bool = False,
                        after_warmup: Callable[[], None] | None = None) -> dict[str, list[T]]:

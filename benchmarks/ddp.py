@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import sys
-import time
+import warnings
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,7 @@ from common import (
     HIDDEN,
     IN_FEATURES,
     LOG_EVERY,
+    US,
     Loop,
     LossLog,
     adamw,
@@ -75,6 +76,7 @@ from common import (
     round_up,
     target_line,
     trainloop_loop,
+    wall_and_cpu_per_step,
 )
 
 WORLD_SIZE = 2
@@ -134,22 +136,13 @@ def all_variants(accumulate: int) -> tuple[dict[str, Loop], list[str]]:
 # -- measuring (inside each worker) ------------------------------------------------------------
 
 
-def time_per_step(loop: Loop, batches: list) -> tuple[float, float]:
-    """(wall-clock us, this thread's CPU us) per micro-step of one segment."""
-    gc.collect()  # every timed segment starts with no garbage (cheap after gc.freeze)
-    dist.barrier()  # both ranks start the segment together; not timed
-    start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
-    loop(batches)
-    wall, cpu = time.perf_counter_ns() - start, time.thread_time_ns() - start_cpu
-    return wall / len(batches) / 1e3, cpu / len(batches) / 1e3
-
-
 def measure(loops: dict[str, Loop], batches: list, rounds: int,
             warmup: int) -> dict[str, dict[str, list[float]]]:
     """{variant: {"wall": [us/step per round], "cpu": [...]}}; rounds interleave the loops in a
     rotating order. Every rank runs this with the same arguments, so both run the same loop at
     the same time. The collector is frozen first (torch: ~100k objects)."""
-    times = interleaved_rounds(loops, batches, rounds, warmup, time_per_step, freeze_gc=True)
+    times = interleaved_rounds(loops, batches, rounds, warmup, partial(wall_and_cpu_per_step, unit=US),
+                               freeze_gc=True)
     return {name: {"wall": [wall for wall, _ in pairs], "cpu": [cpu for _, cpu in pairs]}
             for name, pairs in times.items()}
 
@@ -173,6 +166,8 @@ def worker(steps: int, rounds: int, warmup: int, profile: bool) -> dict | None:
     Returns rank 0's times {accumulate: {variant: [us/step per round]}} (and the profile);
     the other ranks return None."""
     torch.set_num_threads(1)  # the overhead is single-threaded Python; keep the 2 cores apart
+    # Each rank's batches are its own shard already (seeded by rank), as that warning allows.
+    warnings.filterwarnings("ignore", message=r"this run has \d+ processes but no prepared DataLoader")
     dist.init_process_group("gloo")  # from the launcher's variables, as a torchrun script does
     try:
         rank = dist.get_rank()

@@ -20,6 +20,13 @@ under `tl.empty_weights()` (prepare materialises only this rank's shards), then
 `tl.load_weights` from a safetensors file of another model's weights. "peak" covers build,
 prepare and load. Each run's weights are compared with the file, bit for bit, afterwards.
 
+Table 3, cold (2 ranks, FSDP2, meta-init + load_weights, as issue 20's held-out check measures
+it): the job's first and only run, with glibc's default malloc, from the resident set right after
+`tl.init`: the growth of VmHWM and of ru_maxrss (which counts everything since the process
+started, so also library code paged in for the first time and lazily imported modules: nothing
+is imported or warmed up before the baseline), each over this rank's shard bytes (target <= 1.3x).
+`--linear --width 1536 --depth 12` is the issue's 28M-parameter model (plus the head).
+
 How peak memory is measured (Linux): writing "5" to /proc/self/clear_refs resets the kernel's
 high-water mark of the resident set (VmHWM) to the current resident set; "peak" is VmHWM at the
 end of the phase minus the resident set at its start. torch's CPU allocator keeps no statistics,
@@ -119,6 +126,8 @@ class PeakMemory:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # VmHWM := VmRSS
         self.start_rss, self.start_anon = _status("VmRSS"), _status("RssAnon")
+        # ru_maxrss cannot be reset: how far the process's high-water mark already lies above now.
+        self.maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.start_rss
         self._peak_anon = self.start_anon
         self._running = True
         self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -247,6 +256,7 @@ def _build_and_load(on_meta: bool, file: str, width: int, depth: int, linear: bo
             # Every rank fails alike, before any collective: prepare cannot take meta parameters.
             return state, {"skipped": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
     report.update(peak=peak.peak, peak_anon=peak.peak_anon, peak_maxrss=peak.peak_maxrss,
+                  maxrss_before=peak.maxrss_before,
                   parameters=held_bytes(model, optimizer)["parameters"])
     equal = True
     with safe_open(file, framework="pt") as stored, torch.no_grad():
@@ -307,6 +317,20 @@ def print_builds(results: dict[str, list[dict]]) -> None:
                   + f"  ({verdict} the target <= {SHARD_TARGET}x)")
 
 
+def print_cold(ranks: list[dict]) -> None:
+    print("\nmeta-init + load_weights on 2 FSDP ranks, cold (the job's first and only run, default malloc), MiB:\n"
+          "  growth above the resident set right after tl.init, as the OS counts it (VmHWM; ru_maxrss)")
+    print(f"  {'rank':>6}{'shard':>9}{'VmHWM':>9}{'ratio':>7}{'maxrss':>9}{'ratio':>7}{'= file':>8}")
+    for rank, r in enumerate(ranks):
+        print(f"  {rank:>6}{_mib(r['parameters'])}{_mib(r['peak'])}{r['peak'] / r['parameters']:>6.2f}x"
+              f"{_mib(r['peak_maxrss'])}{r['peak_maxrss'] / r['parameters']:>6.2f}x{'yes' if r['equal'] else 'NO':>8}")
+    print("  (ru_maxrss was already " + ", ".join(f"{r['maxrss_before'] / MIB:.1f}" for r in ranks)
+          + " MiB above the baseline when it was taken)")
+    worst = max(max(r["peak"], r["peak_maxrss"]) / r["parameters"] for r in ranks)
+    print(f"  worst peak / shard bytes: {worst:.2f}x ({'meets' if worst <= SHARD_TARGET else 'MISSES'} "
+          f"the target <= {SHARD_TARGET}x)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=512)
@@ -314,8 +338,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4, help="sequences per rank")
     parser.add_argument("--sequence", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--nproc", type=int, default=4, help="ranks of the strategy table (even)")
-    parser.add_argument("--tables", default="strategies,builds",
-                        help="which tables to measure: strategies, builds, or both (comma-separated)")
+    parser.add_argument("--tables", default="strategies,builds,cold",
+                        help="which tables to measure: strategies, builds, cold (comma-separated)")
     parser.add_argument("--linear", action="store_true",
                         help="blocks of one width x width Linear each (e.g. --width 1536 --depth 12: 28M parameters)")
     parser.add_argument("--quick", action="store_true",
@@ -326,15 +350,18 @@ def main() -> int:
     if min(args.width, args.depth, args.batch, args.sequence) < 1 or args.nproc < 2 or args.nproc % 2:
         parser.error("--width, --depth, --batch, --sequence must be >= 1; --nproc even and >= 2")
     tables = set(args.tables.split(","))
-    if not tables or tables - {"strategies", "builds"}:
-        parser.error(f"--tables takes strategies and/or builds (got {args.tables!r})")
+    if not tables or tables - {"strategies", "builds", "cold"}:
+        parser.error(f"--tables takes strategies, builds and/or cold (got {args.tables!r})")
     if not os.path.exists("/proc/self/clear_refs"):
         print("memory.py measures resident memory through /proc (Linux only)")
         return 0
-    parameters = sum(p.numel() for p in Net(args.width, args.depth, linear=args.linear).parameters())
+    with tl.empty_weights():  # not built here: a worker inherits its parent's ru_maxrss (see measure_cold)
+        parameters = sum(p.numel() for p in Net(args.width, args.depth, linear=args.linear).parameters())
     print(f"trainloop {tl.__version__}, torch {torch.__version__}: {parameters / 1e6:.2f}M parameters "
           f"({parameters * 4 / MIB:.1f} MiB fp32), AdamW, {args.batch}x{args.sequence} tokens per rank, CPU/gloo")
 
+    if "cold" in tables:  # first: its workers must not inherit REHEARSAL_ENV
+        measure_cold(args)
     os.environ.update(REHEARSAL_ENV)  # the workers inherit it; this process does not need it
     if "strategies" in tables:
         measure_strategies(args)
@@ -367,6 +394,25 @@ def measure_builds(args: argparse.Namespace) -> None:
         builds = {label: spawn.run(build_job, on_meta, file, args.width, args.depth, not args.quick, args.linear, n=2)
                   for label, on_meta in (("whole", False), ("meta-init", True))}
     print_builds(builds)
+
+
+def write_weights(file: str, width: int, depth: int, linear: bool) -> None:
+    from safetensors.torch import save_file
+
+    save_file(Net(width, depth, seed=1, linear=linear).state_dict(), file)
+
+
+def measure_cold(args: argparse.Namespace) -> None:
+    # Linux keeps ru_maxrss across fork and exec: a worker starts with its parent's high-water
+    # mark. So this process never holds the model: a process of its own writes the file.
+    with tempfile.TemporaryDirectory() as directory:
+        file = str(Path(directory) / "weights.safetensors")
+        spawn.run(write_weights, file, args.width, args.depth, args.linear, n=1)
+        ranks = spawn.run(build_job, True, file, args.width, args.depth, False, args.linear, n=2)
+    if "skipped" in ranks[0]:
+        print(f"\ncold meta-init: skipped ({ranks[0]['skipped']})")
+        return
+    print_cold(ranks)
 
 
 if __name__ == "__main__":

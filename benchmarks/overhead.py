@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py                 # the full run (~1.5 minutes on 2 CPU cores)
     python benchmarks/overhead.py --quick         # a smoke run: small numbers, same code paths
-    python benchmarks/overhead.py --profile       # also: where trainloop's per-step time goes
+    python benchmarks/overhead.py --profile       # also: calls per step, and where trainloop's time goes
 
 What is measured, and why it is fair:
 
@@ -26,6 +26,11 @@ What is measured, and why it is fair:
   out as a wheel installs it, with compiled bytecode, as users get it; a second row shows the
   same copy without bytecode (what an editable tree under PYTHONDONTWRITEBYTECODE=1 costs).
 
+`--profile` adds two load-independent views: the Python function calls (and C function calls
+made from Python) per micro-step of each variant, counted with `sys.setprofile` — a number that
+does not move with the machine's load, unlike the timings — and a cProfile of the trainloop loop
+with JSONLines attached (its frames by cumulative time, then by own time).
+
 Targets, in every round: trainloop's per-step time <= 1.02x raw PyTorch, and <= 1.03x with a
 tracker attached (against the raw loop that writes its metrics too); `import trainloop` adds
 <= 15 ms to `import torch`. Timings are printed, never asserted: the exit code is 0.
@@ -34,10 +39,14 @@ tracker attached (against the raw loop that writes its metrics too); `import tra
 from __future__ import annotations
 
 import argparse
+import collections
 import compileall
+import cProfile
 import importlib.util
+import io
 import json
 import os
+import pstats
 import shutil
 import statistics
 import subprocess
@@ -68,7 +77,6 @@ from common import (
     finish_all,
     interleaved_rounds,
     peer_variants,
-    profile_by_own_time,
     quick_note,
     ratio_cells,
     ratio_summary,
@@ -203,14 +211,57 @@ def import_times(probes: dict[str, tuple[str, str | None]], runs: int, cwd: str)
     return {label: statistics.median(values) for label, values in times.items()}
 
 
-def profile_trainloop(batches: list, accumulate: int, top: int) -> str:
-    """cProfile of the trainloop loop: trainloop's functions (and attrs', which they call), by own
-    time. The profiler inflates small Python calls; read it for where, not for how much."""
-    loop = trainloop_loop(accumulate)
+def calls_per_step(loop: Loop, batches: list) -> tuple[float, float]:
+    """(Python function calls, C function calls made from Python) per micro-step of one run of
+    `loop` over `batches` (after a warm-up run), counted with `sys.setprofile`. Unlike a time,
+    the count does not depend on the machine's load; a C call (a tensor op included) counts once
+    whatever it costs, so read it beside the timings, not instead of them."""
+    loop(batches)
+    counts = collections.Counter()
+
+    def count(frame, event, arg):
+        counts[event] += 1
+
+    sys.setprofile(count)
+    try:
+        loop(batches)
+    finally:
+        sys.setprofile(None)
+    return counts["call"] / len(batches), counts["c_call"] / len(batches)
+
+
+def call_rows(accumulate: int, batches: list, scratch: str) -> list[str]:
+    """One line per variant (raw, trainloop, each with and without its JSON lines): calls per
+    micro-step and the difference to the raw loop that does the same logging."""
+    loops = {"raw PyTorch": raw_pytorch(accumulate), "trainloop": trainloop_loop(accumulate),
+             RAW_TRACKED: raw_with_json_lines(accumulate, os.path.join(scratch, f"calls-raw-{accumulate}.jsonl")),
+             TRACKED: trainloop_with_json_lines(accumulate, os.path.join(scratch, f"calls-tl-{accumulate}.jsonl"))}
+    counted = {name: calls_per_step(loop, batches) for name, loop in loops.items()}
+    finish_all(loops)
+    baseline = {"raw PyTorch": "raw PyTorch", "trainloop": "raw PyTorch", RAW_TRACKED: RAW_TRACKED, TRACKED: RAW_TRACKED}
+    rows = []
+    for name, (python, c) in counted.items():
+        base_python, base_c = counted[baseline[name]]
+        rows.append(f"{accumulate:>10}  {name:<22}{python:>9.1f}{python - base_python:>+8.1f}"
+                    f"{c:>9.1f}{c - base_c:>+8.1f}")
+    return rows
+
+
+def profile_trainloop(batches: list, accumulate: int, top: int, scratch: str) -> str:
+    """cProfile of the trainloop loop with JSONLines attached (the report path included): the
+    frames of trainloop and of its callbacks by cumulative time, then by own time. The profiler
+    inflates small Python calls; read it for where, not for how much."""
+    loop = trainloop_with_json_lines(accumulate, os.path.join(scratch, "profiled.jsonl"))
     loop(batches)  # warm up outside the profile
-    profile = profile_by_own_time(loop, batches * 20, pattern=r"trainloop|attr", top=top)
-    finish_all({"trainloop": loop})
-    return profile
+    profiler = cProfile.Profile()
+    profiler.runcall(loop, batches * 20)
+    finish_all({TRACKED: loop})
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    for order in ("cumulative", "tottime"):
+        out.write(f"-- by {order}\n")
+        stats.sort_stats(order).print_stats(r"trainloop|callbacks|contextlib", top)
+    return out.getvalue()
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -284,8 +335,17 @@ def main() -> int:
         print(quick_note("steps and runs"))
 
     if args.profile:
-        print("\ncProfile of the trainloop loop, accumulate 1, by own time:")
-        print(profile_trainloop(batches, accumulate=1, top=25))
+        print("\nfunction calls per micro-step (sys.setprofile; independent of the machine's load):")
+        print(f"{'accumulate':>10}  {'variant':<22}{'Python':>9}{'vs raw':>8}{'C':>9}{'vs raw':>8}")
+        # Counted over 200 micro-steps whatever --steps is: whole logging periods (reports
+        # included), after a warm-up run that made the first report (the tracker's start).
+        counted_batches = classification_batches(round_up(200, LOG_EVERY * max(accumulations)))
+        with tempfile.TemporaryDirectory() as scratch:
+            for accumulate in accumulations:
+                print("\n".join(call_rows(accumulate, counted_batches, scratch)))
+            print("  vs raw: against raw PyTorch; the JSON lines rows against the raw loop writing JSON lines")
+            print("\ncProfile of trainloop + JSONLines, accumulate 1 (trainloop's and the callbacks' frames):")
+            print(profile_trainloop(batches, accumulate=1, top=15, scratch=scratch))
     return 0
 
 

@@ -50,7 +50,9 @@ class JSONLines(Tracker):
     def log(self, metrics: dict[str, float], step: int) -> None:
         if "step" in metrics:
             raise ValueError("JSONLines: a metric named 'step' clashes with the step column; rename it")
-        record = {"step": step, **{name: _json_number(value) for name, value in metrics.items()}}
+        record: dict[str, float | str] = {"step": step}
+        for name, value in metrics.items():  # a loop, not a comprehension and a call per value:
+            record[name] = value if math.isfinite(value) else _json_number(value)  # every report
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

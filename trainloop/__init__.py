@@ -51,12 +51,14 @@ __all__ = [
     "RunState", "SettingError", "StaleStateError", "Topology", "TrainloopError", "__version__",
     "accumulate", "attach", "backward", "barrier", "broadcast", "empty_weights", "export",
     "find_batch_size", "finish", "gather", "gather_object", "init", "load", "load_weights", "log", "log_hparams",
+    "loss_parallel",
     "main_first", "mark_forward_method", "no_sync", "pad", "prepare", "reduce", "save", "split", "step",
     "unwrap",
 ]  # tl.any, tl.all and tl.print are left out: `from trainloop import *` would shadow the builtins
 
 # Imported on first use: trainloop.bigmodel and safetensors would slow every `import trainloop`.
-_LAZY = {"empty_weights": "trainloop.models.meta", "load_weights": "trainloop.models.weights"}
+_LAZY = {"empty_weights": "trainloop.models.meta", "load_weights": "trainloop.models.weights",
+         "loss_parallel": "trainloop.strategies.tensor_parallel"}
 
 
 def __getattr__(name: str):

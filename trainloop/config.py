@@ -119,6 +119,54 @@ def _optional_compile_options(instance: Any, attribute: attrs.Attribute, value: 
                            "compile=True or compile='blocks', or leave compile_options out")
 
 
+def _is_float8_config(value: Any) -> bool:
+    """A torchao `Float8LinearConfig`, known by its type (torchao is imported only where fp8 runs)."""
+    return type(value).__name__ == "Float8LinearConfig" and type(value).__module__.startswith("torchao.")
+
+
+def _fp8_recipe(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    from trainloop.precision import FLOAT8_RECIPES
+
+    if not (value in FLOAT8_RECIPES or _is_float8_config(value)):
+        raise SettingError("fp8_recipe", f"fp8_recipe must be one of {', '.join(map(repr, FLOAT8_RECIPES))} or a "
+                           f"torchao.float8.Float8LinearConfig (got {value!r})")
+    if value != "tensorwise" and instance.precision != "fp8":
+        raise SettingError("fp8_recipe", f"fp8_recipe is set, but precision is {instance.precision!r}: set "
+                           "precision='fp8', or leave fp8_recipe out")
+    if _is_float8_config(value) and getattr(value, "enable_fsdp_float8_all_gather", False) and instance.strategy != "fsdp":
+        raise SettingError("fp8_recipe", "fp8_recipe's Float8LinearConfig has enable_fsdp_float8_all_gather=True, "
+                           f"which only FSDP2 uses, but strategy is {instance.strategy!r}: set strategy='fsdp', "
+                           "or enable_fsdp_float8_all_gather=False")
+
+
+def _fp8_filter(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    names = isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+    if not (names or callable(value)):
+        raise SettingError("fp8_filter", "fp8_filter must be comma-separated module names such as 'output,router' "
+                           f"(a list of them), or a callable (module, name) -> bool (got {value!r})")
+    if (callable(value) or value) and instance.precision != "fp8":
+        raise SettingError("fp8_filter", f"fp8_filter is set, but precision is {instance.precision!r}: set "
+                           "precision='fp8', or leave fp8_filter out")
+
+
+def _fp8_all_gather(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not value:
+        return
+    if instance.precision != "fp8":
+        raise SettingError("fp8_all_gather", f"fp8_all_gather=True needs precision='fp8' (got precision="
+                           f"{instance.precision!r})")
+    if instance.strategy != "fsdp":
+        raise SettingError("fp8_all_gather", "fp8_all_gather=True is FSDP2's float8 all-gather, but strategy is "
+                           f"{instance.strategy!r}: set strategy='fsdp', or leave fp8_all_gather out")
+    if _is_float8_config(instance.fp8_recipe):
+        raise SettingError("fp8_all_gather", "fp8_all_gather=True with fp8_recipe given as a Float8LinearConfig: "
+                           "set enable_fsdp_float8_all_gather=True in that config instead")
+    if instance.fp8_recipe != "tensorwise":
+        raise SettingError("fp8_all_gather", f"fp8_all_gather=True with fp8_recipe={instance.fp8_recipe!r}: torchao "
+                           "gathers float8 weights with tensorwise scales only. Use fp8_recipe='tensorwise', or "
+                           "leave fp8_all_gather out (the weights are then gathered in bf16)")
+
+
 @attrs.frozen(init=False)
 class Config(Settings):
     """The settings of a run. Every setting is a keyword of `tl.init` and a `--flag` of spawn.
@@ -133,6 +181,21 @@ class Config(Settings):
         "fp32", parse=text, check=[one_of(PRECISIONS)],
         help="numerics: fp32, bf16 (autocast), fp16 (autocast + loss scaling), bf16-true, "
              "fp16-true, fp64-true (parameters in that dtype), fp8 (torchao float8 training)")
+    fp8_recipe: Any = setting(
+        "tensorwise", parse=text, check=[_fp8_recipe],
+        help="precision='fp8': torchao's float8 recipe: 'tensorwise' (one scale per tensor, the fastest, "
+             "the one fp8_all_gather takes) or 'rowwise' (a scale per row, more accurate); or, given to "
+             "init, a torchao.float8.Float8LinearConfig used as it is")
+    fp8_filter: Any = setting(
+        "", parse=text, check=[_fp8_filter],
+        help="precision='fp8': the nn.Linear layers left in bf16: comma-separated fragments of module "
+             "names (a layer whose name contains one stays bf16, e.g. 'output,router'), or, given to init, "
+             "a callable (module, name) -> bool (True: float8). Layers whose dimensions are not multiples "
+             "of 16 always stay bf16")
+    fp8_all_gather: bool = setting(
+        False, parse=boolean, check=[is_boolean, _fp8_all_gather],
+        help="precision='fp8' with strategy='fsdp': FSDP2 gathers the float8 layers' weights in float8 "
+             "(torchao's enable_fsdp_float8_all_gather: half the bytes of bf16); tensorwise recipe only")
     accumulate: int = setting(
         1, parse=integer, check=[is_integer, at_least(1)],
         help="micro-batches per optimizer step (gradient accumulation window)")
@@ -206,7 +269,11 @@ class Config(Settings):
 
 
 def _copied(value: Any) -> Any:
-    return dict(value) if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        return dict(value)
+    if callable(value) or _is_float8_config(value):  # fp8_filter's callable, fp8_recipe's torchao config
+        return repr(value)
+    return value
 
 
 @attrs.frozen

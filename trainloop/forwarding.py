@@ -32,6 +32,12 @@ the user's module, so `model.generate(...)`, `model.config`, `model.device`,
   prefix), whatever the wrappers: a checkpoint of the prepared model loads into the plain one.
 
 Nothing of the user's class or instance is patched.
+
+The cost per step: none beyond a plain DDP's. DDP's forward and `no_sync` set their own flags on
+every step and read `self.module`; the wrapper's `__setattr__` sets a name it already has with a
+single dict check (fewer calls than `nn.Module.__setattr__`, which it stands in for), and its
+`__getattr__` finds a submodule as `nn.Module.__getattr__` would. Routing a marked method through
+DDP's forward shadows DDP's `_run_ddp_forward` for that one call only.
 """
 
 from __future__ import annotations
@@ -45,13 +51,22 @@ from typing import Any
 import torch
 from torch import nn
 
+# Values that nn.Module.__setattr__ may register (parameters, buffers, submodules) rather than set.
+_REGISTERED = (torch.Tensor, nn.Module)
+
 
 class ForwardsAttributes:
     """Mixin for an `nn.Module` wrapper whose wrapped module is `self.module`; put it first in the bases."""
 
     def __getattr__(self, name: str) -> Any:
+        # Reached only when the normal lookup fails. Per step that is DDP's `self.module`: the
+        # wrapper's submodules are looked up here first, as nn.Module.__getattr__ would (the
+        # stores hold disjoint names), so a plain DDP pays the same one Python call.
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:
+            return modules[name]
         try:
-            return nn.Module.__getattr__(self, name)  # the wrapper's parameters, buffers, submodules
+            return nn.Module.__getattr__(self, name)  # the wrapper's parameters and buffers
         except AttributeError:
             users = None if name.startswith("_") else _users_module(self)
             if users is None:
@@ -68,6 +83,13 @@ class ForwardsAttributes:
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__ and not isinstance(value, _REGISTERED):
+            # The wrapper's own plain attribute: DDP's flags, which its forward and no_sync set on
+            # every step. Never forwarded (the wrapper has it), and what nn.Module.__setattr__
+            # does in the end (a name in __dict__ is in none of the parameter, buffer and
+            # submodule stores), without its checks: cheaper than on a plain DDP.
+            object.__setattr__(self, name, value)
+            return
         users = self._forwarded_to(name)
         if users is None and isinstance(value, (nn.Module, nn.Parameter)) and not name.startswith("_") \
                 and self.__dict__.get("_writes_forwarded", False) and not _has_own(self, name):
@@ -113,8 +135,8 @@ class ForwardsAttributes:
 
     def _forwarded_to(self, name: str) -> nn.Module | None:
         """The user's module when assigning or deleting `name` is for it, else None (the wrapper's)."""
-        # The wrapper's own attributes first: DDP sets some of them on every step (no_sync), and
-        # this check is a few dict lookups where finding the user's module is a walk.
+        # The wrapper's own attributes first: this check is a few dict lookups where finding the
+        # user's module is a walk.
         if name.startswith("_") or not self.__dict__.get("_writes_forwarded", False) or _has_own(self, name):
             return None
         users = _users_module(self)
@@ -149,13 +171,26 @@ def _through_forward(wrapper: Any, method: Callable[..., Any]) -> Callable[..., 
         ddp = next((layer for layer in wrapper_layers(wrapper) if isinstance(layer, DistributedDataParallel)), None)
         if ddp is None:
             return wrapper._wrap_method(method)(*args, **kwargs)
-        vars(ddp)["_routed_method"] = method
+        # For this one call, DDP's forward runs `method` where it runs the module's forward: an
+        # instance attribute shadows DDP's `_run_ddp_forward` (a plain method of its class), so
+        # the ordinary forward, every other step, runs torch's own with no call of ours.
+        vars(ddp)["_run_ddp_forward"] = functools.partial(_run_routed, ddp, method)
         try:
             return wrapper(*args, **kwargs)
         finally:
-            vars(ddp).pop("_routed_method", None)
+            vars(ddp).pop("_run_ddp_forward", None)
 
     return through_forward
+
+
+def _run_routed(ddp: nn.parallel.DistributedDataParallel, method: Callable[..., Any], *inputs: Any,
+                **kwargs: Any) -> Any:
+    """torch's `DistributedDataParallel._run_ddp_forward`, running `method` instead of the module's
+    forward: inside DDP's own bookkeeping; the user's module is never patched."""
+    if ddp._use_python_reducer:
+        return method(*inputs, **kwargs)
+    with ddp._inside_ddp_forward():
+        return method(*inputs, **kwargs)
 
 
 def _refused_outside_forward(wrapper: nn.Module, method: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -276,15 +311,3 @@ class DistributedDataParallel(ForwardsAttributes, nn.parallel.DistributedDataPar
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._forward_writes()
-
-    def _run_ddp_forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        # A method marked with `tl.mark_forward_method` runs where DDP runs the module's forward,
-        # inside DDP's own bookkeeping; the user's module is never patched.
-        method = self.__dict__.get("_routed_method")
-        if method is None:
-            return super()._run_ddp_forward(*inputs, **kwargs)
-        if self._use_python_reducer:
-            return method(*inputs, **kwargs)
-        with self._inside_ddp_forward():
-            return method(*inputs, **kwargs)
-

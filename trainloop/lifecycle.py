@@ -34,12 +34,12 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
 
     Settings, all optional keywords (what each does, and its default: README's table
     "Settings and precedence", or `python -m trainloop.spawn --help`): `precision`,
-    `accumulate`, `strategy`, `seed`, `log_every`, `compile`, `compile_options`, `timeout`,
-    `device`, `blocks`, `even_batches`, `activation_checkpointing`,
+    `fp8_recipe`, `fp8_filter`, `fp8_all_gather` (fp8's torchao recipe), `accumulate`, `strategy`,
+    `seed`, `log_every`, `compile`, `compile_options`, `timeout`, `device`, `blocks`, `even_batches`, `activation_checkpointing`,
     `activation_checkpointing_every`; DDP's `ddp_find_unused_parameters`, `ddp_static_graph`,
     `ddp_gradient_as_bucket_view`, `ddp_bucket_cap_mb`, `ddp_comm_hook`; FSDP's
     `fsdp_reshard_after_forward`, `fsdp_shard_ends`, `fsdp_cpu_offload`; the mesh's `dp_replicate`, `dp_shard`,
-    `tp`, `tp_plan`. `TRAINLOOP_*` environment variables (set by
+    `tp`, `tp_plan`, `loss_parallel`. `TRAINLOOP_*` environment variables (set by
     `python -m trainloop.spawn --precision bf16 ...`) override them. The precision policy
     (`state.precision`) and the strategy (`state.strategy`) are built here, once.
 
@@ -57,7 +57,7 @@ def init(*, callbacks: Iterable[Any] = (), **settings: Any) -> RunState:
     _check_callbacks(callbacks)
     topology = join(config.device, config.timeout)
     _seed_everything(config.seed + topology.rank)
-    policy = precision.policy(config.precision)
+    policy = precision.policy(config.precision, config)  # fp8: its recipe's settings too
     if policy.loss_scaling:
         from trainloop.callbacks import LossScale
 

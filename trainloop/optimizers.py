@@ -1,9 +1,12 @@
 """The optimizers of a run: chosen for a `tl.step` call, stepped by trainloop only, and the
-closure optimizers' step (`torch.optim.LBFGS`).
+closure optimizers' step (`torch.optim.LBFGS`), and the parts of `tl.step` that act on the
+optimizers (zeroing, normalising the window's gradients, the hooks' narrowing).
 
 A prepared optimizer gets a step pre-hook (`guard_optimizer`) that refuses `optimizer.step()`
 called by hand: it would train while `state.step` stands still, so checkpoints, logs,
-schedulers and progress would never fire. trainloop's own steps run inside `stepping()`.
+schedulers and progress would never fire. `tl.step` sets its run's `lineage.stepping` around
+its steps (a plain attribute: the hook reads it every step); other steps trainloop takes for
+itself (DCP's, a closure optimizer's) run inside `stepping()`.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import torch.distributed as dist
 from trainloop.collectives import collective_device
 from trainloop.state import RunState
 
-# True while a trainloop function steps the optimizers: a prepared optimizer's step pre-hook
+# True while a trainloop function other than `tl.step`'s own loop steps the optimizers (DCP's
+# state creation, a closure optimizer's step): a prepared optimizer's step pre-hook
 # (`guard_optimizer`) refuses every other `optimizer.step()`. A context variable, so that two
-# runs, threads or tasks side by side never see each other's.
+# runs, threads or tasks side by side never see each other's. `tl.step` itself sets the run's
+# `lineage.stepping` instead: a plain attribute is cheaper to set and to read every step.
 STEPPING: contextvars.ContextVar[bool] = contextvars.ContextVar("trainloop_stepping", default=False)
 
 
@@ -75,7 +80,8 @@ def guard_optimizer(optimizer: torch.optim.Optimizer, lineage: Any) -> None:
     """
 
     def refuse_step_by_hand(opt: Any, args: Any, kwargs: Any) -> None:
-        if not STEPPING.get() and not lineage.finished:
+        # `lineage.stepping` first: inside `tl.step` (every step) one attribute read decides.
+        if not lineage.stepping and not lineage.finished and not STEPPING.get():
             raise RuntimeError(
                 f"this {type(opt).__name__} was prepared, and optimizer.step() was called on it "
                 "directly: step it with `state = tl.step(state, optimizer)` (a step taken by hand "
@@ -166,3 +172,66 @@ def step_with_closure(state: RunState, optimizer: Any, scheduler: Any, closure: 
     for hook in state.hooks.on_step:
         state = hook(state) or state
     return state.evolve(stepping=())
+
+
+# -- the parts of `tl.step` (trainloop.steps) that act on the optimizers -------------------------
+
+
+def raise_no_optimizer(state: RunState) -> None:
+    """The error of a `tl.step` on a state with no prepared optimizer, saying which mistake it is."""
+    if state.lineage.prepared_from:  # the state tl.prepare was given, not the one it returned
+        raise ValueError(
+            "step() was given the state that tl.prepare was called with, which holds no prepared "
+            "optimizer: the state tl.prepare returned was dropped. Keep it, e.g. "
+            "`state, model, optimizer = tl.prepare(state, model, optimizer)` (the state first, then "
+            "the objects in the order given), and pass that state on"
+        )
+    raise ValueError("step() needs a prepared optimizer: call tl.prepare(state, model, optimizer) first")
+
+
+def zero_grads(optimizers: tuple) -> None:
+    """`zero_grad(set_to_none=True)` of each, called directly (no helper call per optimizer);
+    an optimizer whose zero_grad takes no `set_to_none` (apex's) falls back to `zero_grad`."""
+    try:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    except TypeError:
+        for opt in optimizers:  # zero_grad is idempotent: the ones already zeroed stay zero
+            zero_grad(opt)
+
+
+def narrowed(stepping: tuple, optimizers: tuple) -> tuple:
+    """The optimizers an `on_before_step` hook left in `state.stepping`: some of this call's."""
+    if stepping is optimizers:
+        return optimizers
+    for opt in stepping:
+        if not any(opt is o for o in optimizers):
+            raise ValueError(
+                f"an on_before_step hook put a {type(opt).__name__} into state.stepping that this "
+                "tl.step call does not step: hooks may only remove optimizers from it"
+            )
+    return tuple(stepping)
+
+
+def normalise_gradients(state: RunState, optimizers: tuple) -> None:
+    """Scale the gradients of `optimizers` by the window's 1 / size (see `trainloop.steps`' module
+    doc: exact accumulation). `step`
+    skips the call for a window of one micro-batch without `num_items`: its gradients are
+    already the mean."""
+    items = state.window_items
+    if items is None:
+        factor: Any = 1.0 / state.window_micro_steps
+    elif state.world_size > 1:
+        device = collective_device(state)
+        total = torch.as_tensor(items, dtype=torch.float64).to(device)
+        dist.all_reduce(total)
+        factor = (state.world_size / total).to(torch.float32)
+    else:
+        factor = 1.0 / items
+    grads = [p.grad for opt in optimizers for group in opt.param_groups
+             for p in group["params"] if p.grad is not None]
+    if not grads:
+        return
+    if isinstance(factor, torch.Tensor):
+        factor = factor.to(grads[0].device)
+    state.strategy.scale_grads_(grads, factor)

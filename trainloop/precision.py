@@ -41,6 +41,11 @@ dimensions divisible by 16 (the float8 matmul's requirement). On CUDA with compu
 >= 8.9 torchao's float8 kernels run; on the CPU it runs in emulation (the same scaling and casts,
 matmuls in high precision), so tests cover the path; anywhere else `prepare` raises instead of
 silently training in another precision.
+
+fp8's recipe is torchao's own config object (`Float8Options`, from the settings `fp8_recipe`,
+`fp8_filter`, `fp8_all_gather`): `Float8LinearConfig.from_recipe_name("tensorwise" | "rowwise")`
+or the user's own `Float8LinearConfig`, the layers a filter leaves in bf16, and FSDP2's float8
+all-gather (`enable_fsdp_float8_all_gather`, tensorwise only). See docs/precision.md.
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ class Precision:
     loss_scaling: bool = False
     #: The eligible `nn.Linear` layers train in float8 (torchao's `Float8Linear`).
     float8: bool = False
+    #: With `float8`: the recipe, the filter and the all-gather (None: torchao's tensorwise, every eligible layer).
+    float8_options: Float8Options | None = None
 
     def cast(self, model: nn.Module, device: torch.device | None = None) -> nn.Module:
         """Prepare the parameters for the policy: `param_dtype`, float8 layers; return the model.
@@ -105,7 +112,7 @@ class Precision:
         if self.param_dtype is not None:
             return model.to(self.param_dtype)
         if self.float8:
-            return _convert_to_float8(model, device)
+            return _convert_to_float8(model, device, self.float8_options or Float8Options())
         return model
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
@@ -138,12 +145,74 @@ POLICIES = (
 )
 
 
-def policy(name: str) -> Precision:
-    """The policy of the `precision` setting `name` (one of `POLICIES`' names)."""
+def policy(name: str, config: Any = None) -> Precision:
+    """The policy of the `precision` setting `name` (one of `POLICIES`' names).
+
+    `config` (the run's `Config`) gives fp8 its recipe, filter and all-gather: a policy with
+    `float8_options` when they are not the defaults, else the shared policy object itself.
+    """
     for candidate in POLICIES:
         if candidate.name == name:
+            if candidate.float8 and config is not None:
+                options = Float8Options.of(config)
+                if options != Float8Options():
+                    return attrs.evolve(candidate, float8_options=options)
             return candidate
     raise ValueError(f"precision must be one of {', '.join(repr(p.name) for p in POLICIES)} (got {name!r})")
+
+
+FLOAT8_RECIPES = ("tensorwise", "rowwise")  # torchao's Float8LinearRecipeName values trainloop names
+
+
+def _filter_names(value: Any) -> tuple[str, ...]:
+    """`fp8_filter` as a tuple of name fragments (a comma-separated string, or a list of them)."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return tuple(value)
+
+
+@attrs.frozen
+class Float8Options:
+    """fp8's recipe, as the settings `fp8_recipe`, `fp8_filter` and `fp8_all_gather` give it.
+
+    `recipe` is a torchao recipe name (`FLOAT8_RECIPES`) or a `torchao.float8.Float8LinearConfig`
+    used as it is (its own `enable_fsdp_float8_all_gather` then says whether weights are gathered
+    in float8); `keep` is the layers left in bf16: fragments of module names (a layer whose name
+    contains one is not converted, torchtitan's `filter_fqns`) or a callable `(module, name) -> bool`
+    (True: converted, torchao's `module_filter_fn`); `all_gather` is FSDP2's float8 all-gather.
+    Layers whose dimensions are not multiples of 16 are never converted, whatever the filter says.
+    """
+
+    recipe: Any = "tensorwise"
+    keep: Any = attrs.field(default=(), converter=lambda v: v if callable(v) else _filter_names(v))
+    all_gather: bool = False
+
+    @classmethod
+    def of(cls, config: Any) -> Float8Options:
+        return cls(config.fp8_recipe, config.fp8_filter, config.fp8_all_gather)
+
+    def torchao_config(self, emulate: bool) -> Any:
+        """torchao's `Float8LinearConfig` for these options; `emulate` on the CPU."""
+        import dataclasses
+
+        from torchao.float8 import Float8LinearConfig
+
+        if isinstance(self.recipe, Float8LinearConfig):
+            return dataclasses.replace(self.recipe, emulate=emulate) if emulate else self.recipe
+        config = Float8LinearConfig.from_recipe_name(self.recipe)
+        return dataclasses.replace(config, emulate=emulate, enable_fsdp_float8_all_gather=self.all_gather)
+
+    def gathers_float8(self) -> bool:
+        """Whether FSDP2 gathers the float8 layers' weights in float8 (torchao's all-gather)."""
+        return bool(getattr(self.recipe, "enable_fsdp_float8_all_gather", self.all_gather))
+
+    def converts(self, module: nn.Module, fqn: str) -> bool:
+        """Whether the layer `fqn` trains in float8: eligible, and not left out by the filter."""
+        if not _float8_eligible(module, fqn):
+            return False
+        if callable(self.keep):
+            return bool(self.keep(module, fqn))
+        return not any(fragment in fqn for fragment in self.keep)
 
 
 
@@ -210,10 +279,12 @@ def _to_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in LOW_PRECISION else tensor
 
 
-def _convert_to_float8(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+def _convert_to_float8(model: nn.Module, device: torch.device | None = None,
+                       options: Float8Options | None = None) -> nn.Module:
     """Swap the model's eligible `nn.Linear` layers for torchao's `Float8Linear`; return the model.
 
-    Eligible: both dimensions divisible by 16. The swap is in place, except for a model that is
+    Eligible: both dimensions divisible by 16, and kept by `options`' filter; the layers get
+    torchao's config for `options`' recipe. The swap is in place, except for a model that is
     itself one eligible Linear, which is replaced (use the returned module). The weights stay
     fp32 parameters with the same names, so checkpoints load into an fp32 model as well.
 
@@ -226,22 +297,59 @@ def _convert_to_float8(model: nn.Module, device: torch.device | None = None) -> 
 
     try:
         with quiet.torchao_import(cuda_available=torch.cuda.is_available()):
-            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            from torchao.float8 import convert_to_float8_training
             from torchao.float8.float8_linear import Float8Linear
     except ImportError as error:
         raise ImportError(
             "precision='fp8' needs torchao (float8 training): pip install 'trainloop-torch[fp8]'"
         ) from error
-    converted = convert_to_float8_training(model, module_filter_fn=_float8_eligible,
-                                           config=Float8LinearConfig(emulate=emulate))
+    options = options or Float8Options()
+    weights = _fresh_weight_objects(model) if options.gathers_float8() else {}
+    converted = convert_to_float8_training(model, module_filter_fn=options.converts,
+                                           config=options.torchao_config(emulate))
+    _keep_weight_objects(converted, weights)
     if not any(isinstance(m, Float8Linear) for m in converted.modules()):
         warnings.warn(
             f"precision='fp8': {type(model).__name__} has no nn.Linear layer with both dimensions "
-            f"divisible by {FLOAT8_DIVISOR}, so nothing runs in float8 (the rest runs under bf16 "
-            "autocast); use precision='bf16' to say so",
+            f"divisible by {FLOAT8_DIVISOR}{' that fp8_filter keeps' if options.keep else ''}, so nothing "
+            "runs in float8 (the rest runs under bf16 autocast); use precision='bf16' to say so",
             stacklevel=5,  # the user's tl.prepare call
         )
     return converted
+
+
+def _fresh_weight_objects(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Each Linear's weight replaced by a new parameter on the same storage; returns the old ones by name.
+
+    torchao's float8 all-gather wraps a weight in a new parameter of its float8-casting subclass,
+    which holds the weight it wraps: `_keep_weight_objects` then swaps the wrapper into the old
+    object, which must not be the one wrapped (the wrapper would hold itself).
+    """
+    old = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            old[name] = module.weight
+            module.weight = nn.Parameter(module.weight.detach(), requires_grad=module.weight.requires_grad)
+    return old
+
+
+def _keep_weight_objects(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
+    """Give each converted layer's new weight parameter the object of its old one.
+
+    An optimizer built on the model before `prepare` holds the old one and would never step the
+    new. Swapping the two in place (`torch.utils.swap_tensors`, as `load_weights` does) keeps the
+    optimizer's, and any tied module's, reference valid. Layers left unconverted get their old one back.
+    """
+    from torchao.float8.float8_linear import Float8Linear
+
+    for name, module in model.named_modules():
+        if isinstance(module, Float8Linear):
+            old, new = weights.get(name), module.weight
+            if old is not None and new is not old:
+                torch.utils.swap_tensors(old, new)
+                module._parameters["weight"] = old
+        elif isinstance(module, nn.Linear) and name in weights:
+            module.weight = weights[name]  # not converted: its own object back
 
 
 def _device_of(model: nn.Module, device: torch.device | None = None) -> torch.device:

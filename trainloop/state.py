@@ -60,7 +60,8 @@ class Lineage:
     of them is passed on. The read-only functions (`gather`, `reduce`, `broadcast`, `save`,
     `accumulate`, the properties) accept any state.
 
-    It also holds the metric names the ranks last agreed on in a `log` report, so that a report
+    `stepping` is True while `tl.step` steps the run's optimizers (their step pre-hook refuses
+    any other `optimizer.step()`). It also holds the metric names the ranks last agreed on in a `log` report, so that a report
     with the same names checks them inside its one collective (see `trainloop.steps.flush_logs`),
     where the open micro-step stands (`grouping`, `counted`: see `trainloop.steps.backward`), and
     the resources that belong to the run rather than the process: its background checkpoint
@@ -73,7 +74,7 @@ class Lineage:
     """
 
     __slots__ = ("__weakref__", "counted", "data_checked", "finished", "generation", "grouping", "log_names",
-                 "made_by", "newest", "prepared_from", "reported_step", "writer")
+                 "made_by", "newest", "prepared_from", "reported_step", "stepping", "writer")
 
     def __init__(self) -> None:
         self.generation = 0
@@ -91,6 +92,10 @@ class Lineage:
         # (`counted`): the backward calls until the next `tl.accumulate` or `tl.step` join it.
         self.grouping = False
         self.counted = False
+        # True while `tl.step` steps this run's optimizers: their step pre-hook lets the step
+        # through (`trainloop.optimizers.guard_optimizer`). A plain attribute, read by the hook
+        # every step: one run's flag never lets another run's optimizer step by hand.
+        self.stepping = False
 
     def __repr__(self) -> str:
         return f"Lineage(generation={self.generation}, made_by={self.made_by!r}, finished={self.finished})"
@@ -230,10 +235,21 @@ class RunState:
         For the functions that move the run on (see `Lineage`); `made_by` names the function,
         for the error a stale state raises.
         """
+        # `_copy_with` inlined: this runs on every backward, step and log call (three times per
+        # training step), and a Python call is a good part of its cost.
         lineage = self.lineage
         generation = lineage.generation + 1
-        changes["generation"] = generation
-        new = lineage.newest = _copy_with(self, changes)
+        fields = self.__dict__.copy()
+        if changes:
+            if not _FIELD_SET.issuperset(changes):
+                _raise_unknown(changes)
+            fields.update(changes)
+            if "callbacks" in changes:
+                fields["hooks"] = Hooks.of(fields["callbacks"])
+        fields["generation"] = generation
+        new = _new_object(RunState)
+        _set_fields(new, fields)
+        lineage.newest = new
         lineage.generation = generation
         lineage.made_by = made_by
         return new
@@ -293,11 +309,15 @@ def _copy_with(state: RunState, changes: dict[str, Any]) -> RunState:
     fields = state.__dict__.copy()
     if changes:
         if not _FIELD_SET.issuperset(changes):
-            unknown = sorted(set(changes) - _FIELD_SET)
-            raise TypeError(f"RunState has no field {unknown[0]!r}")
+            _raise_unknown(changes)
         fields.update(changes)
         if "callbacks" in changes:
             fields["hooks"] = Hooks.of(fields["callbacks"])
     new = _new_object(RunState)
     _set_fields(new, fields)
     return new
+
+
+def _raise_unknown(changes: dict[str, Any]) -> None:
+    unknown = sorted(set(changes) - _FIELD_SET)
+    raise TypeError(f"RunState has no field {unknown[0]!r}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -42,17 +43,31 @@ from torch import nn
 from trainloop.collectives import collective_device
 from trainloop.forwarding import unwrap
 from trainloop.optimizers import (
-    STEPPING,
     chosen_schedulers,
+    narrowed,
+    normalise_gradients,
+    raise_no_optimizer,
     refuse_untracked_gradients,
     registered,
     step_schedulers,
     step_with_closure,
-    zero_grad,
+    zero_grads,
 )
 from trainloop.state import RunState, raise_stale
 
-_NOTHING_TO_DO = contextlib.nullcontext()
+
+class _NothingToDo:
+    """A context manager that does nothing, made of C functions: `with` looks its methods up
+    on the class and, as neither is a descriptor, calls them unbound, so entering and leaving
+    cost no Python call (`contextlib.nullcontext` costs two, on every micro-step).
+    `__enter__` is `NoneType()`, which returns None; `__exit__(type, value, traceback)` is
+    `"".format(...)`, which returns "": falsy, so an exception inside propagates."""
+
+    __enter__ = type(None)
+    __exit__ = "".format
+
+
+_NOTHING_TO_DO: Any = _NothingToDo()
 
 
 def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.AbstractContextManager:
@@ -72,7 +87,7 @@ def accumulate(state: RunState, model: nn.Module | None = None) -> contextlib.Ab
     lineage.grouping, lineage.counted = True, False
     if model is not None and model not in state.models:
         model = prepared_model(state, model, "accumulate")
-    if state.world_size == 1 or state.sync_now:
+    if state.topology.world_size == 1 or state.sync_now:
         return _NOTHING_TO_DO
     return state.strategy.no_sync(state.models if model is None else (model,))
 
@@ -89,7 +104,7 @@ def no_sync(state: RunState, model: nn.Module | None = None, *, enabled: bool = 
     """
     if model is not None and model not in state.models:
         model = prepared_model(state, model, "no_sync")
-    if not enabled or state.world_size == 1:
+    if not enabled or state.topology.world_size == 1:
         return _NOTHING_TO_DO
     return state.strategy.no_sync(state.models if model is None else (model,))
 
@@ -136,7 +151,13 @@ def backward(state: RunState, loss: torch.Tensor, *, num_items: Any = None) -> R
         items = num_items if items is None else items + num_items
     for hook in state.hooks.on_backward:
         loss = hook(state, loss)
-    loss.backward()
+    if state.config.mesh.loss_parallel:  # torch's loss_parallel() must cover the backward too
+        from trainloop.strategies.tensor_parallel import loss_parallel
+
+        with loss_parallel(state):
+            loss.backward()
+    else:
+        loss.backward()
     # Does this backward begin a micro-step, or join the open one? (the module doc's rule)
     lineage = state.lineage
     window = state.window_micro_steps
@@ -187,46 +208,41 @@ def step(state: RunState, optimizer: Any = None, scheduler: Any = None, *,
     if state.generation != lineage.generation:
         raise_stale(state, "step")
     if not state.optimizers:
-        _raise_no_optimizer(state)
+        raise_no_optimizer(state)
     lineage.grouping = False  # a step call closes the open micro-step
     if closure is not None:
         return step_with_closure(state, optimizer, scheduler, closure)
     in_window = state.window_micro_steps
-    if in_window < state.config.accumulate and not (in_window and state.at_epoch_end):
+    # (`state.loaders and`: no property call off a window's end when no loader was prepared)
+    if in_window < state.config.accumulate and not (in_window and state.loaders and state.at_epoch_end):
         if not in_window:
             refuse_untracked_gradients(state, optimizer)
         return state
-    if not state.lineage.data_checked:
+    if not lineage.data_checked:
         _warn_without_prepared_loader(state)
-    optimizers = registered(optimizer, state.optimizers, "optimizer")
+    optimizers = state.optimizers
+    if optimizer is not None and not (len(optimizers) == 1 and optimizer is optimizers[0]):
+        optimizers = registered(optimizer, optimizers, "optimizer")  # (the one optimizer: no call)
     schedulers = state.schedulers if scheduler is None else chosen_schedulers(scheduler, state, optimizers)
     if in_window > 1 or state.window_items is not None:  # else the gradients are already the mean
-        _normalise_gradients(state, optimizers)
+        normalise_gradients(state, optimizers)
     hooks = state.hooks
     if hooks.on_before_step or hooks.on_step:
         return _step_with_hooks(state, hooks, optimizers, schedulers)
-    token = STEPPING.set(True)  # not `with stepping()`: a generator context costs ~1 us a step
+    lineage.stepping = True  # lets the step pre-hook (`guard_optimizer`) pass; not a context manager: cheaper
     try:
         for opt in optimizers:  # no hooks: every optimizer of the call steps
             opt.step()
     finally:
-        STEPPING.reset(token)
-    for opt in optimizers:
-        zero_grad(opt)
+        lineage.stepping = False
+    try:  # `zero_grads`, inlined
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    except TypeError:
+        zero_grads(optimizers)
     if schedulers:
         step_schedulers(schedulers, optimizers)
     return state.advance("step", step=state.step + 1, window_micro_steps=0, window_items=None)
-
-
-def _raise_no_optimizer(state: RunState) -> None:
-    if state.lineage.prepared_from:  # the state tl.prepare was given, not the one it returned
-        raise ValueError(
-            "step() was given the state that tl.prepare was called with, which holds no prepared "
-            "optimizer: the state tl.prepare returned was dropped. Keep it, e.g. "
-            "`state, model, optimizer = tl.prepare(state, model, optimizer)` (the state first, then "
-            "the objects in the order given), and pass that state on"
-        )
-    raise ValueError("step() needs a prepared optimizer: call tl.prepare(state, model, optimizer) first")
 
 
 def _warn_without_prepared_loader(state: RunState) -> None:
@@ -248,15 +264,15 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
     state = state.evolve(stepping=optimizers)
     for hook in hooks.on_before_step:
         state = hook(state) or state
-    stepped = () if state.skip_step else _narrowed(state.stepping, optimizers)
-    token = STEPPING.set(True)
+    stepped = () if state.skip_step else narrowed(state.stepping, optimizers)
+    lineage = state.lineage
+    lineage.stepping = True
     try:
         for opt in stepped:
             opt.step()
     finally:
-        STEPPING.reset(token)
-    for opt in optimizers:
-        zero_grad(opt)
+        lineage.stepping = False
+    zero_grads(optimizers)
     if not stepped:
         return state.advance("step", window_micro_steps=0, window_items=None, skip_step=False, stepping=())
     step_schedulers(schedulers, stepped)
@@ -265,42 +281,6 @@ def _step_with_hooks(state: RunState, hooks: Any, optimizers: tuple, schedulers:
     for hook in hooks.on_step:
         state = hook(state) or state
     return state.evolve(stepping=())
-
-
-def _narrowed(stepping: tuple, optimizers: tuple) -> tuple:
-    """The optimizers an `on_before_step` hook left in `state.stepping`: some of this call's."""
-    if stepping is optimizers:
-        return optimizers
-    for opt in stepping:
-        if not any(opt is o for o in optimizers):
-            raise ValueError(
-                f"an on_before_step hook put a {type(opt).__name__} into state.stepping that this "
-                "tl.step call does not step: hooks may only remove optimizers from it"
-            )
-    return tuple(stepping)
-
-
-def _normalise_gradients(state: RunState, optimizers: tuple) -> None:
-    """Scale the gradients of `optimizers` by the window's 1 / size (see the module doc). `step`
-    skips the call for a window of one micro-batch without `num_items`: its gradients are
-    already the mean."""
-    items = state.window_items
-    if items is None:
-        factor: Any = 1.0 / state.window_micro_steps
-    elif state.world_size > 1:
-        device = collective_device(state)
-        total = torch.as_tensor(items, dtype=torch.float64).to(device)
-        dist.all_reduce(total)
-        factor = (state.world_size / total).to(torch.float32)
-    else:
-        factor = 1.0 / items
-    grads = [p.grad for opt in optimizers for group in opt.param_groups
-             for p in group["params"] if p.grad is not None]
-    if not grads:
-        return
-    if isinstance(factor, torch.Tensor):
-        factor = factor.to(grads[0].device)
-    state.strategy.scale_grads_(grads, factor)
 
 
 def log(state: RunState, metrics: dict[str, Any] | None = None, *, step: int | None = None,
@@ -330,16 +310,23 @@ def log(state: RunState, metrics: dict[str, Any] | None = None, *, step: int | N
             if value.numel() != 1:
                 raise ValueError(f"log: {name} must be a scalar (got a tensor of shape {tuple(value.shape)})")
             # Detached: a buffered value must not keep its autograd graph alive until the report.
-            values[name] = value.detach()
+            value = value.detach()
+            # A DTensor (the loss under loss_parallel): its plain value, which the reduction takes.
+            # (`type(...) is` first: a plain tensor, every step, skips a failing attribute lookup.)
+            full = None if type(value) is torch.Tensor else getattr(value, "full_tensor", None)
+            values[name] = full() if full is not None else value
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"log: {name} must be a number or a scalar tensor (got {type(value).__name__})")
     if step is not None:
         return _report_at(state, values, step)
     pending = (values, state.pending_logs)
-    if report_due(state):
+    every = state.config.log_every  # `report_due`, inlined: it runs every step
+    if state.step // every > state.logged_step // every:
         # Advanced only once reported: a report that raises (names that differ across ranks)
         # leaves `state` the current one.
-        return flush_logs(state.evolve(pending_logs=pending)).advance("log")
+        reported = state.evolve(pending_logs=None, logged_step=state.step)  # `flush_logs`, one copy less
+        _report(reported, pending)
+        return reported.advance("log")
     return state.advance("log", pending_logs=pending)
 
 
@@ -389,20 +376,62 @@ def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
     """
     node = state.pending_logs
     state = state.evolve(pending_logs=None, logged_step=state.step)
-    if state.world_size == 1 and not state.hooks.on_log:
+    _report(state, node, every_rank)
+    return state
+
+
+def _report(state: RunState, node: Any, every_rank: bool = False) -> None:
+    """`flush_logs`' report of the buffer `node` (a `PendingLogs` list), `state` being the
+    flushed state that the `on_log` hooks get. Called by `log` directly: one state copy less."""
+    world_size = state.topology.world_size
+    hooks = state.hooks.on_log
+    if world_size == 1 and not hooks:
         # One process and no on_log hook: no rank to agree with and no one to receive the
         # means, so the buffer is dropped unread. Averaging it (five tensor ops and a host
         # copy) was the largest part of trainloop's per-step cost in the overhead benchmark.
-        return state
+        return
     entries = []
     while node is not None:
         values, node = node
         entries.append(values)
-    if not entries and not (every_rank and state.world_size > 1):
-        return state
+    if not entries and not (every_rank and world_size > 1):
+        return
     entries.reverse()
-    names = sorted({name for entry in entries for name in entry})
+    names = sorted(set().union(*entries))  # not a comprehension: no Python frame per report
     device = collective_device(state)
+    sums, counts = _summed(entries, names, device)
+    if world_size > 1:
+        totals, counts = _reduce_across_ranks(state, tuple(names), sums, counts, device)
+    else:
+        totals = sums.tolist()  # the report's one host sync
+    if names:
+        state.lineage.reported_step = state.step  # the same on every rank: `log(step=)` checks it
+    if names and hooks and state.topology.rank == 0:  # the main process only
+        metrics = {}
+        for name, total, count in zip(names, totals, counts):
+            metrics[name] = total / count
+        for hook in hooks:
+            hook(state, metrics)
+
+
+def _summed(entries: list[dict[str, Any]], names: list[str],
+            device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Per name (in `names`' order), the float32 sum of its logged values, as one tensor, and
+    how many values it has. When every entry holds every name as a tensor (a loop logging the
+    same metrics each step) that is one stack and one sum, whatever the numbers of names and
+    values; otherwise one stack and one sum per name."""
+    count = len(entries)
+    if names:
+        values: list[Any] = []
+        try:
+            for name in names:  # name-major; itemgetter: no Python frame per report
+                values += map(itemgetter(name), entries)
+            stacked = torch.stack(values)
+        except (KeyError, TypeError, RuntimeError):  # a name some entries lack, a plain number,
+            pass                                     # or scalar shapes () and (1,) mixed
+        else:
+            summed = stacked.to(device, torch.float32).reshape(len(names), count).sum(1)
+            return summed, [count] * len(names)
     sums, counts = [], []
     for name in names:
         series = [entry[name] for entry in entries if name in entry]
@@ -416,20 +445,12 @@ def flush_logs(state: RunState, *, every_rank: bool = False) -> RunState:
         else:
             sums.append(torch.tensor(plain, device=device, dtype=torch.float32))
         counts.append(len(series))
-    if state.world_size > 1:
-        totals, counts = _reduce_across_ranks(state, tuple(names), sums, counts, device)
-    else:
-        totals = torch.stack(sums).tolist()
-    if names:
-        state.lineage.reported_step = state.step  # the same on every rank: `log(step=)` checks it
-    if names and state.is_main and state.hooks.on_log:
-        metrics = {name: total / count for name, total, count in zip(names, totals, counts)}
-        for hook in state.hooks.on_log:
-            hook(state, metrics)
-    return state
+    if not sums:
+        return torch.zeros(0, device=device, dtype=torch.float32), counts
+    return torch.stack(sums), counts
 
 
-def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: list, counts: list,
+def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: torch.Tensor, counts: list,
                          device: torch.device) -> tuple[list[float], list[float]]:
     """Every rank's summed values and counts per name, in one all-reduce when the names are the
     agreed ones (see `flush_logs`); raises the same ValueError on every rank when they differ."""
@@ -438,7 +459,7 @@ def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: list, co
     if agreed is not None:
         if names == agreed:
             tail = torch.tensor([*counts, 0.0], device=device)
-            vector = torch.cat([*([torch.stack(sums)] if sums else []), tail])
+            vector = torch.cat([sums, tail])
         else:  # agreed's length, so that the all-reduce matches the other ranks' and completes
             vector = torch.zeros(2 * len(agreed) + 1, device=device)
             vector[-1] = 1.0
@@ -452,9 +473,7 @@ def _reduce_across_ranks(state: RunState, names: tuple[str, ...], sums: list, co
     lineage.log_names = names
     if not names:  # every rank agreed that there is nothing to report (a finish after a report)
         return [], []
-    vector = torch.tensor(counts, device=device, dtype=torch.float32)
-    if sums:
-        vector = torch.cat([torch.stack(sums), vector])
+    vector = torch.cat([sums, torch.tensor(counts, device=device, dtype=torch.float32)])
     dist.all_reduce(vector)
     values = vector.tolist()
     return values[:len(names)], values[len(names):]

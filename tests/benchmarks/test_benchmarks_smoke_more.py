@@ -43,6 +43,31 @@ def test_ddp_benchmark_quick_run_prints_its_table():
         assert re.search(rf"^\s*per-step, accumulate {accumulate}: {NUMBER}x raw DDP", out, re.MULTILINE), out
 
 
+
+@pytest.mark.multiprocess
+def test_fsdp_benchmark_quick_run_prints_its_tables_and_says_which_peers_it_left_out():
+    out = run_quick("fsdp.py")
+    header = r"^\s*accumulate\s+variant\s+ms/step\s+vs raw\s+spread\s+cpu ms/step\s+vs raw\s+spread$"
+    assert re.search(header, out, re.MULTILINE), out
+    fabric = importlib.util.find_spec("lightning") is not None
+    variants = ["raw fully_shard", "trainloop fsdp", "raw HSDP 2x1", "trainloop HSDP 2x1"]
+    variants += ["Fabric FSDP2"] * fabric  # every variant was checked sharded over 2 ranks first
+    for accumulate in ("1", "4"):
+        for variant in variants:
+            row = rf"^\s*{accumulate}\s+{variant}\s+{NUMBER}\s+{NUMBER}x\s+{SPREAD}\s+{NUMBER}\s+{NUMBER}x\s+{SPREAD}$"
+            assert re.search(row, out, re.MULTILINE), f"no {variant} row for accumulate {accumulate}:\n{out}"
+        assert re.search(rf"^\s*per-step, accumulate {accumulate}: {NUMBER}x raw", out, re.MULTILINE), out
+        assert re.search(rf"^\s*HSDP per-step, accumulate {accumulate}: {NUMBER}x raw", out, re.MULTILINE), out
+    # The peers left out, each with why: Fabric's FSDPStrategy in its own words, Accelerate with
+    # what its prepare gave instead of a sharded model (or a row, should it ever shard on the CPU).
+    if fabric:
+        assert "note: Fabric's strategy='fsdp' (FSDPStrategy)" in out, out
+    else:
+        assert "note: Lightning Fabric skipped: lightning is not installed" in out, out
+    assert "note: Accelerate skipped:" in out or re.search(r"^\s*1\s+Accelerate FSDP2\s", out, re.MULTILINE), out
+    assert "per rank" in out  # the memory table
+
+
 def test_checkpoint_benchmark_quick_run_prints_its_tables():
     out = run_quick("checkpoint.py")
     assert re.search(r"^op\s+variant\s+ms\s+vs raw\s+spread$", out, re.MULTILINE), out

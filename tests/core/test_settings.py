@@ -25,11 +25,11 @@ from trainloop.strategies.mesh import MeshOptions
 
 # The flat names users write, in the order of --help: unchanged, but fsdp_blocks is now blocks.
 FLAT_NAMES = [
-    "precision", "accumulate", "strategy", "seed", "log_every", "compile", "compile_options", "timeout",
+    "precision", "fp8_recipe", "fp8_filter", "fp8_all_gather", "accumulate", "strategy", "seed", "log_every", "compile", "compile_options", "timeout",
     "device", "blocks", "fsdp_reshard_after_forward", "fsdp_shard_ends", "fsdp_cpu_offload", "even_batches",
     "activation_checkpointing", "activation_checkpointing_every", "ddp_find_unused_parameters", "ddp_static_graph",
     "ddp_gradient_as_bucket_view", "ddp_bucket_cap_mb", "ddp_comm_hook", "dp_replicate", "dp_shard",
-    "tp", "tp_plan",
+    "tp", "tp_plan", "loss_parallel",
 ]
 
 

@@ -125,6 +125,7 @@ def test_run_toml_documents_every_key_spawn_reads_and_each_is_accepted(tmp_path)
     assert launch["nproc"] == 2 and launch["master"] == "10.0.0.1:29500"
     settings = {k: v for k, v in values.items() if k not in spawn._LAUNCH_FLAGS}
     settings["device"] = "cpu"  # the example's "cuda" is valid, but this machine may have none
+    settings["precision"] = "fp8"  # the fp8_* examples need it (the file's own run is fp32)
     assert checks.validated_settings(settings, {})["tp_plan"] == {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
 
 

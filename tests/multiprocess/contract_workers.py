@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import trainloop as tl
 from tests.support.reference import mse, plain_lbfgs, regression_data, tiny_model
+from trainloop import forwarding
+from trainloop.strategies import ddp as ddp_strategy
 
 
 def _everyone(value):
@@ -224,6 +227,81 @@ def _lbfgs(state):
             "same": _same_on_every_rank(list(model.parameters()))}
 
 
+def _python_calls(run) -> list[tuple[str, str]]:
+    """(file, function) of every Python call while `run()` runs, in this thread (where DDP's
+    forward, its no_sync and the autograd engine's Python hooks run on the CPU)."""
+    calls: list[tuple[str, str]] = []
+
+    def note(frame, event, arg):
+        if event == "call":
+            calls.append((frame.f_code.co_filename, frame.f_code.co_name))
+
+    sys.setprofile(note)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def _ddp_hot_path(state):
+    """Issue 22: DDP's per-step path (forward, no_sync, the flags DDP sets) runs no Python of
+    trainloop.forwarding, and no more Python calls than a plain DDP; what it forwards still works."""
+    state = tl.init(accumulate=2, timeout=60)  # so that tl.accumulate enters no_sync
+    x, y = regression_data(8).tensors
+    plain = nn.parallel.DistributedDataParallel(WithTrainingStep())  # the same model, by torch alone
+    model = WithTrainingStep()
+    model.label = "mine"
+    state, prepared, optimizer = tl.prepare(state, model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def micro_steps(ddp):
+        def run():
+            with ddp.no_sync():
+                mse(ddp, x, y).backward()
+            mse(ddp, x, y).backward()
+            ddp.require_backward_grad_sync = True  # a flag DDP owns: stays DDP's
+        return run
+
+    for ddp in (plain, prepared):
+        micro_steps(ddp)()  # DDP's lazy first-forward set-up, outside the counts
+    results = {"is_ddp": isinstance(prepared, nn.parallel.DistributedDataParallel)}
+    plain_calls, prepared_calls = _python_calls(micro_steps(plain)), _python_calls(micro_steps(prepared))
+    results["forwarding_calls"] = sorted({name for file, name in prepared_calls if file == forwarding.__file__})
+    results["calls"] = {"plain": len(plain_calls), "prepared": len(prepared_calls)}
+
+    def micro_step():
+        nonlocal state
+        with tl.accumulate(state, prepared):  # off the window's end: the strategy's no_sync
+            state = tl.backward(state, mse(prepared, x, y))
+
+    micro_step()  # the first window: the strategy finds the model's DDP layer, once
+    with tl.accumulate(state, prepared):
+        state = tl.backward(state, mse(prepared, x, y))
+    state = tl.step(state, optimizer)
+    results["accumulate_calls"] = sorted({name for file, name in _python_calls(micro_step)
+                                          if file in (forwarding.__file__, ddp_strategy.__file__)})
+    # What forwards still does: the user's attribute read and written through DDP, DDP's own
+    # flag kept on DDP, a marked method run inside DDP's forward and nothing of it left behind.
+    prepared.label = "changed"
+    inside = []
+    model.probe = lambda: inside.append(nn.parallel.DistributedDataParallel._active_ddp_module is prepared)
+    tl.mark_forward_method(prepared, "training_step")
+    original_forward = model.forward
+
+    def forward(x):
+        model.probe()
+        return original_forward(x)
+
+    model.forward = forward
+    prepared.training_step(x, y).backward()
+    results["passthrough"] = {
+        "label": (model.label, prepared.label), "flag_is_ddps": "require_backward_grad_sync" in vars(prepared)
+        and "require_backward_grad_sync" not in vars(model), "inside_ddp_forward": inside,
+        "routing_left": "_run_ddp_forward" in vars(prepared)}
+    tl.finish(state)
+    return results
+
+
 def _rank_helpers(state, tmp_dir):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -241,7 +319,7 @@ CHECKS = {
     "two_losses": _two_losses, "forward_methods": _forward_methods, "broadcast": _broadcasts,
     "accumulate_raw": _accumulate_raw_module, "state_dict": _state_dict_keys, "reduce": _reduces,
     "gather_sync_grads": _gather_sync_grads, "no_sync": _no_sync, "shard_false": _shard_false,
-    "lbfgs": _lbfgs,
+    "lbfgs": _lbfgs, "ddp_hot_path": _ddp_hot_path,
 }
 
 

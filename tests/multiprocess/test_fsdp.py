@@ -351,11 +351,3 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks_to_the_uninterrupted_weights
     resumed = torch.load(tmp_path / "out.pt", weights_only=True)
     assert resumed["step"] == 9
     assert_weights(resumed["weights"], results["uninterrupted_weights"])
-
-
-def test_benchmark_quick_run_prints_its_table():
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fsdp.py"), "--quick"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "raw fully_shard" in done.stdout and "trainloop fsdp" in done.stdout
-    assert "per rank" in done.stdout

@@ -333,7 +333,7 @@ def test_every_strategy_implements_the_whole_protocol():
 
     members = {name for name in vars(Strategy) if not name.startswith("_")} | set(Strategy.__annotations__)
     assert {"wrap", "no_sync", "data_parallel", "data_parallel_group", "grad_norm", "scale_grads_", "clip_grads_",
-            "export_state_dict", "bind_optimizer", "sharded", "name"} <= members
+            "bind_optimizer", "sharded", "name"} <= members
     for strategy in (Local, DataParallel, FullyShard):
         missing = [name for name in members if not hasattr(strategy, name)]
         assert missing == [], f"{strategy.__name__} lacks {missing}"

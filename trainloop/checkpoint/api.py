@@ -45,9 +45,10 @@ that is damaged (CheckpointError) or does not fit (ValueError) leaves the run as
 
 Under DDP, rank 0 writes everything: the replicas are identical, and the other ranks' RNG
 states reach it through a gather. Under FSDP every rank writes its shards into the partial
-directory first; rank 0 then writes the rest, hashes every file and renames (synchronously:
-DCP's writes are collective). Every rank reads the checkpoint when loading, so on many machines
-the directory must be on a filesystem they share.
+directory first; rank 0 then writes the rest, hashes every file and renames. In the background
+the shards are staged and written by DCP's `async_save` on a process group of its own
+(`trainloop.checkpoint.sharded_async`). Every rank reads the checkpoint when loading, so on many
+machines the directory must be on a filesystem they share.
 """
 
 from __future__ import annotations
@@ -62,12 +63,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainloop.checkpoint.export import export as _export
 from trainloop.checkpoint.files import (
     CheckpointError,
     in_parallel,
     read_verified,
-    write_file,
-    write_safetensors,
 )
 from trainloop.checkpoint.fitting import PARTS, plan, restore
 from trainloop.checkpoint.manifest import LATEST, _hash_algorithm, _read_manifest, _record
@@ -75,9 +75,10 @@ from trainloop.checkpoint.reading import _read_checkpoint
 from trainloop.checkpoint.rng import _gather_rng_states
 from trainloop.checkpoint.safe_state import check_callback_states, extra_states
 from trainloop.checkpoint.staging import writer_of
-from trainloop.checkpoint.writing import _Snapshot, _unique, _without_duplicates, _write, _write_shards
+from trainloop.checkpoint.writing import _Snapshot, _write, _write_shards
 from trainloop.collectives import broadcast
 from trainloop.errors import CheckpointWarning
+from trainloop.models.hf_export import ExportKeyMap
 from trainloop.state import RunState
 
 __all__ = ["CheckpointError", "CheckpointWarning", "checkpoints_in", "export", "finish_saves", "load",
@@ -100,8 +101,10 @@ def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
     the next `save` (as `PreviousSaveFailed`, before it saves anything) or by `finish`: those
     already synchronise the ranks, so the check costs no collective of its own. Under DDP only
     rank 0 writes; the other ranks' Futures are done at once, and they learn rank 0's outcome at
-    that next save or `finish`. Under FSDP the save is synchronous (every rank writes its shards
-    through DCP) and the returned Future is already done.
+    that next save or `finish`. Under a sharded strategy (FSDP, HSDP, TP) every rank copies its
+    shards to CPU and DCP writes them in the background (`async_save`, on a gloo process group
+    of the run's saves alone); rank 0's Future is the commit, another rank's is done once its
+    shards are written, and it learns rank 0's outcome at that next save or `finish`.
 
     `extra`: the user's own objects, by name, saved beside the run (`extra.pt`) and restored by
     `tl.load(..., extra=...)`: an object with `state_dict()` (an EMA model, a metric, a data
@@ -129,7 +132,11 @@ def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
     if keep_weight is not None and state.strategy.sharded:
         raise ValueError("save filter={'model': ...} needs whole weights: a sharded (FSDP) checkpoint holds every shard")
     rng = _gather_rng_states(state)  # also waits for, and settles, the save before this one
-    if background and not state.strategy.sharded:
+    if background and state.strategy.sharded:
+        from trainloop.checkpoint import sharded_async  # DCP: sharded runs only
+
+        return sharded_async.save_in_background(state, path, rng, lambda: _after(after_commit, path), extras)
+    if background:
         return _save_in_background(state, path, rng, after_commit, extras, keep_weight)
     error, sharded_optimizers, partial = None, None, None
     if state.strategy.sharded:
@@ -146,7 +153,7 @@ def save(state: RunState, path: str | os.PathLike, background: bool = False, *,
     error = broadcast(state, error)  # every rank learns the outcome: no one waits
     if error is not None:
         raise CheckpointError(error)
-    return writer_of(state).done(path) if background else path
+    return path
 
 
 def _after(after_commit: Callable[[], None] | None, path: Path) -> str | None:
@@ -196,6 +203,10 @@ def finish_saves(state: RunState) -> None:
     error = writer.wait()
     message = _first_error(state, None if error is None else str(error))
     writer.release()
+    if state.strategy.sharded:
+        from trainloop.checkpoint import sharded_async
+
+        sharded_async.close(writer)  # every rank: the save group of the run's background saves
     if message is not None:
         raise CheckpointError(message)
 
@@ -284,29 +295,42 @@ def _first_error(state: RunState, error: str | None) -> str | None:
                  for rank, e in enumerate(everyone) if e is not None), None)
 
 
-def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | None = None) -> Path:
-    """Write the trained model alone as one safetensors file (atomic), for inference and other tools.
+def export(state: RunState, path: str | os.PathLike, model: torch.nn.Module | None = None, *,
+           dtype: torch.dtype | None = None, hf_index: bool = False, max_shard_size: int | str = "5GB",
+           key_map: ExportKeyMap | None = None,
+           transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Path:
+    """Write the trained model alone as safetensors (atomic), for inference and other tools.
 
-    `model` defaults to the only prepared model. The file loads into a plain module with
-    `safetensors.torch.load_model(module, path)`. Call it on every rank; rank 0 writes. Under
-    FSDP the shards are gathered to rank 0's CPU one tensor at a time: rank 0 needs CPU memory
-    for the whole model.
+    Call it on every rank; rank 0 writes. Under FSDP, HSDP or TP the shards are gathered one
+    tensor at a time and written as they come: no rank holds more than one whole tensor beyond
+    its shards (`trainloop.checkpoint.export`).
+
+    Args:
+        path: the file (default), or with `hf_index=True` the directory to write.
+        model: the model to export; defaults to the only prepared model.
+        dtype: a floating dtype (`torch.bfloat16`) the floating tensors are cast to; None keeps theirs.
+        hf_index: write a Hugging Face directory: `model-0000k-of-0000n.safetensors` files,
+            `model.safetensors.index.json` and the model's `config.json` (when it has an HF
+            config), which `from_pretrained(path)` loads as it is.
+        max_shard_size: the largest file of an `hf_index` export, in bytes or as "5GB" / "500MiB".
+        key_map: the run's names -> the file's: a callable (None leaves a tensor out) or a dict
+            like torchtitan's `to_hf_map` (`{"layers.{}.attention.wq.weight":
+            "model.layers.{}.self_attn.q_proj.weight"}`); a name the dict lacks raises ValueError.
+        transform: `(file's name, whole tensor) -> tensor` of the same shape and dtype, run on
+            rank 0 before each tensor is written: a layout change that renaming cannot express
+            (torchtitan's Llama adapter permutes wq and wk for Hugging Face's rotary embedding).
+
+    A tied weight is written once (Hugging Face's way: `lm_head.weight` is left out when it is
+    the embedding). One file loads with `safetensors.torch.load_model(module, path)` or
+    `tl.load_weights`. Raises ValueError for a bad argument, CheckpointError (on every rank) when
+    rank 0 cannot write, leaving what was at `path` before.
+
+    Example:
+        tl.export(state, "out/hf", dtype=torch.bfloat16, hf_index=True, max_shard_size="2GB")
+        model = transformers.AutoModelForCausalLM.from_pretrained("out/hf")
     """
-    if model is None:
-        if len(state.models) != 1:
-            raise ValueError(f"export needs model= when the run prepared {len(state.models)} models")
-        model = state.models[0]
-    path = Path(path)
-    state_dict = state.strategy.export_state_dict(model)  # sharded: every rank sends its shards to rank 0
-    if state.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = _unique(path, "partial")
-        tensors, metadata = _without_duplicates(state_dict)
-        write_file(temporary, lambda handle: write_safetensors(handle, tensors, metadata), None)
-        os.replace(temporary, path)
-    if state.world_size > 1:
-        dist.barrier()
-    return path
+    return _export(state, path, model, dtype=dtype, hf_index=hf_index, max_shard_size=max_shard_size,
+                   key_map=key_map, transform=transform)
 
 
 def checkpoints_in(directory: str | os.PathLike) -> Iterator[Path]:

@@ -12,24 +12,32 @@ optimizer state (hyperparameters, counts) travels in the checkpoint's own `optim
 loaded with `weights_only=True`, so DCP never reaches the unpickling load it uses for byte
 entries (weights_only off).
 
+In the background (`tl.save(..., background=True)`), `AsyncShards` stages the shards to CPU and
+starts DCP's `async_save` on a process group of the run's saves alone; the commit around it is
+`trainloop.checkpoint.sharded_async`'s.
+
 This module imports torch.distributed.checkpoint (about 0.5 s): the checkpoint functions import
 it only for sharded checkpoints.
 """
 
 from __future__ import annotations
 
+import datetime
 import pickle
 import warnings
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.staging import AsyncStager, BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -43,15 +51,11 @@ from trainloop.optimizers import stepping
 METADATA = ".metadata"  # DCP's metadata file, written last: a checkpoint that holds one is sharded
 
 
-def save_sharded(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
-                 directory: Path) -> list[dict[str, Any]]:
-    """Write this rank's shards of the models' and optimizers' tensors into `directory` (DCP).
-
-    Call on every rank (a collective). Returns each optimizer's non-tensor state
-    (`{"state": ..., "param_groups": ...}`, parameters named by their fully qualified names),
-    the same on every rank: the caller stores it with the checkpoint's other plain state.
-    Raises DCP's CheckpointException (a BaseException) on every rank if a rank's write failed.
-    """
+def sharded_state(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """This rank's shards of the models' and optimizers' tensors (what DCP writes, live: not
+    copies), and each optimizer's non-tensor state (`{"state": ..., "param_groups": ...}`,
+    parameters named by their fully qualified names), the same on every rank."""
     container = nn.ModuleList(models)
     tensors: dict[str, Any] = {"model": get_model_state_dict(container)}
     plain = []
@@ -67,8 +71,94 @@ def save_sharded(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.O
             "state": {key: _non_tensors(values) for key, values in state_dict["state"].items()},
             "param_groups": state_dict["param_groups"],
         })
+    return tensors, plain
+
+
+def save_sharded(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
+                 directory: Path) -> list[dict[str, Any]]:
+    """Write this rank's shards of the models' and optimizers' tensors into `directory` (DCP).
+
+    Call on every rank (a collective). Returns each optimizer's non-tensor state (see
+    `sharded_state`): the caller stores it with the checkpoint's other plain state.
+    Raises DCP's CheckpointException (a BaseException) on every rank if a rank's write failed.
+    """
+    tensors, plain = sharded_state(models, optimizers)
     dcp.save(tensors, storage_writer=FileSystemWriter(directory))
     return plain
+
+
+class AsyncShards:
+    """What a run's background sharded saves share: a process group of their own and the
+    staging copies.
+
+    The group is gloo, made once per run (a collective: every rank makes it at the same save).
+    DCP's collectives run on the writer thread while training's run on the main thread; on one
+    group the two streams would interleave differently on different ranks and mismatch. Gloo
+    also gives DCP the CPU backend `async_save` needs beside an nccl training group.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        # The run's collective timeout, as for a synchronous save: a rank that stops answering
+        # fails the save on the others instead of holding the writer thread for torch's default.
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        assert isinstance(group, dist.ProcessGroup)  # every rank is a member: never the "not in it" value
+        self.group = group
+        self._stager: BlockingAsyncStager | None = None
+        self._layout: Any = None
+
+    def stage(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """CPU copies of `tensors` (DTensors stay DTensors of CPU shards), taken now.
+
+        From an accelerator the copies go into pinned buffers kept for the next save of the
+        same layout (DCP's cached staging); a CPU run copies afresh (pinning needs a device).
+        """
+        layout = _layout(tensors)
+        on_accelerator = any(device != "cpu" for _, _, _, device in layout)
+        if self._stager is None or layout != self._layout:
+            # A new layout (the optimizer state appears at the first step) gets new buffers.
+            self._stager = BlockingAsyncStager(cache_staged_state_dict=on_accelerator)
+            self._layout = layout
+        return self._stager.stage(tensors)
+
+    def start(self, staged: dict[str, Any], directory: Path) -> Future:
+        """Begin writing the staged shards into `directory` (every rank: DCP's collectives run on
+        this object's group, on DCP's own thread); the Future of DCP's save, which raises DCP's
+        CheckpointException on every rank if a rank's write failed."""
+        response = dcp.async_save(staged, storage_writer=FileSystemWriter(directory), process_group=self.group,
+                                  async_stager=_AlreadyStaged())
+        # A stager whose `stage` returns the dict itself gets the plain upload Future back; one that
+        # staged asynchronously would get an AsyncSaveResponse holding it.
+        return response if isinstance(response, Future) else response.upload_completion
+
+    def close(self) -> None:
+        self._stager = None
+        dist.destroy_process_group(self.group)
+
+
+class _AlreadyStaged(AsyncStager):
+    """`AsyncShards.stage` has copied the tensors already: DCP's staging copies nothing more."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict: Any) -> Any:
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _layout(tree: dict[str, Any], prefix: str = "") -> tuple:
+    """Each tensor's key, shape, dtype and device: staging buffers fit a layout."""
+    out: list = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.extend(_layout(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", tuple(value.shape), value.dtype, value.device.type))
+    return tuple(out)
 
 
 def load_sharded(models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],

@@ -262,3 +262,37 @@ def _indices(box: list[tuple[int, int]]):
     for i in range(start, stop):
         for tail in _indices(rest):
             yield (i, *tail)
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def layout(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+           metadata: dict[str, str] | None = None) -> tuple[bytes, list[str]]:
+    """The start of a safetensors file holding tensors of these dtypes and shapes (by name): its
+    8-byte header length and JSON header, and the order in which their bytes must follow.
+
+    Written before any tensor exists, so a writer can stream each tensor's bytes as it gets it.
+    The order is safetensors' own (larger elements first, then by name), so every tensor stays
+    aligned. Raises ValueError naming a dtype the format has no name for.
+    """
+    if struct.pack("=H", 1) != b"\x01\x00":
+        raise ValueError("writing safetensors streams tensors' bytes as they are in memory: this host is "
+                         "big-endian, the format little-endian; export on a little-endian host")
+    unknown = sorted(f"{name} ({dtype})" for name, (dtype, _) in tensors.items() if dtype not in NAMES)
+    if unknown:
+        raise ValueError(f"safetensors has no dtype for {', '.join(unknown)}: pass dtype= to cast floating "
+                         "tensors to one it has (torch.bfloat16, torch.float32)")
+    order = sorted(tensors, key=lambda name: (-tensors[name][0].itemsize, name))
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        dtype, shape = tensors[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(encoded)) + encoded, order

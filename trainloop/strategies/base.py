@@ -72,14 +72,6 @@ class Strategy(Protocol):
     def clip_grads_(self, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         """Scale the gradients so that their total norm `total_norm` is at most `max_norm`."""
 
-    def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The model's whole state dict, ready to write on the main process. Collective.
-
-        Whole strategies return the user's module's own state dict (shared storage, no copy);
-        sharded ones gather it to rank 0's CPU (empty elsewhere).
-        """
-        ...
-
 
 def rebind(optimizer: torch.optim.Optimizer, replaced: dict[int, nn.Parameter]) -> None:
     """Point `optimizer`'s param groups at the replacements (id -> parameter), in place.
@@ -147,11 +139,6 @@ class WholeModel:
 
     def clip_grads_(self, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         clip(self, grads, max_norm, total_norm)
-
-    def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        from trainloop.forwarding import unwrap
-
-        return unwrap(model).state_dict()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

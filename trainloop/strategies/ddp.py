@@ -98,6 +98,7 @@ class DataParallel(WholeModel):
             "bucket_cap_mb": None if options.bucket_cap_mb == 25.0 else options.bucket_cap_mb,
         }
         self.comm_hook = options.comm_hook
+        self._owners: dict[nn.Module, DDP | None] = {}  # prepared model -> its DDP layer (no_sync)
 
     def wrap(self, model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
         blocks.apply(unwrap(model), self._config)
@@ -115,7 +116,14 @@ class DataParallel(WholeModel):
 
     def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
         if len(models) == 1:  # the common case: DDP's own context manager, nothing around it
-            owner = _ddp_layer(models[0])
+            model = models[0]
+            # Every micro-step off a window's end comes here: the DDP layer of each prepared model
+            # is found once (a walk, and isinstance on DDP's class, an ABC, is a Python call), then
+            # looked up. A prepared model's layers never change.
+            if model in self._owners:
+                owner = self._owners[model]
+            else:
+                owner = self._owners[model] = _ddp_layer(model)
             return _NOTHING_TO_DO if owner is None else owner.no_sync()
         return _all_no_sync(models)
 

@@ -46,7 +46,7 @@ from trainloop.models.meta import materialize
 from trainloop.settings import Settings, boolean, is_boolean, setting
 from trainloop.strategies import blocks
 from trainloop.strategies.base import clip, rebind
-from trainloop.strategies.mesh import Mesh, build_mesh, mesh_shape
+from trainloop.strategies.mesh import Mesh, build_mesh, mesh_shape, refuse_combinations
 from trainloop.topology import leave_process_group
 
 if TYPE_CHECKING:
@@ -84,9 +84,11 @@ class FullyShard:
 
     def __init__(self, config: Config, topology: Topology):
         self.config, self.topology = config, topology
+        refuse_combinations(config)
         self.shape = mesh_shape(config.mesh, topology.world_size)  # checked in init, built on first use
         self._rank, self._device = topology.rank, topology.device
         self._mesh: Mesh | None = None
+        self._units: dict[nn.Module, list[Any]] = {}  # prepared model -> its FSDP units (no_sync)
 
     def mesh(self, device: torch.device) -> Mesh:
         """The run's device meshes (a collective the first time: every rank builds them)."""
@@ -103,7 +105,15 @@ class FullyShard:
         bind_optimizer(optimizer, replaced)
 
     def no_sync(self, models: Sequence[nn.Module]) -> contextlib.AbstractContextManager:
-        return _no_gradient_sync([unwrap(model) for model in models])
+        # Each prepared model's FSDP units are found once: `set_requires_gradient_sync` walks
+        # every submodule each call otherwise, twice per micro-step (a cost raw loops pay once).
+        units = []
+        for model in models:
+            found = self._units.get(model)
+            if found is None:
+                found = self._units[model] = _fsdp_units(unwrap(model))
+            units.extend(found)
+        return _no_gradient_sync(units)
 
     def data_parallel(self) -> tuple[int, int]:
         # Ranks are laid out row-major over (dp_replicate, dp_shard, tp): a tensor-parallel group
@@ -137,9 +147,6 @@ class FullyShard:
     def clip_grads_(self, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         clip(self, grads, max_norm, total_norm)
 
-    def export_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return full_state_dict(unwrap(model))
-
     def __repr__(self) -> str:
         return "FullyShard()"
 
@@ -153,30 +160,22 @@ def _by_mesh(grads: list[torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
     return groups
 
 
-@contextlib.contextmanager
-def _no_gradient_sync(modules: list[nn.Module]):
+def _fsdp_units(model: nn.Module) -> list[Any]:
+    """The FSDP units (`fully_shard`ed modules) in `model`, itself included if it is one."""
     from torch.distributed.fsdp import FSDPModule
 
-    sharded = [module for module in modules if isinstance(module, FSDPModule)]
-    for module in sharded:
-        module.set_requires_gradient_sync(False)
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(units: list[Any]):
+    for unit in units:
+        unit.set_requires_gradient_sync(False, recurse=False)
     try:
         yield
     finally:
-        for module in sharded:
-            module.set_requires_gradient_sync(True)
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole, unsharded state dict on rank 0's CPU (empty on the other ranks).
-
-    A collective: call on every rank. Gathers one tensor at a time, so rank 0 needs CPU memory
-    for the model, and each device only for one parameter.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)  # pyright: ignore[reportReturnType]  (tensors)
+        for unit in units:
+            unit.set_requires_gradient_sync(True, recurse=False)
 
 
 # -- sharding ----------------------------------------------------------------------------------
@@ -212,7 +211,7 @@ def shard(model: nn.Module, mesh: Mesh, config: Config, topology: Topology) -> d
     if mesh.shape.tp > 1:
         from trainloop.strategies.tensor_parallel import apply_tp_plan
 
-        apply_tp_plan(model, mesh.tp_mesh, config.mesh.tp_plan)
+        apply_tp_plan(model, mesh.tp_mesh, config.mesh.tp_plan, loss_parallel=config.mesh.loss_parallel)
     found = blocks.apply(model, config, warn=True)  # as they now sit: checkpoint-wrapped, compiled
     options: dict[str, Any] = {
         "mesh": mesh.fsdp_mesh,

@@ -31,11 +31,13 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from trainloop.errors import SettingError
-from trainloop.settings import Settings, at_least, integer, is_integer, name_of, setting
+from trainloop.settings import Settings, at_least, boolean, integer, is_boolean, is_integer, name_of, setting
 
 if TYPE_CHECKING:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
+
+    from trainloop.config import Config
 
 DIMENSIONS = ("dp_replicate", "dp_shard", "tp")  # outermost first
 DATA_PARALLEL = "dp"  # the flattened dp_replicate x dp_shard dimension
@@ -43,7 +45,13 @@ DATA_PARALLEL = "dp"  # the flattened dp_replicate x dp_shard dimension
 # Tensor-parallel styles, in Hugging Face's vocabulary (`base_model_tp_plan`); trainloop.tensor_parallel
 # maps each to torch's ParallelStyle.
 TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_rep", "colwise_gather_output",
-             "rowwise_rep", "embedding_rowwise", "replicate")
+             "rowwise_rep", "embedding_rowwise", "replicate",
+             # trainloop's own, for sequence parallelism between blocks (torchtitan's plan):
+             "rowwise_sequence", "embedding_rowwise_sequence", "gather_sequence")
+# The styles whose outputs are sharded on the sequence between the blocks (a DTensor stream).
+SEQUENCE_STREAM_STYLES = ("rowwise_sequence", "embedding_rowwise_sequence")
+# The head styles that loss_parallel=True turns into a colwise head whose logits stay sharded.
+GATHERED_HEAD_STYLES = ("colwise_rep", "colwise_gather_output")
 
 
 def _minus_one_or_at_least_one(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -79,6 +87,14 @@ def _optional_tp_plan(instance: Any, attribute: attrs.Attribute, value: Any) -> 
         raise SettingError("tp_plan", f"tp_plan has unknown style(s) {unknown}; the styles are {', '.join(TP_STYLES)}")
 
 
+def _needs_tensor_parallelism(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    # attrs runs validators once every field is set, so `tp` is known here.
+    if value and instance.tp == 1:
+        raise SettingError("loss_parallel", "loss_parallel=True shards the output head's logits over the "
+                           "tensor-parallel ranks, but tp=1: set tp > 1 (with strategy='fsdp'), or leave "
+                           "loss_parallel off")
+
+
 @attrs.frozen
 class MeshOptions(Settings):
     """The mesh settings (`strategy="fsdp"` only; the other strategies refuse sizes other than 1)."""
@@ -100,6 +116,11 @@ class MeshOptions(Settings):
         help="tp > 1: module-name patterns -> 'colwise' | 'rowwise' | 'sequence_parallel' (JSON, "
              "e.g. '{\"blocks.*.up\": \"colwise\"}') (default: none: a Hugging Face model's own "
              "base_model_tp_plan)")
+    loss_parallel: bool = setting(
+        False, parse=boolean, check=[is_boolean, _needs_tensor_parallelism],
+        help="tp > 1: keep the output head's logits sharded over the vocabulary (the plan's "
+             "'colwise_rep' head) and compute the cross-entropy in parallel: compute the loss "
+             "inside `with tl.loss_parallel(state):` (tl.backward enters it itself)")
 
 
 @attrs.frozen
@@ -123,6 +144,30 @@ class MeshShape:
     def sizes(self) -> tuple[int, int, int]:
         """The sizes in `DIMENSIONS` order, as `init_device_mesh` takes them."""
         return (self.dp_replicate, self.dp_shard, self.tp)
+
+
+def refuse_combinations(config: Config) -> None:
+    """Raise SettingError, at init, for a mesh combination with other settings that torch cannot run.
+
+    Sequence parallelism between blocks (`SEQUENCE_STREAM_STYLES` in `tp_plan`: the blocks' inputs
+    are DTensors) with activation_checkpointing='blocks' and compile='blocks': AOTAutograd's
+    forward of a compiled checkpoint wrapper fails on a DTensor input (torch 2.13: "expected all
+    tensors_saved_with_vc_check to be Tensors", a DeviceMesh among them). Each alone works, and so
+    does op-level selective checkpointing under compile.
+    """
+    mesh = config.mesh
+    stream = [style for style in (mesh.tp_plan or {}).values() if style in SEQUENCE_STREAM_STYLES]
+    if (mesh.tp > 1 and stream and config.compile == "blocks"
+            and config.activation_checkpointing == "blocks"):
+        raise SettingError(
+            "activation_checkpointing",
+            f"tp_plan's sequence parallelism between blocks ({stream[0]!r}) with "
+            "activation_checkpointing='blocks' and compile='blocks' is not supported: torch's compiled "
+            "checkpoint wrapper fails on the blocks' sequence-sharded DTensor inputs. Use "
+            "activation_checkpointing='selective' (op-level, works under compile), or leave compile or "
+            "activation checkpointing off, or keep the activations between blocks whole ('rowwise' and "
+            "'embedding_rowwise' instead of the *_sequence styles, 'sequence_parallel' norms still allowed)"
+        )
 
 
 def mesh_shape(options: MeshOptions, world_size: int) -> MeshShape:
