@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -285,3 +289,25 @@ def test_callbacks_import_from_a_plain_checkout():
     """`trainloop/callbacks` links to `callbacks/`: no install needed for `trainloop.callbacks`."""
     link = REPO / "trainloop" / "callbacks"
     assert link.is_symlink() and link.resolve() == (REPO / "callbacks").resolve()
+
+
+# What `import trainloop` may load beyond torch: attrs and trainloop's own modules. Each heavy
+# module below costs from 50 ms to over a second (torch._dynamo: 1.2 s on the 2-core machine, once
+# imported by the FSDP strategy's module at `import trainloop` time) and is imported by the feature
+# that needs it.
+HEAVY = ("torch._dynamo", "torch._inductor", "torch.distributed.checkpoint", "torch.distributed.tensor",
+         "torch.distributed.fsdp", "torch.distributed.elastic", "torchao", "safetensors", "numpy",
+         "tensorboard", "wandb", "mlflow", "transformers", "tqdm", "xxhash")
+
+
+@pytest.mark.slow  # a fresh interpreter: what is loaded must not be what this process already holds
+def test_import_trainloop_loads_nothing_heavy():
+    code = ("import json, sys, torch; before = set(sys.modules); import trainloop, trainloop.callbacks; "
+            "print(json.dumps(sorted(set(sys.modules) - before)))")
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    loaded = json.loads(done.stdout)
+    heavy = [name for name in loaded if any(name == h or name.startswith(h + ".") for h in HEAVY)]
+    assert not heavy, f"import trainloop loads {heavy[:5]}: import them where the feature is used"
+    third_party = {name.split(".")[0] for name in loaded} - set(sys.stdlib_module_names)
+    assert third_party <= {"trainloop", "attr", "attrs"}, sorted(third_party)

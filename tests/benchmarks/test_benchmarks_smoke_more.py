@@ -21,10 +21,10 @@ PEERS = tuple(name for name, package in (("Accelerate", "accelerate"), ("Lightni
               if importlib.util.find_spec(package))
 
 
-def run_quick(script: str) -> str:
-    """stdout of `python benchmarks/<script> --quick`, which must exit 0."""
+def run_quick(script: str, *flags: str) -> str:
+    """stdout of `python benchmarks/<script> --quick [flags]`, which must exit 0."""
     done = subprocess.run(
-        [sys.executable, os.path.join("benchmarks", script), "--quick"],
+        [sys.executable, os.path.join("benchmarks", script), "--quick", *flags],
         check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
@@ -68,8 +68,20 @@ def test_fsdp_benchmark_quick_run_prints_its_tables_and_says_which_peers_it_left
     assert "per rank" in out  # the memory table
 
 
-def test_checkpoint_benchmark_quick_run_prints_its_tables():
-    out = run_quick("checkpoint.py")
+PHASES = ("load: deserialize", "load: hash model.safetensors", "load: hash optimizer.pt",
+          "load: read and verify, all of it", "load: fit to the run", "load: restore in place",
+          "save: stage", "save: serialize\\+write\\+hash model.safetensors",
+          "save: serialize\\+write\\+hash optimizer.pt", "save: fsync each file",
+          "save: rename into place", "save: the writer thread, all of it")
+
+
+def test_checkpoint_benchmark_quick_run_prints_its_tables_and_every_phase():
+    # --phases times every phase of a background save and of a load after the table, and takes its
+    # timing wrappers off again; one run checks both (a start-up of the benchmark costs seconds).
+    out = run_quick("checkpoint.py", "--phases")
+    assert "phases (median ms" in out, out
+    for phase in PHASES:
+        assert re.search(rf"^\s+{phase}.*\s[0-9.]+ ms$", out, re.MULTILINE), f"no {phase}:\n{out}"
     assert re.search(r"^op\s+variant\s+ms\s+vs raw\s+spread$", out, re.MULTILINE), out
     # The peers' rows need the bench extra; CI installs the dev extra only, and says so.
     peers = tuple(name for name, package in (("accelerate", "accelerate"), ("fabric", "lightning"))

@@ -1,6 +1,7 @@
 """Loss parallelism and sequence parallelism between blocks (issue 20), each exact or refused.
 
-One `spawn.run(sp_checks, n=4)` trains every dp_shard=2 x tp=2 case in the same processes, and
+One 4-rank call of `sp_checks` trains every dp_shard=2 x tp=2 case, in the session's shared 4-rank
+job (tests/support/shared_job.py: the processes test_titan, test_tensor_parallel and test_mesh use), and
 one `spawn.run(..., n=2)` the tp=2 cases alone (tests/strategies/titan_sp_workers.py): AdamW,
 gradient clipping, accumulation over two micro-batches. Each case's whole weights after two
 steps are compared with plain PyTorch on one process over the same global batch. Compiled cases
@@ -15,6 +16,7 @@ import torch
 from tests.strategies.titan_models import TP_PLAN, lm_loss, token_data
 from tests.strategies.titan_sp_workers import ACCUMULATE, BATCH, LLAMA_SP, MAX_NORM, STEPS, TITAN_SP, sp_checks
 from tests.strategies.titan_workers import build
+from tests.support import shared_job
 from trainloop import spawn
 
 AOT = {"backend": "aot_eager"}
@@ -51,9 +53,12 @@ FP8 = {"fp8_tp_loss"}
 FP8_ATOL = 1e-3  # float8 scales follow each micro-batch's amax (tests/strategies/test_titan.py)
 
 
+SHARED = shared_job.Call(sp_checks, n=4, args=lambda _: (FOUR,))
+
+
 @pytest.fixture(scope="module")
-def four() -> dict:
-    return spawn.run(sp_checks, FOUR, n=4)
+def four(request) -> dict:
+    return SHARED.result(request)
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,6 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-# fully_shard imports torch._dynamo on its first call: about 25 MB of Python objects that stay
-# resident for the rest of the process. Imported with this module (at init, FSDP runs only), it
-# is part of the run's start-up instead of the first prepare, where it would count against
-# meta-init's promise that a rank holds its shards and little more while building and loading.
-import torch._dynamo
 import torch.distributed as dist
 from torch import nn
 
@@ -83,6 +78,13 @@ class FullyShard:
     sharded = True
 
     def __init__(self, config: Config, topology: Topology):
+        # fully_shard imports torch._dynamo on its first call: about 25 MB of Python objects that
+        # stay resident for the rest of the process, and 1 s. Imported here (at init, FSDP runs
+        # only; never by `import trainloop`), it is part of the run's start-up instead of the first
+        # prepare, where it would count against meta-init's promise that a rank holds its shards
+        # and little more while building and loading.
+        import torch._dynamo  # noqa: F401
+
         self.config, self.topology = config, topology
         refuse_combinations(config)
         self.shape = mesh_shape(config.mesh, topology.world_size)  # checked in init, built on first use
