@@ -182,8 +182,9 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(sources):
                                   "    from trainloop.lifecycle import init\n"}
     assert upward_imports(tangled) == [
         "trainloop.strategies.fsdp (layer 4) imports trainloop.checkpoint (layer 6)"]
-    assert ["trainloop.checkpoint", "trainloop.strategies", "trainloop.strategies.fsdp",
-            "trainloop.checkpoint"] in import_cycles(tangled)  # through the package's __init__
+    loop = ["trainloop.checkpoint", "trainloop.strategies", "trainloop.strategies.fsdp"]  # through the package's __init__
+    rotations = [loop[i:] + loop[:i] for i in range(len(loop))]
+    assert any(cycle[:-1] in rotations for cycle in import_cycles(tangled)), import_cycles(tangled)
 
 
 def test_importing_a_module_counts_as_importing_its_package(sources):

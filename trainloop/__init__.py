@@ -13,7 +13,6 @@ Keep your own loop; call pure functions that take and return an immutable `RunSt
 """
 
 from trainloop._version import __version__
-from trainloop.checkpoint import export, load, save
 from trainloop.collectives import all_ranks as all  # noqa: F401  (tl.all; see __all__)
 from trainloop.collectives import any_rank as any  # noqa: F401  (tl.any; see __all__)
 from trainloop.collectives import (
@@ -29,7 +28,6 @@ from trainloop.collectives import (
 )
 from trainloop.config import Config
 from trainloop.data import PreparedLoader
-from trainloop.data.batch_size import find_batch_size
 from trainloop.errors import (
     CheckpointError,
     CheckpointWarning,
@@ -56,9 +54,11 @@ __all__ = [
     "unwrap",
 ]  # tl.any, tl.all and tl.print are left out: `from trainloop import *` would shadow the builtins
 
-# Imported on first use: trainloop.bigmodel and safetensors would slow every `import trainloop`.
-_LAZY = {"empty_weights": "trainloop.models.meta", "load_weights": "trainloop.models.weights",
-         "loss_parallel": "trainloop.strategies.tensor_parallel"}
+# Imported on first use, so that `import trainloop` stays light: the checkpoint package (a dozen
+# modules), weights, meta-init and tensor parallelism are not needed by every run.
+_LAZY = {"save": "trainloop.checkpoint", "load": "trainloop.checkpoint", "export": "trainloop.checkpoint",
+         "find_batch_size": "trainloop.data.batch_size", "empty_weights": "trainloop.models.meta",
+         "load_weights": "trainloop.models.weights", "loss_parallel": "trainloop.strategies.tensor_parallel"}
 
 
 def __getattr__(name: str):

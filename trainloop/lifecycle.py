@@ -19,8 +19,6 @@ from typing import Any
 import torch
 
 from trainloop import precision, strategies
-from trainloop.checkpoint import finish_saves
-from trainloop.checkpoint.staging import IN_FLIGHT
 from trainloop.config import resolve_config
 from trainloop.errors import RunEndWarning
 from trainloop.hooks import Callback, Hooks, overridden_hooks
@@ -153,6 +151,8 @@ def _end(state: RunState) -> list[BaseException]:
         except Exception as failure:
             failures.append(failure)
     try:
+        from trainloop.checkpoint import finish_saves  # imported on first use: `import trainloop` stays light
+
         finish_saves(state)  # waits for a background save; raises on every rank if it failed
     except Exception as failure:
         failures.append(failure)
@@ -278,8 +278,15 @@ def _is_plain(value: Any) -> bool:
 _failed_at_exit = False
 
 
+def _saves_in_flight() -> set:
+    """The background saves still being written; none if this process never imported the
+    checkpoint modules (it cannot have saved)."""
+    staging = sys.modules.get("trainloop.checkpoint.staging")
+    return staging.IN_FLIGHT if staging is not None else set()
+
+
 def _at_exit() -> None:
-    if not (UNFINISHED or IN_FLIGHT):
+    if not (UNFINISHED or _saves_in_flight()):
         return
     gc.collect()  # runs the program no longer holds are not finished
     crashed = getattr(sys, "last_value", None) is not None  # an uncaught exception ends the program
@@ -297,7 +304,7 @@ def _at_exit() -> None:
                 _fail(f"trainloop: the background checkpoint save in flight at exit failed: {error}")
         except BaseException:  # at exit there is no caller left to raise to
             _fail("trainloop: ending the unfinished run at exit failed:\n" + traceback.format_exc())
-    for future in list(IN_FLIGHT):  # the saves of runs the program no longer holds
+    for future in list(_saves_in_flight()):  # the saves of runs the program no longer holds
         error = future.unreported_error()  # waits for the write
         if error is not None:
             _fail(f"trainloop: the background checkpoint save in flight at exit failed: {error}")
