@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
 
 import trainloop as tl
-from tests.support.reference import mse, plain_lbfgs, regression_data, tiny_model
+from tests.support.reference import WithTrainingStep, mse, plain_lbfgs, regression_data, tiny_model
 from trainloop.callbacks import ClipGradNorm
 
 
@@ -152,18 +152,6 @@ def test_a_prepared_optimizer_stepped_by_hand_raises_naming_tl_step():
 
 
 # -- 3. methods through the strategy's forward ---------------------------------------------------
-
-
-class WithTrainingStep(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = tiny_model()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, x, y):
-        return mse(self, x, y)
 
 
 def test_mark_forward_method_runs_the_method_through_the_prepared_forward():

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import trainloop as tl
-from tests.support.reference import mse, plain_lbfgs, regression_data, tiny_model
+from tests.support.reference import WithTrainingStep, mse, plain_lbfgs, regression_data, tiny_model
 from trainloop import forwarding
 from trainloop.strategies import ddp as ddp_strategy
 
@@ -40,18 +40,6 @@ def _ones_linear() -> nn.Linear:
 def _same_on_every_rank(tensors) -> bool:
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
     return all(torch.equal(flat, other) for other in _everyone(flat))
-
-
-class WithTrainingStep(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = tiny_model()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, x, y):
-        return mse(self, x, y)
 
 
 def _two_losses(state):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.strategies import titan_models
 from tests.strategies.titan_models import TP_PLAN, lm_loss, token_data
 from tests.strategies.titan_sp_workers import ACCUMULATE, BATCH, LLAMA_SP, MAX_NORM, STEPS, TITAN_SP, sp_checks
 from tests.strategies.titan_workers import build
@@ -82,12 +83,7 @@ def one_process(kind: str, data_parallel: int) -> dict[str, torch.Tensor]:
 
 
 def assert_exact(found: dict, expected: dict, atol: float = 2e-5) -> None:
-    assert "refused" not in found, found.get("refused")
-    assert found["steps"] == STEPS
-    assert set(found["weights"]) == set(expected)
-    for name, value in expected.items():
-        torch.testing.assert_close(found["weights"][name], value, atol=atol, rtol=1e-4,
-                                   msg=lambda text, name=name: f"{name}: {text}")
+    titan_models.assert_exact(found, expected, steps=STEPS, atol=atol)
 
 
 @pytest.mark.multiprocess

@@ -135,3 +135,13 @@ def reference_loop(model: nn.Module, dataset, *, big_batch: int, steps: int, lr:
         optimizer.step()
         optimizer.zero_grad()
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def assert_exact(found: dict, expected: dict, *, steps: int, atol: float = 2e-5) -> None:
+    """A worker's result (`steps` steps, whole weights) equals the one-process weights `expected`."""
+    assert "refused" not in found, found.get("refused")
+    assert found["steps"] == steps
+    assert set(found["weights"]) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(found["weights"][name], value, atol=atol, rtol=1e-4,
+                                   msg=lambda text, name=name: f"{name}: {text}")

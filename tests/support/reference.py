@@ -106,3 +106,17 @@ def big_batch_reference(model: nn.Module, optimizer, dataset, *, big_batch: int,
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
+
+
+class WithTrainingStep(nn.Module):
+    """The tiny model with a method of its own that runs the forward (`mark_forward_method`'s case)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, x, y):
+        return mse(self, x, y)
